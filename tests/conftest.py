@@ -1,0 +1,93 @@
+"""Shared pytest fixtures: real etcd servers (see tests/etcd_harness.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from etcd_harness import (  # noqa: E402 - needs the sys.path entry above
+    VERSIONS,
+    AuthInfo,
+    CertPaths,
+    EtcdCluster,
+    EtcdHarnessError,
+    EtcdServer,
+    TLSInfo,
+    make_certs,
+)
+
+_IDS = [f"etcd{v}" for v in VERSIONS]
+
+
+def _start(cluster_factory: type[EtcdCluster], version: str, **kwargs: object) -> EtcdCluster:
+    # A missing binary or a server that won't come up fails the test with the reason, not a trace.
+    try:
+        return cluster_factory(version, **kwargs).start()  # type: ignore[arg-type]
+    except EtcdHarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def _server(request: pytest.FixtureRequest, version: str, **kwargs: object) -> EtcdServer:
+    srv = _start(EtcdServer, version, **kwargs)
+    request.addfinalizer(srv.stop)
+    assert isinstance(srv, EtcdServer)
+    return srv
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=_IDS)
+def etcd(request: pytest.FixtureRequest) -> EtcdServer:
+    """A single etcd member, once per version (module-scoped)."""
+    return _server(request, request.param)
+
+
+@pytest.fixture(scope="module")
+def etcd34(request: pytest.FixtureRequest) -> EtcdServer:
+    return _server(request, "3.4")
+
+
+@pytest.fixture(scope="module")
+def etcd35(request: pytest.FixtureRequest) -> EtcdServer:
+    return _server(request, "3.5")
+
+
+@pytest.fixture(params=VERSIONS, ids=_IDS)
+def etcd_cluster(request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """A fresh 3-member cluster per test (tests may kill members)."""
+    cluster = _start(EtcdCluster, request.param, members=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    """Throwaway CA, server/client certs and an untrusted second CA."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=_IDS)
+def etcd_tls(request: pytest.FixtureRequest, certs: CertPaths) -> TLSInfo:
+    """A mutual-TLS server (client certs required) and the cert paths."""
+    return TLSInfo(server=_server(request, request.param, certs=certs), certs=certs)
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=_IDS)
+def etcd_auth(request: pytest.FixtureRequest) -> AuthInfo:
+    """A server with auth enabled: ``root`` plus a user confined to ``info.prefix``."""
+    srv = _server(request, request.param)
+    try:
+        return srv.enable_auth()
+    except EtcdHarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def etcd_v2(request: pytest.FixtureRequest) -> EtcdServer:
+    """etcd 3.4 with the v2 API enabled (``--enable-v2=true``)."""
+    return _server(request, "3.4", enable_v2=True)
