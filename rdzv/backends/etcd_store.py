@@ -1,0 +1,175 @@
+"""A `torch.distributed.Store` over etcd v3, scoped to one key prefix (one rendezvous round).
+
+torch's agent runs on it unchanged: rank assignment (set, multi_get, multi_set, get) and the
+exit barrier (add, set, wait). Blocking reads wait on a watch of exactly the missing keys, never
+by polling, and every wait is bounded by the store's timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from torch.distributed import DistStoreError, Store
+
+from rdzv.etcd import Compare, EtcdClient, EtcdError, Op
+
+# etcd rejects transactions with more than --max-txn-ops (default 128) operations.
+TXN_BATCH = 64
+
+
+def _to_bytes(value: str | bytes | list[int]) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return bytes(value)
+
+
+class EtcdStore(Store):
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        *,
+        lease: int = 0,
+        timeout: float = 300.0,
+        op_timeout: float | None = None,
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._prefix = prefix
+        self._lease = lease
+        self._op_timeout = op_timeout
+        self.set_timeout(timedelta(seconds=timeout))
+
+    def _key(self, key: str) -> bytes:
+        return (self._prefix + key).encode()
+
+    def _fail(self, what: str, exc: Exception) -> DistStoreError:
+        return DistStoreError(f"etcd store {self._prefix}: {what} failed: {exc}")
+
+    # ------------------------------------------------------------------ writes
+    def set(self, key: str, value: str | bytes) -> None:
+        try:
+            self._client.put(self._key(key), _to_bytes(value), lease=self._lease, idempotent=True)
+        except EtcdError as exc:
+            raise self._fail(f"set({key!r})", exc) from exc
+
+    def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
+        pairs = list(zip(keys, values, strict=True))
+        try:
+            for start in range(0, len(pairs), TXN_BATCH):
+                ops = [
+                    Op.put(self._key(k), _to_bytes(v), lease=self._lease)
+                    for k, v in pairs[start : start + TXN_BATCH]
+                ]
+                self._client.txn([], ops, [], idempotent=True)
+        except EtcdError as exc:
+            raise self._fail("multi_set", exc) from exc
+
+    def add(self, key: str, amount: int) -> int:
+        """Atomic counter: read, then compare-and-put on the key's mod revision."""
+        full = self._key(key)
+        try:
+            while True:
+                kv = self._client.get(full)
+                current = int(kv.value) if kv is not None else 0
+                expected = kv.mod_revision if kv is not None else 0
+                new = current + amount
+                result = self._client.txn(
+                    [Compare.mod_revision(full) == expected],
+                    [Op.put(full, str(new).encode(), lease=self._lease)],
+                    [],
+                )
+                if result.succeeded:
+                    return new
+        except EtcdError as exc:
+            raise self._fail(f"add({key!r})", exc) from exc
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        full = self._key(key)
+        want, new = _to_bytes(expected), _to_bytes(desired)
+        guard = Compare.create_revision(full) == 0 if want == b"" else Compare.value(full) == want
+        try:
+            result = self._client.txn(
+                [guard], [Op.put(full, new, lease=self._lease)], [Op.get(full)]
+            )
+        except EtcdError as exc:
+            raise self._fail(f"compare_set({key!r})", exc) from exc
+        if result.succeeded:
+            return new
+        kvs = result.responses[0].kvs
+        return kvs[0].value if kvs else want
+
+    def delete_key(self, key: str) -> bool:
+        try:
+            return self._client.delete(self._key(key), idempotent=True) > 0
+        except EtcdError as exc:
+            raise self._fail(f"delete_key({key!r})", exc) from exc
+
+    # ------------------------------------------------------------------ reads
+    def get(self, key: str) -> bytes:
+        return self.multi_get([key])[0]
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        values = self._wait_for(keys, self.timeout)
+        return [values[k] for k in keys]
+
+    def check(self, keys: list[str]) -> bool:
+        try:
+            return all(self._read(keys)[0].get(k) is not None for k in keys)
+        except EtcdError as exc:
+            raise self._fail("check", exc) from exc
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self._wait_for(keys, timeout if timeout is not None else self.timeout)
+
+    def num_keys(self) -> int:
+        try:
+            return self._client.range(self._prefix.encode(), prefix=True, count_only=True).count
+        except EtcdError as exc:
+            raise self._fail("num_keys", exc) from exc
+
+    def _read(self, keys: list[str]) -> tuple[dict[str, bytes], int]:
+        found: dict[str, bytes] = {}
+        revision = 0
+        for start in range(0, len(keys), TXN_BATCH):
+            batch = keys[start : start + TXN_BATCH]
+            result = self._client.txn([], [Op.get(self._key(k)) for k in batch], [])
+            revision = revision or result.revision
+            for k, response in zip(batch, result.responses, strict=True):
+                if response.kvs:
+                    found[k] = response.kvs[0].value
+        return found, revision
+
+    def _wait_for(self, keys: list[str], timeout: timedelta) -> dict[str, bytes]:
+        deadline = time.monotonic() + timeout.total_seconds()
+        try:
+            found, revision = self._read(keys)
+            missing = {self._key(k): k for k in keys if k not in found}
+            if not missing:
+                return found
+            # One watch over the span of the missing keys, from just after our read.
+            low, high = min(missing), max(missing)
+            watch = self._client.watch(low, range_end=high + b"\0", start_revision=revision + 1)
+            try:
+                while missing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        shown = ", ".join(sorted(missing.values())[:5])
+                        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                        raise DistStoreError(
+                            f"etcd store {self._prefix}: timed out after "
+                            f"{timeout.total_seconds():g} s waiting for key(s) {shown}{more}"
+                        )
+                    for event in watch.get(left) or ():
+                        name = missing.get(event.kv.key)
+                        if name is not None and event.type == "PUT":
+                            found[name] = event.kv.value
+                            del missing[event.kv.key]
+            finally:
+                watch.cancel()
+            return found
+        except EtcdError as exc:
+            raise self._fail("wait", exc) from exc

@@ -1,0 +1,400 @@
+"""The etcd v3 backend: leases for liveness, one txn per announce, watches instead of polling.
+
+Key layout under ``<prefix>/<run_id>`` (every key of a run lives below it)::
+
+    ctl/lease           id of the run lease (kept alive by every node; holds the run's keys)
+    ctl/current         the latest sealed round (RoundRecord JSON)           [run lease]
+    ctl/closed          present once the run is closed                       [run lease]
+    ctl/coord/<round>   node id coordinating a forming round                 [node lease]
+    ctl/lastcall/<round> wall-clock end of that round's last call           [node lease]
+    node/<node id>      NodeInfo JSON: who the node is, which round it wants [node lease]
+    store/<round>/...   the round's torch Store                              [run lease]
+
+A dead node's keys vanish with its lease; a crashed job's keys vanish with the run lease once
+no node keeps it alive; the last node to leave a finished run deletes the whole prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from torch.distributed import Store
+from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousHandler,
+    RendezvousParameters,
+)
+
+from rdzv.backends.etcd_store import EtcdStore
+from rdzv.etcd import (
+    Compare,
+    EtcdAuthError,
+    EtcdClient,
+    EtcdCompactedError,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdLeaseNotFoundError,
+    Op,
+    Session,
+    prefix_end,
+)
+from rdzv.rendezvous.backend import NodeChange
+from rdzv.rendezvous.handler import RdzvHandler
+from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.settings import RendezvousSettings, parse_settings
+
+log = logging.getLogger("rdzv")
+
+ROUND_DIGITS = 12  # zero-padded so that key order is round order
+
+
+def _round_key(round_no: int) -> str:
+    return f"{round_no:0{ROUND_DIGITS}d}"
+
+
+class EtcdKeys:
+    def __init__(self, run_prefix: str) -> None:
+        self.root = run_prefix + "/"
+        self.ctl = self.root + "ctl/"
+        self.lease = self.ctl + "lease"
+        self.current = self.ctl + "current"
+        self.closed = self.ctl + "closed"
+        self.coord_dir = self.ctl + "coord/"
+        self.lastcall_dir = self.ctl + "lastcall/"
+        self.nodes = self.root + "node/"
+        self.store_dir = self.root + "store/"
+
+    def coord(self, round_no: int) -> str:
+        return self.coord_dir + _round_key(round_no)
+
+    def lastcall(self, round_no: int) -> str:
+        return self.lastcall_dir + _round_key(round_no)
+
+    def node(self, node_id: str) -> str:
+        return self.nodes + node_id
+
+    def store(self, round_no: int) -> str:
+        return f"{self.store_dir}{_round_key(round_no)}/"
+
+
+@contextlib.contextmanager
+def _etcd_errors(where: str) -> Iterator[None]:
+    """Client errors become torch's rendezvous errors, naming the etcd endpoints."""
+    try:
+        yield
+    except EtcdAuthError as exc:
+        raise RendezvousConnectionError(f"{where}: authentication/authorization failed: {exc}") from exc
+    except (EtcdConnectionError, EtcdError) as exc:
+        raise RendezvousConnectionError(f"{where}: {exc}") from exc
+
+
+class EtcdChangeFeed:
+    """Control and node changes from one etcd watch, decoded for the algorithm."""
+
+    def __init__(self, backend: EtcdBackend, after: int, control: Control, *, nodes: bool) -> None:
+        self._backend = backend
+        self._keys = backend.keys
+        self.control = control
+        end = prefix_end(self._keys.nodes.encode()) if nodes else prefix_end(self._keys.ctl.encode())
+        self._range = (self._keys.ctl.encode(), end)
+        self._watch = backend.client.watch(self._range[0], range_end=end, start_revision=after + 1)
+        self._pending: list[NodeChange] = []
+
+    def poll(self, timeout: float | None) -> list[NodeChange] | None:
+        try:
+            with _etcd_errors(self._backend.describe()):
+                events = self._watch.get(timeout)
+        except EtcdCompactedError:
+            return self._resync()
+        if events is None:
+            return None
+        out: list[NodeChange] = []
+        for event in events:
+            key = event.kv.key.decode()
+            if key.startswith(self._keys.nodes):
+                node_id = key[len(self._keys.nodes) :]
+                if event.type == "DELETE":
+                    out.append(NodeChange(node_id, None))
+                else:
+                    info = NodeInfo.decode(event.kv.value)
+                    out.append(NodeChange(node_id, NodeEntry(info, event.kv.mod_revision)))
+            else:
+                self._backend.apply_control(self.control, key, event.kv, event.type == "DELETE")
+        # A round's events can arrive in several batches; drain whatever is already queued.
+        return out
+
+    def _resync(self) -> list[NodeChange]:
+        # History we needed was compacted away: start over from a fresh snapshot.
+        control, cursor = self._backend.read_control()
+        self.control.__dict__.update(control.__dict__)
+        nodes, cursor = self._backend.read_nodes()
+        self._watch.cancel()
+        self._watch = self._backend.client.watch(
+            self._range[0], range_end=self._range[1], start_revision=cursor + 1
+        )
+        return [NodeChange(nid, entry) for nid, entry in nodes.items()]
+
+    def close(self) -> None:
+        self._watch.cancel()
+
+
+class EtcdBackend:
+    """`RendezvousBackend` over etcd's v3 API."""
+
+    name = "etcd-v3"
+
+    def __init__(self, settings: RendezvousSettings, client: EtcdClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = EtcdKeys(settings.run_prefix)
+        self._session: Session | None = None
+        self._run_lease: int | None = None
+        self._run_lease_lost = threading.Event()
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"etcd {','.join(self.settings.endpoints)}"
+
+    # ------------------------------------------------------------------ liveness
+    def open_session(self) -> None:
+        with self._lock:
+            if self._session is not None and not self._session.lost.is_set():
+                return
+            if self._session is not None:
+                self._session.close()
+            with _etcd_errors(self.describe()):
+                self._session = Session(self.client, ttl=self.settings.lease_ttl)
+
+    def session_lost(self) -> bool:
+        session = self._session
+        return session is None or session.lost.is_set()
+
+    @property
+    def _lease(self) -> int:
+        if self._session is None:
+            raise RuntimeError("open_session() first")
+        return self._session.lease_id
+
+    def _adopt_run_lease(self, lease_id: int) -> None:
+        """Keep the run lease alive too: any node of the run keeps the run's keys."""
+        if lease_id == self._run_lease and not self._run_lease_lost.is_set():
+            return
+        self._run_lease = lease_id
+        self._run_lease_lost.clear()
+        self.client.keep_alive(
+            lease_id,
+            interval=self.settings.lease_ttl / 3,
+            on_lost=lambda _lease: self._run_lease_lost.set(),
+        )
+
+    def _ensure_run_lease(self) -> int:
+        if self._run_lease is not None and not self._run_lease_lost.is_set():
+            return self._run_lease
+        with _etcd_errors(self.describe()):
+            kv = self.client.get(self.keys.lease)
+            if kv is not None:
+                self._adopt_run_lease(int(kv.value))
+                return int(kv.value)
+            lease = self.client.lease_grant(int(self.settings.lease_ttl))
+            result = self.client.txn(
+                [Compare.create_revision(self.keys.lease) == 0],
+                [Op.put(self.keys.lease, str(lease.id), lease=lease.id)],
+                [Op.get(self.keys.lease)],
+            )
+            if result.succeeded:
+                self._adopt_run_lease(lease.id)
+                return lease.id
+            self.client.lease_revoke(lease.id)
+            winner = int(result.responses[0].kvs[0].value)
+            self._adopt_run_lease(winner)
+            return winner
+
+    # ------------------------------------------------------------------ control state
+    def apply_control(self, control: Control, key: str, kv: object, deleted: bool) -> None:
+        keys = self.keys
+        value: bytes = kv.value  # type: ignore[attr-defined]
+        if key == keys.current:
+            if not deleted:
+                control.sealed = RoundRecord.decode(value, kv.mod_revision)  # type: ignore[attr-defined]
+                control.token = kv.mod_revision  # type: ignore[attr-defined]
+        elif key == keys.closed:
+            control.closed = not deleted
+        elif key.startswith(keys.coord_dir):
+            round_no = int(key[len(keys.coord_dir) :])
+            if deleted:
+                control.coordinators.pop(round_no, None)
+            else:
+                control.coordinators[round_no] = value.decode()
+        elif key.startswith(keys.lastcall_dir):
+            round_no = int(key[len(keys.lastcall_dir) :])
+            if deleted:
+                control.last_call.pop(round_no, None)
+            else:
+                control.last_call[round_no] = float(value)
+        elif key == keys.lease and not deleted:
+            self._adopt_run_lease(int(value))
+
+    def read_control(self) -> tuple[Control, int]:
+        with _etcd_errors(self.describe()):
+            result = self.client.range(self.keys.ctl, prefix=True)
+        control = Control(token=0)
+        for kv in result.kvs:
+            self.apply_control(control, kv.key.decode(), kv, deleted=False)
+        return control, result.revision
+
+    def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
+        keys = self.keys
+        coord = keys.coord(node.want)
+        node_put = Op.put(keys.node(node.node_id), node.encode(), lease=self._lease)
+        try:
+            with _etcd_errors(self.describe()):
+                result = self.client.txn(
+                    [
+                        Compare.create_revision(coord) == 0,
+                        Compare.mod_revision(keys.current) == int(control.token or 0),
+                        Compare.create_revision(keys.closed) == 0,
+                    ],
+                    [node_put, Op.put(coord, node.node_id, lease=self._lease)],
+                    [
+                        node_put,
+                        Op.get(coord),
+                        Op.get(keys.current, keys_only=True),
+                        Op.get(keys.closed, keys_only=True),
+                    ],
+                    idempotent=True,
+                )
+        except RendezvousConnectionError as exc:
+            if isinstance(exc.__cause__, EtcdLeaseNotFoundError) and self._session:
+                self._session.lost.set()  # expired under us: the caller re-opens and retries
+                return None, 0
+            raise
+        if result.succeeded:
+            return node.node_id, result.revision
+        coord_kvs = result.responses[1].kvs
+        current_kvs = result.responses[2].kvs
+        closed_kvs = result.responses[3].kvs
+        current_rev = current_kvs[0].mod_revision if current_kvs else 0
+        if closed_kvs or current_rev != int(control.token or 0) or not coord_kvs:
+            return None, result.revision
+        return coord_kvs[0].value.decode(), result.revision
+
+    def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
+        with _etcd_errors(self.describe()):
+            result = self.client.range(self.keys.nodes, prefix=True)
+        nodes = {}
+        for kv in result.kvs:
+            info = NodeInfo.decode(kv.value)
+            nodes[info.node_id] = NodeEntry(info, kv.mod_revision)
+        return nodes, result.revision
+
+    def count_nodes(self) -> int:
+        with _etcd_errors(self.describe()):
+            return self.client.range(self.keys.nodes, prefix=True, count_only=True).count
+
+    def watch(self, after: int, control: Control, *, nodes: bool) -> EtcdChangeFeed:
+        with _etcd_errors(self.describe()):
+            return EtcdChangeFeed(self, after, control, nodes=nodes)
+
+    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+        keys = self.keys
+        run_lease = self._ensure_run_lease()
+        with _etcd_errors(self.describe()):
+            result = self.client.txn(
+                [
+                    Compare.mod_revision(keys.current) == int(control.token or 0),
+                    Compare.value(keys.coord(record.round)) == coordinator.encode(),
+                    Compare.create_revision(keys.closed) == 0,
+                ],
+                [
+                    Op.put(keys.current, record.encode(), lease=run_lease),
+                    Op.delete(keys.coord(record.round)),
+                    Op.delete(keys.lastcall(record.round)),
+                    # Older rounds' stores are unused once every live member asked for this one.
+                    Op.delete(keys.store_dir, range_end=keys.store(record.round)),
+                ],
+                [],
+            )
+        if not result.succeeded:
+            return None
+        return RoundRecord.decode(record.encode(), result.revision)
+
+    def publish_last_call(self, round_no: int, deadline: float) -> None:
+        with _etcd_errors(self.describe()):
+            self.client.put(self.keys.lastcall(round_no), repr(deadline), lease=self._lease)
+
+    def retract(self, node_id: str, round_no: int) -> None:
+        keys = self.keys
+        with contextlib.suppress(EtcdError), _etcd_errors(self.describe()):
+            self.client.txn(
+                [Compare.value(keys.coord(round_no)) == node_id.encode()],
+                [Op.delete(keys.coord(round_no)), Op.delete(keys.node(node_id))],
+                [Op.delete(keys.node(node_id))],
+                idempotent=True,
+            )
+
+    def close_run(self) -> None:
+        lease = self._ensure_run_lease()
+        with _etcd_errors(self.describe()):
+            self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
+
+    def leave(self) -> None:
+        """Revoke our lease; if no node is left, remove the run's keys and its lease."""
+        session, self._session = self._session, None
+        try:
+            with _etcd_errors(self.describe()):
+                if session is not None:
+                    session.close()
+                if self.client.range(self.keys.nodes, prefix=True, count_only=True).count == 0:
+                    self.client.delete(self.keys.root, prefix=True, idempotent=True)
+                    if self._run_lease is not None:
+                        with contextlib.suppress(EtcdError):
+                            self.client.lease_revoke(self._run_lease)
+        finally:
+            if self._run_lease is not None:
+                self.client.stop_keep_alive(self._run_lease)
+                self._run_lease = None
+
+    def round_store(self, record: RoundRecord) -> Store:
+        return EtcdStore(
+            self.client,
+            self.keys.store(record.round),
+            lease=self._ensure_run_lease(),
+            timeout=300.0,
+            op_timeout=self.settings.read_timeout,
+        )
+
+
+def connect(settings: RendezvousSettings) -> EtcdClient:
+    """A (process-shared) client, checked now so a bad endpoint fails fast and clearly."""
+    client = EtcdClient.shared(
+        list(settings.endpoints),
+        timeout=settings.read_timeout,
+        connect_timeout=min(settings.read_timeout, 5.0),
+        ca_cert=settings.cacert,
+        cert=settings.cert,
+        key=settings.key,
+        tls=settings.tls,
+        user=settings.user,
+        password=settings.password,
+    )
+    try:
+        with _etcd_errors(f"etcd {','.join(settings.endpoints)}"):
+            client.check()
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Creator for `--rdzv-backend=etcd` (rdzv-launch) and `etcd-v3` (torchrun)."""
+    settings = parse_settings(params, default_port=2379)
+    client = connect(settings)
+    backend = EtcdBackend(settings, client)
+    handler = RdzvHandler(settings, backend)
+    backend.open_session()
+    return handler
+

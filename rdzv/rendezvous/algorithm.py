@@ -1,0 +1,391 @@
+"""The rendezvous algorithm, written once for every backend.
+
+Per round, each node writes one record ("I want round N") and one node, the first to ask, claims
+the coordination of round N in the same atomic step. Only the coordinator watches the node
+records; everyone else waits for one change: the sealed-round record. The coordinator seals the
+round (one compare-and-set) when
+
+* `max_nodes` are present, or
+* every live member of the previous round has asked for this round and at least `min_nodes`
+  are present (re-formation pays no last call), or
+* `min_nodes` are present and the last call is over (first formation, or all previous members
+  gone).
+
+A round never seals while a live member of the previous round still runs it: late nodes wait
+until the members notice them (`num_nodes_waiting()`) and rejoin, spares wait until a member
+leaves. After formation each member watches the node records: a member whose record vanished
+(lease expired), a member asking for a new round, or a newcomer when the round has room makes
+`num_nodes_waiting()` positive, which is what makes torch's agent restart the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousTimeoutError,
+)
+
+from rdzv.rendezvous.backend import ChangeFeed, RendezvousBackend
+from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
+from rdzv.rendezvous.settings import RendezvousSettings
+
+log = logging.getLogger("rdzv")
+
+ProgressCallback = Callable[[dict[str, object]], None]
+PROGRESS_INTERVAL = 5.0
+
+
+def free_port(addr: str = "") -> int:
+    """A port that is free now on this host, offered as MASTER_PORT should we become rank 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr if addr in ("", "127.0.0.1", "0.0.0.0") else "", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Membership:
+    """What a member knows about its round, maintained from the change feed (no requests)."""
+
+    record: RoundRecord
+    feed: ChangeFeed
+    lost: set[str] = field(default_factory=set)
+    rejoining: set[str] = field(default_factory=set)
+    newcomers: set[str] = field(default_factory=set)
+
+    def drain(self) -> None:
+        changes = self.feed.poll(0)
+        for change in changes or ():
+            self.apply(change.node_id, change.entry)
+
+    def apply(self, node_id: str, entry: NodeEntry | None) -> None:
+        members = self.record.ids
+        if entry is None:
+            if node_id in members:
+                self.lost.add(node_id)
+            self.newcomers.discard(node_id)
+            self.rejoining.discard(node_id)
+        elif node_id in members:
+            if entry.info.want > self.record.round:
+                self.rejoining.add(node_id)
+        else:
+            self.newcomers.add(node_id)
+
+    def waiting(self) -> int:
+        room = 0 if self.record.full else len(self.newcomers)
+        return len(self.lost) + len(self.rejoining) + room
+
+
+class Rendezvous:
+    """One node's side of the rendezvous over a `RendezvousBackend`."""
+
+    def __init__(
+        self,
+        settings: RendezvousSettings,
+        backend: RendezvousBackend,
+        *,
+        node_id: str | None = None,
+        host: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.node_id = node_id or f"{os.urandom(5).hex()}"
+        # Natural-sort key for new ranks: the node's address when given (what operators name
+        # hosts by), else its host name.
+        self.host = host or settings.local_addr_given or socket.gethostname()
+        self.pid = pid if pid is not None else os.getpid()
+        self._membership: _Membership | None = None
+        self._closed_feed: ChangeFeed | None = None
+        self._progress: ProgressCallback | None = None
+        self._last_progress = 0.0
+        self._shut = False
+
+    # ----------------------------------------------------------------- public operations
+    def set_progress_callback(self, callback: ProgressCallback | None) -> None:
+        self._progress = callback
+
+    def join(self) -> RoundRecord:
+        """Block until this node is a member of a sealed round; return that round."""
+        self._end_membership()
+        self.backend.open_session()
+        s = self.settings
+        deadline = time.monotonic() + s.join_timeout
+        control, cursor = self.backend.read_control()
+        if control.closed:
+            raise RendezvousClosedError(self._closed_message(stale=True))
+        target = control.round + 1
+        while True:
+            if control.closed:
+                raise self._closed_error(control)
+            sealed = control.sealed
+            if sealed is not None and sealed.round >= target:
+                if sealed.rank_of(self.node_id) is not None:
+                    return sealed
+                target = sealed.round + 1
+            if self.backend.session_lost():
+                log.warning("rendezvous %s: this node's lease lapsed; re-registering", s.run_id)
+                self.backend.open_session()
+            info = NodeInfo(
+                node_id=self.node_id,
+                host=self.host,
+                addr=s.local_addr,
+                pid=self.pid,
+                port=free_port(s.local_addr),
+                want=target,
+                rank_hint=s.rank_hint,
+            )
+            coordinator, cursor = self.backend.announce(info, control)
+            if coordinator is None:  # control moved on (sealed, closed): look again
+                control, cursor = self.backend.read_control()
+                continue
+            control.coordinators[target] = coordinator
+            if coordinator == self.node_id:
+                control = self._coordinate(target, control, cursor, deadline)
+            else:
+                control = self._await_seal(target, control, cursor, deadline)
+            if self._spare(control, target):
+                deadline = max(deadline, time.monotonic() + s.join_timeout)
+
+    def begin_membership(self, record: RoundRecord) -> None:
+        """Start watching for departures and newcomers after joining `record`."""
+        feed = self.backend.watch(record.revision, Control(sealed=record), nodes=True)
+        self._membership = _Membership(record=record, feed=feed)
+
+    def num_nodes_waiting(self) -> int:
+        """Nodes the current group should make room for (answered from local state)."""
+        if self.backend.session_lost():
+            return 1  # we were dropped from the group; restart so we can rejoin
+        membership = self._membership
+        if membership is None:
+            return 0
+        membership.drain()
+        return membership.waiting()
+
+    def is_closed(self) -> bool:
+        feed = self._membership.feed if self._membership else self._closed_watch()
+        feed.poll(0)
+        return feed.control.closed
+
+    def close(self) -> None:
+        self.backend.close_run()
+
+    def shutdown(self) -> bool:
+        if self._shut:
+            return True
+        self._shut = True
+        try:
+            self.backend.close_run()
+        finally:
+            self._end_membership()
+            if self._closed_feed is not None:
+                self._closed_feed.close()
+                self._closed_feed = None
+            self.backend.leave()
+        return True
+
+    # ----------------------------------------------------------------- waiting (non-coordinator)
+    def _await_seal(
+        self, target: int, control: Control, cursor: int, deadline: float
+    ) -> Control:
+        feed = self.backend.watch(cursor, control, nodes=False)
+        try:
+            while True:
+                control = feed.control
+                if control.closed or control.round >= target:
+                    return control
+                if control.coordinators.get(target) is None:
+                    return control  # the coordinator is gone: re-announce and maybe take over
+                now = time.monotonic()
+                if now >= deadline and not self._spare(control, target):
+                    self._give_up(target, joined=self.backend.count_nodes())
+                self._report(target, control, joined=None, role="waiting")
+                feed.poll(min(max(deadline - now, 0.05), PROGRESS_INTERVAL))
+        finally:
+            feed.close()
+
+    # ----------------------------------------------------------------- coordinating
+    def _coordinate(self, target: int, control: Control, cursor: int, deadline: float) -> Control:
+        s = self.settings
+        nodes, _ = self.backend.read_nodes()
+        # Watch from the announce: events between it and the snapshot replay to the same state,
+        # and control changes in that window are not missed.
+        feed = self.backend.watch(cursor, control, nodes=True)
+        previous = control.sealed if control.round == target - 1 else None
+        prev_ids = set(previous.ids) if previous else set()
+        last_call: float | None = None
+        log.info("rendezvous %s: coordinating round %d", s.run_id, target)
+        try:
+            while True:
+                control = feed.control
+                if control.closed or control.round >= target:
+                    return control
+                if control.coordinators.get(target) != self.node_id:
+                    return control  # our claim lapsed with our lease
+                eligible = [
+                    e for e in nodes.values() if e.info.want >= target or e.info.node_id not in prev_ids
+                ]
+                live_prev = prev_ids & nodes.keys()
+                eligible_ids = {e.info.node_id for e in eligible}
+                prev_done = live_prev <= eligible_ids  # no live member still runs the old round
+                count = len(eligible)
+                now = time.monotonic()
+                seal_now = False
+                if prev_done and count >= s.max_nodes:
+                    seal_now = True
+                elif prev_done and count >= s.min_nodes:
+                    if live_prev:
+                        seal_now = True  # the previous group is back: no last call
+                    elif last_call is None:
+                        last_call = now + s.last_call_timeout
+                        self.backend.publish_last_call(target, time.time() + s.last_call_timeout)
+                    elif now >= last_call:
+                        seal_now = True
+                else:
+                    last_call = None
+                if seal_now:
+                    record = self._make_record(target, eligible, previous, live_prev)
+                    sealed = self.backend.seal(control, record, self.node_id)
+                    if sealed is not None:
+                        log.info(
+                            "rendezvous %s: sealed round %d with %d nodes",
+                            s.run_id, target, sealed.world_size,
+                        )
+                        control.sealed = sealed
+                        return control
+                    control, _ = self.backend.read_control()
+                    return control
+                if now >= deadline and not self._spare(control, target):
+                    self._give_up(target, joined=count)
+                waits = [deadline - now, PROGRESS_INTERVAL]
+                if last_call is not None:
+                    waits.append(last_call - now)
+                self._report(target, control, joined=count, role="coordinator")
+                changes = feed.poll(max(min(waits), 0.01))
+                for change in changes or ():
+                    if change.entry is None:
+                        nodes.pop(change.node_id, None)
+                    else:
+                        nodes[change.node_id] = change.entry
+        finally:
+            feed.close()
+
+    def _make_record(
+        self,
+        target: int,
+        eligible: list[NodeEntry],
+        previous: RoundRecord | None,
+        live_prev: set[str],
+    ) -> RoundRecord:
+        s = self.settings
+        # Previous members first (they keep the job's state warm), then by arrival.
+        chosen = sorted(eligible, key=lambda e: (e.info.node_id not in live_prev, e.arrival))
+        chosen = chosen[: s.max_nodes]
+        prev_ranks = {nid: r for r, nid in enumerate(previous.ids)} if previous else {}
+        ids = assign_ranks(
+            (
+                RankCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.rank_hint)
+                for e in chosen
+            ),
+            prev_ranks,
+        )
+        by_id = {e.info.node_id: e.info for e in chosen}
+        master = by_id[ids[0]]
+        return RoundRecord(
+            round=target,
+            ids=tuple(ids),
+            master_addr=master.addr,
+            master_port=master.port,
+            min_nodes=s.min_nodes,
+            max_nodes=s.max_nodes,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _spare(self, control: Control, target: int) -> bool:
+        """A spare waits without a deadline: the previous round is full and still running."""
+        sealed = control.sealed
+        return (
+            sealed is not None
+            and sealed.round == target - 1
+            and sealed.full
+            and sealed.rank_of(self.node_id) is None
+        )
+
+    def _give_up(self, target: int, joined: int) -> None:
+        s = self.settings
+        self.backend.retract(self.node_id, target)
+        need = max(s.min_nodes - joined, 1)
+        raise RendezvousTimeoutError(
+            f"rendezvous '{s.run_id}' round {target} did not complete within "
+            f"{s.join_timeout:g} s: {joined} node(s) present of min {s.min_nodes} "
+            f"(max {s.max_nodes}) on {self.backend.describe()}; waiting for {need} more, or for "
+            "members of the previous round to rejoin. Raise join_timeout in --rdzv-conf to wait longer."
+        )
+
+    def _closed_error(self, control: Control) -> Exception:
+        sealed = control.sealed
+        if sealed is not None and sealed.rank_of(self.node_id) is None:
+            return RendezvousGracefulExitError(
+                f"rendezvous '{self.settings.run_id}' closed while this node was waiting "
+                f"outside the group (round {sealed.round}); exiting cleanly"
+            )
+        return RendezvousClosedError(self._closed_message(stale=False))
+
+    def _closed_message(self, stale: bool) -> str:
+        s = self.settings
+        if stale:
+            return (
+                f"rendezvous '{s.run_id}' on {self.backend.describe()} is closed: a job with this "
+                f"run id has finished. Use a new --rdzv-id, or remove the old run with "
+                f"`rdzv clean --rdzv-id {s.run_id}` (its keys also expire within "
+                f"{s.lease_ttl:g} s of its last node)."
+            )
+        return f"rendezvous '{s.run_id}' was closed (the job is ending)"
+
+    def _closed_watch(self) -> ChangeFeed:
+        if self._closed_feed is None:
+            control, cursor = self.backend.read_control()
+            self._closed_feed = self.backend.watch(cursor, control, nodes=False)
+        return self._closed_feed
+
+    def _end_membership(self) -> None:
+        if self._membership is not None:
+            self._membership.feed.close()
+            self._membership = None
+
+    def _report(self, target: int, control: Control, joined: int | None, role: str) -> None:
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        s = self.settings
+        if joined is None:
+            joined = self.backend.count_nodes()
+        last_call = control.last_call.get(target)
+        waiting_for = "nodes"
+        if self._spare(control, target):
+            role, waiting_for = "spare", "a member of the running group to leave"
+        elif control.sealed is not None and control.round == target - 1:
+            waiting_for = "members of the running round to rejoin"
+        self._progress(
+            {
+                "run_id": s.run_id,
+                "round": target,
+                "joined": joined,
+                "min_nodes": s.min_nodes,
+                "max_nodes": s.max_nodes,
+                "last_call_remaining": None if last_call is None else max(last_call - time.time(), 0.0),
+                "waiting_for": waiting_for,
+                "role": role,
+            }
+        )

@@ -1,0 +1,97 @@
+"""The narrow interface the rendezvous algorithm needs from a store.
+
+A backend provides: per-node liveness (a lease or heartbeat that removes the node's record when
+it dies), an atomic "announce and maybe claim coordination of round N", a compare-and-set of the
+sealed-round record, and a feed of changes to wait on instead of polling. Everything else (who
+completes a round, when, with which ranks, what counts as waiting) is in `algorithm.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch.distributed import Store
+
+from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """A node record appeared/changed (`entry` set) or disappeared (`entry` None)."""
+
+    node_id: str
+    entry: NodeEntry | None
+
+
+class ChangeFeed(Protocol):
+    """Changes after a point in time. `control` is kept current as control events arrive."""
+
+    control: Control
+
+    def poll(self, timeout: float | None) -> list[NodeChange] | None:
+        """Block up to `timeout` s for changes. Returns node changes (possibly empty when only
+        `control` changed), or None when nothing happened before the timeout."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RendezvousBackend(Protocol):
+    name: str
+
+    def describe(self) -> str:
+        """Where the state lives, for messages (e.g. 'etcd 10.0.0.1:2379')."""
+        ...
+
+    def open_session(self) -> None:
+        """Start this node's liveness (lease/heartbeat). Idempotent while alive."""
+        ...
+
+    def session_lost(self) -> bool:
+        """True once this node's liveness lapsed (its records are gone from the store)."""
+        ...
+
+    def read_control(self) -> tuple[Control, int]:
+        """The control state and a cursor to watch from."""
+        ...
+
+    def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
+        """Write `node` (wanting round `node.want`) and, in the same atomic step, claim
+        coordination of that round if nobody holds it. Returns the coordinator's node id (None
+        when control changed since `control` was read: re-read it) and a cursor."""
+        ...
+
+    def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
+        """All live node records and a cursor to watch from."""
+        ...
+
+    def count_nodes(self) -> int: ...
+
+    def watch(self, after: int, control: Control, *, nodes: bool) -> ChangeFeed:
+        """Feed of control changes (and node changes when `nodes`) after cursor `after`,
+        starting from `control` as read at that cursor."""
+        ...
+
+    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+        """Store `record` as the latest sealed round if control is unchanged since `control`
+        was read and `coordinator` still holds the claim. Returns the stored record or None."""
+        ...
+
+    def publish_last_call(self, round_no: int, deadline: float) -> None: ...
+
+    def retract(self, node_id: str, round_no: int) -> None:
+        """Withdraw this node from a round it gave up on (timeout) and drop any claim on it."""
+        ...
+
+    def close_run(self) -> None:
+        """Mark the run closed for everyone."""
+        ...
+
+    def leave(self) -> None:
+        """End this node's liveness; the last node out removes the run's keys."""
+        ...
+
+    def round_store(self, record: RoundRecord) -> Store:
+        """A torch Store scoped to one round, for the agent and bootstrap."""
+        ...

@@ -1,0 +1,83 @@
+"""torch's `RendezvousHandler` over the backend-independent algorithm."""
+
+from __future__ import annotations
+
+import logging
+
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousStoreInfo,
+)
+
+from rdzv.rendezvous.algorithm import ProgressCallback, Rendezvous
+from rdzv.rendezvous.backend import RendezvousBackend
+from rdzv.rendezvous.settings import RendezvousSettings
+
+log = logging.getLogger("rdzv")
+
+
+class RdzvHandler(RendezvousHandler):
+    """A rendezvous handler for torch's elastic agent (and torchrun), any backend."""
+
+    def __init__(self, settings: RendezvousSettings, backend: RendezvousBackend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.rendezvous = Rendezvous(settings, backend)
+        self._round: int | None = None
+        self._rank: int | None = None
+
+    def get_backend(self) -> str:
+        return self.settings.backend
+
+    @property
+    def use_agent_store(self) -> bool:
+        # Workers build their own TCPStore at MASTER_ADDR:MASTER_PORT (rank 0's free port,
+        # published for every round), so a new rank 0 never depends on an old agent's server.
+        return False
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        record = self.rendezvous.join()
+        rank = record.rank_of(self.rendezvous.node_id)
+        assert rank is not None
+        self.rendezvous.begin_membership(record)
+        self._round, self._rank = record.round, rank
+        log.info(
+            "rendezvous %s: joined round %d as node rank %d of %d (master %s:%d)",
+            self.settings.run_id, record.round, rank, record.world_size,
+            record.master_addr, record.master_port,
+        )
+        return RendezvousInfo(
+            store=self.backend.round_store(record),
+            rank=rank,
+            world_size=record.world_size,
+            bootstrap_store_info=RendezvousStoreInfo(record.master_addr, record.master_port),
+        )
+
+    def is_closed(self) -> bool:
+        return self.rendezvous.is_closed()
+
+    def set_closed(self) -> None:
+        self.rendezvous.close()
+
+    def num_nodes_waiting(self) -> int:
+        return self.rendezvous.num_nodes_waiting()
+
+    def get_run_id(self) -> str:
+        return self.settings.run_id
+
+    def shutdown(self) -> bool:
+        return self.rendezvous.shutdown()
+
+    def set_progress_callback(self, callback: ProgressCallback | None) -> None:
+        """Called every few seconds while waiting with a dict describing the wait."""
+        self.rendezvous.set_progress_callback(callback)
+
+    @property
+    def node_id(self) -> str:
+        return self.rendezvous.node_id
+
+    @property
+    def round(self) -> int | None:
+        """The round this node last joined."""
+        return self._round
