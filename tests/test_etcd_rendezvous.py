@@ -1,0 +1,208 @@
+"""etcd-specific behaviour of the v3 handler: key hygiene, the store, TLS/auth, failover, cost."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from rdzv_testlib import FAST_CONF, NodeProcess, new_run_id, node_group, wait_until
+from torch.distributed import DistStoreError, PrefixStore
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
+
+from rdzv import create_handler
+from rdzv.backends.etcd_store import EtcdStore
+from rdzv.etcd import EtcdClient
+
+
+def _keys(endpoint: str, prefix: str) -> list[str]:
+    client = EtcdClient(endpoint)
+    try:
+        return [kv.key.decode() for kv in client.range(prefix, prefix=True, keys_only=True).kvs]
+    finally:
+        client.close()
+
+
+def test_no_keys_left_after_a_clean_end(etcd) -> None:
+    run_id = new_run_id("clean")
+    with node_group("etcd", etcd.endpoint, run_id) as g:
+        nodes = [g.node(2, 2) for _ in range(2)]
+        infos = g.join_all(nodes)
+        infos[0].store.set("k", "v")
+        assert _keys(etcd.endpoint, f"/rdzv/{run_id}/"), "a running job has keys"
+    assert _keys(etcd.endpoint, f"/rdzv/{run_id}/") == []
+
+
+def test_crashed_job_keys_expire(etcd) -> None:
+    run_id = new_run_id("crash")
+    procs = [NodeProcess("etcd", etcd.endpoint, run_id, 2, 2) for _ in range(2)]
+    try:
+        for p in procs:
+            p.wait_rounds(1)
+        assert _keys(etcd.endpoint, f"/rdzv/{run_id}/")
+        for p in procs:
+            p.kill()
+        # lease_ttl is 2 s: node keys and the run lease's keys go within a few seconds.
+        wait_until(lambda: _keys(etcd.endpoint, f"/rdzv/{run_id}/") == [], 15, "the crashed run's keys to expire")
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_custom_prefix_keeps_every_key_below_it(etcd) -> None:
+    run_id = new_run_id("prefix")
+    with node_group("etcd", etcd.endpoint, run_id, prefix="/teams/a/rdzv") as g:
+        g.join_all([g.node(1, 1)])
+        keys = _keys(etcd.endpoint, "/")
+        mine = [k for k in keys if run_id in k]
+        assert mine and all(k.startswith(f"/teams/a/rdzv/{run_id}/") for k in mine)
+
+
+def test_store_operations(etcd) -> None:
+    client = EtcdClient(etcd.endpoint)
+    try:
+        prefix = f"/rdzv-store-test/{new_run_id()}/"
+        store = EtcdStore(client, prefix, timeout=5)
+        store.set("a", "1")
+        assert store.get("a") == b"1"
+        assert store.add("n", 2) == 2 and store.add("n", 3) == 5
+        assert store.compare_set("a", "1", "2") == b"2"
+        assert store.compare_set("a", "1", "3") == b"2"
+        assert store.compare_set("new", "", "x") == b"x"
+        assert store.check(["a", "n"]) and not store.check(["missing"])
+        store.multi_set(["m1", "m2"], ["v1", "v2"])
+        assert store.multi_get(["m1", "m2"]) == [b"v1", b"v2"]
+        assert store.num_keys() == 5
+        assert store.delete_key("a") and not store.delete_key("a")
+
+        # get blocks until another writer sets the key (watch, not polling)
+        threading.Timer(0.3, lambda: store.set("late", "here")).start()
+        assert store.get("late") == b"here"
+
+        # a bounded wait that names what it waited for
+        start = time.monotonic()
+        with pytest.raises(DistStoreError, match="never"):
+            store.wait(["never"], timedelta(seconds=0.5))
+        assert time.monotonic() - start < 5
+
+        # torch wraps it in a PrefixStore for the agent; that path must work too
+        scoped = PrefixStore("torch.rendezvous.x.1", store)
+        scoped.set("k", "v")
+        assert scoped.get("k") == b"v"
+        assert scoped.multi_get(["k"]) == [b"v"]
+        assert scoped.add("c", 1) == 1
+        client.delete(prefix, prefix=True)
+    finally:
+        client.close()
+
+
+def test_agent_rank_assignment_runs_on_the_round_store(etcd) -> None:
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent, WorkerSpec
+
+    with node_group("etcd", etcd.endpoint) as g:
+        nodes = [g.node(3, 3) for _ in range(3)]
+        infos = g.join_all(nodes)
+        spec = WorkerSpec(role="trainer", local_world_size=2, rdzv_handler=nodes[0], entrypoint="x")
+
+        def assign(info):  # noqa: ANN001, ANN202
+            return SimpleElasticAgent._assign_worker_ranks(
+                None, info.store, info.rank, info.world_size, spec  # type: ignore[arg-type]
+            )
+
+        results = list(g.pool.map(assign, infos))
+        global_ranks = sorted(w.global_rank for ws in results for w in ws)
+        assert global_ranks == list(range(6))
+
+
+def test_tls_with_client_certificate(etcd_tls) -> None:
+    certs = etcd_tls.certs
+    with node_group("etcd", f"https://{etcd_tls.endpoint}", cacert=certs.ca_cert, cert=certs.client_cert,
+                    key=certs.client_key) as g:
+        assert g.join_all([g.node(1, 1)])[0].world_size == 1
+
+
+def test_tls_with_untrusted_ca_is_a_clear_error(etcd_tls) -> None:
+    certs = etcd_tls.certs
+    params = RendezvousParameters("etcd", f"https://{etcd_tls.endpoint}", new_run_id(), 1, 1,
+                                  cacert=certs.other_ca_cert, cert=certs.client_cert, key=certs.client_key,
+                                  read_timeout="3")
+    start = time.monotonic()
+    with pytest.raises(RendezvousConnectionError, match=etcd_tls.endpoint):
+        create_handler(params)
+    assert time.monotonic() - start < 10
+
+
+def test_user_password_auth(etcd_auth, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RDZV_ETCD_PASSWORD", etcd_auth.password)
+    with node_group("etcd", etcd_auth.endpoint, user=etcd_auth.user, prefix=etcd_auth.prefix.rstrip("/")) as g:
+        assert g.join_all([g.node(1, 1)])[0].world_size == 1
+
+
+def test_wrong_password_is_a_clear_error(etcd_auth, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RDZV_ETCD_PASSWORD", "not-the-password")
+    params = RendezvousParameters("etcd", etcd_auth.endpoint, new_run_id(), 1, 1, user=etcd_auth.user,
+                                  read_timeout="3")
+    start = time.monotonic()
+    with pytest.raises(RendezvousConnectionError) as err:
+        create_handler(params)
+    assert time.monotonic() - start < 10
+    assert "not-the-password" not in str(err.value)
+
+
+def test_password_on_the_command_line_is_refused(etcd) -> None:
+    params = RendezvousParameters("etcd", etcd.endpoint, new_run_id(), 1, 1, user="u", password="p")
+    with pytest.raises(ValueError, match="RDZV_ETCD_PASSWORD"):
+        create_handler(params)
+
+
+def test_formation_survives_the_loss_of_the_member_in_use(etcd_cluster) -> None:
+    endpoint = ",".join(etcd_cluster.endpoints)
+    run_id = new_run_id("failover")
+    with node_group("etcd", endpoint, run_id) as g:
+        nodes = [g.node(3, 3) for _ in range(2)]
+        futures = [g.join(n) for n in nodes]
+        time.sleep(0.5)
+        etcd_cluster.members[0].kill()  # the first endpoint: the one every client starts on
+        late = g.node(3, 3)
+        futures.append(g.join(late))
+        infos = [f.result(timeout=60) for f in futures]
+        assert sorted(i.rank for i in infos) == [0, 1, 2]
+
+
+def test_leader_loss_during_formation(etcd_cluster) -> None:
+    endpoint = ",".join(etcd_cluster.endpoints)
+    with node_group("etcd", endpoint) as g:
+        nodes = [g.node(3, 3) for _ in range(2)]
+        futures = [g.join(n) for n in nodes]
+        time.sleep(0.5)
+        etcd_cluster.wait_leader().kill()
+        futures.append(g.join(g.node(3, 3)))
+        assert sorted(f.result(timeout=60).rank for f in futures) == [0, 1, 2]
+
+
+def test_num_nodes_waiting_makes_no_requests(etcd) -> None:
+    """The agent polls it every 0.1 s on every node: it must be answered locally."""
+    with node_group("etcd", etcd.endpoint) as g:
+        a = g.node(1, 1)
+        g.join_all([a])
+        client = a.backend.client
+        calls = {"n": 0}
+        original = client.range
+
+        def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls["n"] += 1
+            return original(*args, **kwargs)
+
+        client.range = counting  # type: ignore[method-assign]
+        try:
+            for _ in range(100):
+                a.num_nodes_waiting()
+                a.is_closed()
+        finally:
+            client.range = original  # type: ignore[method-assign]
+        assert calls["n"] == 0
+
+
+_ = (os, FAST_CONF)
