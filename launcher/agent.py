@@ -1,0 +1,221 @@
+"""Build torch's LocalElasticAgent around one of our rendezvous handlers and run it.
+
+Process supervision, restarts, log redirects and error files are torch's; this module only wires
+the launcher's settings into `RendezvousParameters` -> handler -> `WorkerSpec` -> agent, the way
+torch's own `launch_agent` does, and turns the outcome into an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from launcher.config import LaunchSettings, UsageProblem
+from launcher.report import Reporter, ReporterLogHandler
+
+# torchrun's words, on one line.
+OMP_NOTICE = (
+    "Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid "
+    "your system being overloaded, please further tune the variable for optimal performance in "
+    "your application as needed."
+)
+
+
+def prepare_logging(reporter: Reporter) -> None:
+    """Route torch's elastic logs through our reporter, before torch.distributed.elastic is imported.
+
+    torch's default log formatter imports torch._dynamo (over a second) on the first warning; a
+    plain handler keeps warnings (restarts, failures) from costing that. torchrun.handlers plugins
+    are not used by rdzv-launch (backends come from rdzv.registry), so a broken one is not worth
+    a traceback here.
+    """
+    elastic = logging.getLogger("torch.distributed.elastic")
+    elastic.addHandler(ReporterLogHandler(reporter))
+    elastic.propagate = False
+    logging.getLogger("torch.distributed.elastic.rendezvous.registry").setLevel(logging.ERROR)
+
+
+def resolve_nproc(spec: str) -> int:
+    """Workers per node. Only 'gpu', 'xpu' and 'auto' ask torch about devices (CUDA stays untouched otherwise)."""
+    if spec.isdigit():
+        return int(spec)
+    if spec == "cpu":
+        return _cpu_count()
+    import torch
+
+    if spec == "xpu":
+        count = torch.xpu.device_count() if hasattr(torch, "xpu") else 0
+        if count < 1:
+            raise UsageProblem("--nproc-per-node=xpu but no XPU is visible")
+        return count
+    # device_count() honours CUDA_VISIBLE_DEVICES.
+    gpus = torch.cuda.device_count()
+    if gpus > 0:
+        return gpus
+    if spec == "gpu":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise UsageProblem(f"--nproc-per-node=gpu but no GPU is visible{hint}")
+    return _cpu_count()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _make_logs_specs(s: LaunchSettings) -> Any:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+
+    cls: Any = DefaultLogsSpecs
+    if s.logs_specs:
+        from importlib import metadata
+
+        (entry,) = [ep for ep in metadata.entry_points(group="torchrun.logs_specs") if ep.name == s.logs_specs]
+        cls = entry.load()
+    return cls(
+        log_dir=s.log_dir,
+        redirects=Std.from_str(s.redirects),
+        tee=Std.from_str(s.tee),
+        local_ranks_filter=s.local_ranks_filter,
+    )
+
+
+def _numa_options(mode: str | None) -> Any:
+    if mode is None:
+        return None
+    from torch.numa.binding import AffinityMode, NumaOptions
+
+    return NumaOptions(affinity_mode=AffinityMode(mode))
+
+
+def _check_event_handler(name: str) -> None:
+    from torch.distributed.elastic.events.handlers import get_logging_handler
+
+    try:
+        get_logging_handler(name)
+    except KeyError:
+        raise UsageProblem(f"--event-log-handler: unknown handler {name!r} (null, console or dynamic_rendezvous)") from None
+
+
+def launch(s: LaunchSettings, reporter: Reporter) -> None:
+    """Run the job on this node. Raises ChildFailedError, SignalException or a rendezvous error."""
+    nproc = resolve_nproc(s.nproc_spec)
+    for notice in s.notices:
+        reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
+    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+        # Same default and notice as torchrun; workers inherit it from here.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        reporter.warning("omp_num_threads", OMP_NOTICE)
+
+    from torch.distributed.elastic import events, metrics
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.utils import macros
+
+    from launcher.progress import ReportingHandler
+    from rdzv.registry import create_handler
+
+    _check_event_handler(s.event_log_handler)
+    try:
+        logs_specs = _make_logs_specs(s)
+    except ValueError as exc:
+        raise UsageProblem(f"--redirects/--tee: {exc}") from None
+    numa = _numa_options(s.numa_binding)
+
+    args = list(s.lead_args)
+    if s.pass_local_rank:
+        args.append(f"--local-rank={macros.local_rank}")
+    args.extend(s.script_args)
+    entrypoint: Any = s.entrypoint
+    if entrypoint is None:
+        from launcher.runpath import run_script_path
+
+        entrypoint = run_script_path
+
+    params = RendezvousParameters(
+        backend=s.backend,
+        endpoint=s.endpoint,
+        run_id=s.run_id,
+        min_nodes=s.min_nodes,
+        max_nodes=s.max_nodes,
+        local_addr=s.local_addr,
+        **s.rdzv_configs,
+    )
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = s.signals_to_handle
+    try:
+        handler = create_handler(params)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None
+    where = f"{s.backend} at {s.endpoint}"
+    reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
+
+    spec = WorkerSpec(
+        role=s.role,
+        local_world_size=nproc,
+        entrypoint=entrypoint,
+        args=tuple(args),
+        rdzv_handler=reporting,
+        max_restarts=s.max_restarts,
+        monitor_interval=s.monitor_interval,
+        master_addr=s.master_addr,
+        master_port=s.master_port,
+        local_addr=s.local_addr,
+        event_log_handler=s.event_log_handler,
+        numa_options=numa,
+        duplicate_stdout_filters=s.duplicate_stdout_filters or None,
+        duplicate_stderr_filters=s.duplicate_stderr_filters or None,
+        virtual_local_rank=s.virtual_local_rank,
+    )
+    agent = LocalElasticAgent(
+        spec=spec,
+        logs_specs=logs_specs,
+        start_method=s.start_method,
+        log_line_prefix_template=os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        shutdown_timeout=s.shutdown_timeout,
+    )
+    reporter.info(
+        "starting",
+        f"{nproc} worker(s) of {s.entrypoint_name} per node, {s.backend} rendezvous {s.run_id}"
+        + ("" if s.embedded else f" at {s.endpoint}")
+        + f", nodes {s.min_nodes}" + ("" if s.min_nodes == s.max_nodes else f" to {s.max_nodes}"),
+        run_id=s.run_id,
+        backend=s.backend,
+        endpoint=s.endpoint,
+        nproc_per_node=nproc,
+        min_nodes=s.min_nodes,
+        max_nodes=s.max_nodes,
+    )
+
+    # As torch's launch_agent: close the rendezvous when done, except after a signal, which
+    # would close this run id for good and stop the remaining nodes from re-forming.
+    shutdown_rdzv = True
+    try:
+        metrics.initialize_metrics(metrics.MetricsConfig())
+        result = agent.run()
+        if result is None:
+            # RendezvousGracefulExitError: this node was a spare beyond --nnodes MAX.
+            reporter.info("not_needed", "the group formed without this node (spare beyond max nodes); exiting")
+            return
+        events.record(agent.get_event_succeeded(), s.event_log_handler)
+        if result.is_failed():
+            raise ChildFailedError(name=s.entrypoint_name, failures=result.failures)
+        reporter.info("succeeded", f"all workers of {s.entrypoint_name} finished")
+    except ChildFailedError:
+        raise
+    except SignalException:
+        shutdown_rdzv = False
+        events.record(agent.get_event_failed(), s.event_log_handler)
+        raise
+    except Exception:
+        events.record(agent.get_event_failed(), s.event_log_handler)
+        raise
+    finally:
+        if shutdown_rdzv:
+            handler.shutdown()

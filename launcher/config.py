@@ -1,0 +1,490 @@
+"""Turn rdzv-launch's option values into a checked LaunchSettings, or one clear UsageProblem.
+
+Everything here runs before anything is spawned and, except for the backend-name check (which
+asks rdzv.registry), without importing torch, so bad input is answered quickly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from importlib.machinery import PathFinder
+from typing import Any
+
+DEFAULT_PORTS = {"etcd": 2379, "etcd-v2": 2379, "c10d": 29400}
+DEFAULT_MASTER_PORT = 29500
+# torchrun's rendezvous timeout when --rdzv-conf does not set one.
+DEFAULT_RDZV_TIMEOUT = 900
+EMBEDDED_ENDPOINT = "localhost:0"
+_STD_RE = re.compile(r"^[0-3]$|^\d+:[0-3](,\d+:[0-3])*$")
+
+
+class UsageProblem(Exception):
+    """Bad input: reported as one line with exit code 2, before anything is spawned."""
+
+
+@dataclass
+class Notice:
+    event: str
+    message: str
+    level: str = "info"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchSettings:
+    min_nodes: int
+    max_nodes: int
+    nproc_spec: str
+    backend: str
+    endpoint: str
+    run_id: str
+    rdzv_configs: dict[str, Any]
+    embedded: bool
+    entrypoint: str | None  # a program to exec; None means runpy in a worker (--run-path)
+    entrypoint_name: str
+    lead_args: list[str]  # interpreter flags and the script, before --local-rank and SCRIPT_ARGS
+    script_args: list[str]
+    pass_local_rank: bool
+    role: str
+    max_restarts: int
+    monitor_interval: float
+    start_method: str
+    log_dir: str | None
+    redirects: str
+    tee: str
+    local_ranks_filter: set[int] | None
+    logs_specs: str | None
+    duplicate_stdout_filters: list[str]
+    duplicate_stderr_filters: list[str]
+    event_log_handler: str
+    local_addr: str | None
+    master_addr: str | None
+    master_port: int | None
+    signals_to_handle: str
+    shutdown_timeout: int
+    virtual_local_rank: bool
+    numa_binding: str | None
+    quiet: bool
+    log_format: str
+    progress_interval: float
+    notices: list[Notice] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- small parsers
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    parts = text.strip().split(":")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageProblem(f"--nnodes must be N or MIN:MAX with whole numbers, got {text!r}")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if lo < 1:
+        raise UsageProblem(f"--nnodes={text}: the minimum number of nodes must be at least 1")
+    if lo > hi:
+        raise UsageProblem(f"--nnodes={text}: MIN ({lo}) is greater than MAX ({hi})")
+    return lo, hi
+
+
+def parse_rdzv_conf(text: str) -> dict[str, str]:
+    """`k=v,k=v` as torch reads it (values stay strings), with a message naming the bad item."""
+    config: dict[str, str] = {}
+    if not text.strip():
+        return config
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UsageProblem(f"--rdzv-conf: {item.strip()!r} is not KEY=VALUE (expected k1=v1,k2=v2,...)")
+        if not value:
+            raise UsageProblem(f"--rdzv-conf: {key!r} has no value")
+        if key in config:
+            raise UsageProblem(f"--rdzv-conf: {key!r} is given twice")
+        config[key] = value
+    return config
+
+
+def parse_std(text: str, option: str) -> str:
+    if not _STD_RE.match(text.strip()):
+        raise UsageProblem(f"{option} must be 0, 1, 2, 3 or a per-rank map like 0:1,1:2, got {text!r}")
+    return text.strip()
+
+
+def parse_ranks(text: str) -> set[int] | None:
+    if not text.strip():
+        return None
+    try:
+        ranks = {int(r) for r in text.split(",")}
+    except ValueError:
+        raise UsageProblem(f"--local-ranks-filter must be comma-separated integers like 0,1, got {text!r}") from None
+    if any(r < 0 for r in ranks):
+        raise UsageProblem(f"--local-ranks-filter: local ranks cannot be negative, got {text!r}")
+    return ranks
+
+
+def parse_filters(text: str) -> list[str]:
+    """Comma-separated strings; ',,' stands for a literal comma (torchrun's convention)."""
+    if not text:
+        return []
+    items, current, i = [], [], 0
+    while i < len(text):
+        if text.startswith(",,", i):
+            current.append(",")
+            i += 2
+        elif text[i] == ",":
+            items.append("".join(current))
+            current, i = [], i + 1
+        else:
+            current.append(text[i])
+            i += 1
+    items.append("".join(current))
+    return items
+
+
+def parse_signals(text: str) -> str:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)]
+    if unknown or not names:
+        raise UsageProblem(
+            f"--signals-to-handle: unknown signal name(s) {', '.join(unknown) or repr(text)} (expected e.g. SIGTERM,SIGUSR1)"
+        )
+    return ",".join(names)
+
+
+def parse_endpoint(text: str, default_port: int | None, option: str = "--rdzv-endpoint") -> tuple[str, int | None]:
+    """HOST[:PORT], [IPv6]:PORT or a bare IPv6 address; an optional scheme (http://) is dropped."""
+    spec = text.strip()
+    if "://" in spec:
+        spec = spec.split("://", 1)[1]
+    spec = spec.rstrip("/")
+    host, port_text = spec, None
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        if rest.startswith(":"):
+            port_text = rest[1:]
+        elif rest:
+            raise UsageProblem(f"{option}: cannot read {text!r} (expected HOST:PORT)")
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    if not host:
+        raise UsageProblem(f"{option}: no host in {text!r} (expected HOST:PORT)")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageProblem(f"{option}: {port_text!r} in {text!r} is not a port number")
+    return host, int(port_text)
+
+
+def is_this_host(host: str) -> bool:
+    """Whether `host` names this machine (so a c10d store there is ours to serve, not to reach)."""
+    if host in ("localhost", socket.gethostname()):
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        # An address this machine can bind is one of its own.
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((sockaddr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def check_reachable(endpoints: list[tuple[str, int]], timeout: float, what: str) -> None:
+    """Raise UsageProblem unless one of `endpoints` accepts a TCP connection within `timeout` s."""
+    if timeout <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while True:
+        for host, port in endpoints:
+            remaining = deadline - time.monotonic()
+            try:
+                with socket.create_connection((host, port), timeout=max(0.05, min(remaining, 1.0))):
+                    return
+            except TimeoutError:
+                last_error = "timed out"
+            except OSError as exc:
+                last_error = exc.strerror or type(exc).__name__
+        if time.monotonic() >= deadline:
+            break
+        # A node that starts a moment before the host is normal; keep trying until the deadline.
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    names = ",".join(f"{h}:{p}" for h, p in endpoints)
+    raise UsageProblem(
+        f"cannot reach the {what} endpoint {names} ({last_error.lower()} for {timeout:g} s); "
+        f"is it running? (--endpoint-check-timeout sets how long to try, 0 skips the check)"
+    )
+
+
+def generate_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+# ---------------------------------------------------------------- the script
+
+
+def _module_exists(name: str) -> bool:
+    """Find a module the way `python -m` in this directory would, without importing anything."""
+    path: list[str] | None = [os.getcwd(), *sys.path]
+    spec = None
+    parts = name.split(".")
+    for i in range(len(parts)):
+        spec = PathFinder.find_spec(".".join(parts[: i + 1]), path)
+        if spec is None:
+            return False
+        if i < len(parts) - 1:
+            if spec.submodule_search_locations is None:
+                return False
+            path = list(spec.submodule_search_locations)
+    return spec is not None
+
+
+def resolve_entrypoint(
+    script: str, module: bool, no_python: bool, run_path: bool
+) -> tuple[str | None, list[str], str]:
+    """(program or None for --run-path, its leading args, a display name)."""
+    if run_path:
+        if not os.path.isfile(script):
+            raise UsageProblem(f"training script {script!r} not found (--run-path needs a Python file)")
+        path = os.path.abspath(script)
+        return None, [path], os.path.basename(path)
+    if no_python:
+        if module:
+            raise UsageProblem("--no-python and -m/--module cannot be used together")
+        found = script if os.sep in script else shutil.which(script)
+        if not found or not (os.path.isfile(found) and os.access(found, os.X_OK)):
+            raise UsageProblem(
+                f"--no-python runs TRAINING_SCRIPT as a program, but {script!r} is not an executable file or a command on PATH"
+            )
+        return script, [], os.path.basename(script)
+    python = os.environ.get("PYTHON_EXEC", sys.executable)
+    if module:
+        # Another interpreter (PYTHON_EXEC) may see other modules than this one.
+        if "PYTHON_EXEC" not in os.environ and not _module_exists(script):
+            raise UsageProblem(f"module {script!r} not found (-m runs a module, as 'python -m' would)")
+        return python, ["-u", "-m", script], script
+    if not os.path.exists(script):
+        raise UsageProblem(f"training script {script!r} not found")
+    return python, ["-u", script], os.path.basename(script.rstrip(os.sep))
+
+
+# ---------------------------------------------------------------- rendezvous
+
+
+def known_backends() -> list[str]:
+    from rdzv.registry import backend_names
+
+    return backend_names()
+
+
+@dataclass
+class _Rendezvous:
+    backend: str
+    endpoint: str
+    run_id: str
+    configs: dict[str, Any]
+    embedded: bool = False
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def resolve_rendezvous(
+    v: Mapping[str, Any], given: set[str], min_nodes: int, max_nodes: int, notices: list[Notice]
+) -> _Rendezvous:
+    configs: dict[str, Any] = parse_rdzv_conf(v["rdzv_conf"])
+    configs.setdefault("timeout", DEFAULT_RDZV_TIMEOUT)
+    backend: str | None = v["rdzv_backend"] or None
+    endpoint: str = (v["rdzv_endpoint"] or "").strip()
+    run_id: str | None = (v["rdzv_id"] or "").strip() or None
+    if run_id is not None and run_id.lower() == "none":
+        # torchrun's default id; as a shared key it would join unrelated jobs together.
+        run_id = None
+
+    if v["standalone"]:
+        if max_nodes > 1:
+            raise UsageProblem(f"--standalone runs one node, but --nnodes={v['nnodes']} asks for up to {max_nodes}")
+        ignored = [f"--{d.replace('_', '-')}" for d in ("rdzv_backend", "rdzv_endpoint", "rdzv_id") if d in given]
+        if ignored:
+            notices.append(Notice("options_ignored", f"--standalone ignores {', '.join(ignored)}", "warning"))
+        return _embedded(None, configs, notices)
+
+    if not endpoint:
+        if backend in (None, "static", "c10d") and max_nodes == 1 and v["master_port"] is None:
+            return _embedded(run_id, configs, notices)
+        if backend not in (None, "static"):
+            raise UsageProblem(f"--rdzv-backend={backend} needs --rdzv-endpoint=HOST:PORT")
+        backend = "static"
+    backend = backend or "etcd"
+
+    names = known_backends()
+    if backend not in names:
+        raise UsageProblem(f"unknown rendezvous backend {backend!r}; choose one of {', '.join(names)}")
+
+    for opt in ("master_addr", "master_port", "node_rank"):
+        if opt in given and backend != "static":
+            notices.append(
+                Notice("option_ignored", f"--{opt.replace('_', '-')} is only used by the static backend; ignored", "warning")
+            )
+
+    if backend == "static":
+        return _static(v, endpoint, run_id, configs, min_nodes, max_nodes, notices)
+
+    timeout = float(v["endpoint_check_timeout"])
+    if backend in ("etcd", "etcd-v2"):
+        targets = [parse_endpoint(e, DEFAULT_PORTS[backend]) for e in endpoint.split(",") if e.strip()]
+        check_reachable([(h, p) for h, p in targets if p is not None], timeout, backend)
+    elif backend == "c10d":
+        host, port = parse_endpoint(endpoint, DEFAULT_PORTS["c10d"])
+        is_host = str(configs.get("is_host", "")).lower()
+        hosting = is_host in ("1", "true", "t", "yes", "y") or (is_host == "" and (port == 0 or is_this_host(host)))
+        if not hosting and port is not None:
+            check_reachable([(host, port)], timeout, "c10d")
+    else:
+        parse_endpoint(endpoint, None)
+
+    if run_id is None:
+        if max_nodes > 1:
+            raise UsageProblem(
+                f"--rdzv-id is required for a multi-node {backend} run: give every node the same id "
+                "(e.g. --rdzv-id=$SLURM_JOB_ID)"
+            )
+        run_id = generate_run_id()
+        notices.append(
+            Notice("run_id_generated", f"generated run id {run_id} (--rdzv-id={run_id})", fields={"run_id": run_id})
+        )
+    return _Rendezvous(backend, endpoint, run_id, configs)
+
+
+def _embedded(run_id: str | None, configs: dict[str, Any], notices: list[Notice]) -> _Rendezvous:
+    run_id = run_id or generate_run_id()
+    notices.append(
+        Notice(
+            "standalone",
+            f"standalone run {run_id}: embedded c10d rendezvous on {EMBEDDED_ENDPOINT} (no etcd needed)",
+            fields={"run_id": run_id, "backend": "c10d", "endpoint": EMBEDDED_ENDPOINT},
+        )
+    )
+    return _Rendezvous("c10d", EMBEDDED_ENDPOINT, run_id, configs, embedded=True)
+
+
+def _static(
+    v: Mapping[str, Any],
+    endpoint: str,
+    run_id: str | None,
+    configs: dict[str, Any],
+    min_nodes: int,
+    max_nodes: int,
+    notices: list[Notice],
+) -> _Rendezvous:
+    if not endpoint:
+        endpoint = f"{v['master_addr']}:{v['master_port'] or DEFAULT_MASTER_PORT}"
+    host, port = parse_endpoint(endpoint, v["master_port"])
+    if port is None:
+        raise UsageProblem(f"static rendezvous needs a port: --rdzv-endpoint={host}:PORT or --master-port")
+    node_rank = int(v["node_rank"])
+    if not 0 <= node_rank < max_nodes:
+        raise UsageProblem(f"--node-rank={node_rank} is outside 0..{max_nodes - 1} for --nnodes={v['nnodes']}")
+    if min_nodes != max_nodes:
+        notices.append(Notice("static_not_elastic", f"the static backend always waits for {max_nodes} nodes", "warning"))
+    configs["rank"] = node_rank
+    # The static backend does not coordinate on the id, every node must simply agree: keep torchrun's.
+    return _Rendezvous("static", endpoint, run_id or "none", configs, master_addr=host, master_port=port)
+
+
+# ---------------------------------------------------------------- everything
+
+
+def _logs_specs_exists(name: str) -> bool:
+    return any(ep.name == name for ep in metadata.entry_points(group="torchrun.logs_specs"))
+
+
+def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool) -> LaunchSettings:
+    """Check every option value; `given` names the options set on the command line or by PET_."""
+    min_nodes, max_nodes = parse_nnodes(v["nnodes"])
+    if v["max_restarts"] < 0:
+        raise UsageProblem(f"--max-restarts must be 0 or more, got {v['max_restarts']}")
+    if v["monitor_interval"] <= 0:
+        raise UsageProblem(f"--monitor-interval must be more than 0, got {v['monitor_interval']}")
+    if v["progress_interval"] <= 0:
+        raise UsageProblem(f"--progress-interval must be more than 0, got {v['progress_interval']}")
+    shutdown_timeout = v["shutdown_timeout"]
+    if shutdown_timeout is None:
+        shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    if shutdown_timeout < 0:
+        raise UsageProblem(f"--shutdown-timeout must be 0 or more, got {shutdown_timeout}")
+    nproc = v["nproc_per_node"].strip()
+    if nproc.isdigit():
+        if int(nproc) < 1:
+            raise UsageProblem("--nproc-per-node must be at least 1")
+    elif nproc not in ("auto", "cpu", "gpu", "xpu"):
+        raise UsageProblem(f"--nproc-per-node must be a number, auto, cpu, gpu or xpu, got {nproc!r}")
+    redirects = parse_std(v["redirects"], "--redirects")
+    tee = parse_std(v["tee"], "--tee")
+    ranks = parse_ranks(v["local_ranks_filter"])
+    signals = parse_signals(v["signals_to_handle"])
+    if v["logs_specs"] and not _logs_specs_exists(v["logs_specs"]):
+        raise UsageProblem(f"--logs-specs: no 'torchrun.logs_specs' entry point named {v['logs_specs']!r}")
+    if pass_local_rank and v["no_python"] and not v["run_path"]:
+        raise UsageProblem("--no-python cannot pass --local-rank to a program; read LOCAL_RANK from the environment instead")
+
+    entrypoint, lead_args, name = resolve_entrypoint(v["training_script"], v["module"], v["no_python"], v["run_path"])
+    notices: list[Notice] = []
+    rdzv = resolve_rendezvous(v, given, min_nodes, max_nodes, notices)
+    return LaunchSettings(
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_spec=nproc,
+        backend=rdzv.backend,
+        endpoint=rdzv.endpoint,
+        run_id=rdzv.run_id,
+        rdzv_configs=rdzv.configs,
+        embedded=rdzv.embedded,
+        entrypoint=entrypoint,
+        entrypoint_name=name,
+        lead_args=lead_args,
+        script_args=list(v["training_script_args"]),
+        pass_local_rank=pass_local_rank,
+        role=v["role"],
+        max_restarts=v["max_restarts"],
+        monitor_interval=v["monitor_interval"],
+        start_method=v["start_method"],
+        log_dir=v["log_dir"],
+        redirects=redirects,
+        tee=tee,
+        local_ranks_filter=ranks,
+        logs_specs=v["logs_specs"],
+        duplicate_stdout_filters=parse_filters(v["duplicate_stdout_filters"]),
+        duplicate_stderr_filters=parse_filters(v["duplicate_stderr_filters"]),
+        event_log_handler=v["event_log_handler"],
+        local_addr=v["local_addr"],
+        master_addr=rdzv.master_addr,
+        master_port=rdzv.master_port,
+        signals_to_handle=signals,
+        shutdown_timeout=shutdown_timeout,
+        virtual_local_rank=v["virtual_local_rank"],
+        numa_binding=v["numa_binding"],
+        quiet=v["quiet"],
+        log_format=v["log_format"],
+        progress_interval=v["progress_interval"],
+        notices=notices,
+    )
