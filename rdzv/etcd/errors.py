@@ -1,0 +1,121 @@
+"""Exceptions raised by :mod:`rdzv.etcd`. Every one derives from :class:`EtcdError`."""
+
+from __future__ import annotations
+
+import re
+
+
+class EtcdError(Exception):
+    """Base class; also raised as-is for etcd errors without a more specific class."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        # The gRPC status code name (e.g. "FAILED_PRECONDITION") when the error came from etcd.
+        self.code = code
+
+
+class EtcdConnectionError(EtcdError):
+    """No endpoint answered in time (refused, unreachable, timed out, no leader, TLS failure).
+
+    The message names every endpoint tried and why it failed. For a non-idempotent write the
+    outcome is unknown: it may or may not have been applied.
+    """
+
+
+class EtcdAuthError(EtcdError):
+    """Wrong user/password, missing credentials, or permission denied."""
+
+
+class EtcdTLSError(EtcdAuthError, EtcdConnectionError):
+    """The TLS handshake was rejected (untrusted server, missing or unknown client certificate).
+
+    Both an auth error (bad credentials) and a connection error (nothing was reached), so
+    either ``except`` clause catches it.
+    """
+
+
+class EtcdCompactedError(EtcdError):
+    """The requested revision was compacted away; re-read the current state and watch again."""
+
+    def __init__(self, compact_revision: int, message: str | None = None) -> None:
+        super().__init__(
+            message or f"etcd revision compacted (compact revision {compact_revision})",
+            code="OUT_OF_RANGE",
+        )
+        # Oldest revision still available; 0 when etcd did not say (e.g. on a range read).
+        self.compact_revision = compact_revision
+
+
+class EtcdLeaseNotFoundError(EtcdError):
+    """The lease does not exist (expired or revoked), e.g. on a put with that lease."""
+
+
+# -- classification of gRPC failure texts (shared by the client and its streams) ----------
+
+
+def cause_of(details: str) -> str:
+    """A short human-readable cause from a gRPC error text."""
+    d = details or ""
+    low = d.lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if "handshake failed" in low:
+        if "certificate_verify_failed" in low:
+            return (
+                "TLS handshake failed: server certificate not trusted "
+                "(check ca_cert; CERTIFICATE_VERIFY_FAILED)"
+            )
+        if "bad_certificate" in low or "certificate_required" in low or "handshake_failure" in low:
+            return (
+                "TLS handshake failed: server rejected the client certificate "
+                "(missing, or not signed by a CA the server trusts)"
+            )
+        tail = d[low.index("handshake failed") + len("handshake failed") :].strip(" :")
+        return f"TLS handshake failed: {tail}" if tail else "TLS handshake failed"
+    if "unwrap failed" in low or "tsi_data_corrupted" in low:
+        # TLS 1.3: the server checks our certificate after the handshake and answers with an
+        # alert, which gRPC reports as a record it cannot decrypt.
+        return (
+            "TLS session rejected by the server: client certificate missing or not signed "
+            "by a CA the server trusts"
+        )
+    if "settings frame" in low or "timeout occurred" in low or "connect timeout" in low:
+        return "connect timeout"
+    if "errors resolving" in low or "dns resolution" in low or "domain name not found" in low:
+        return "DNS resolution failed"
+    if "socket closed" in low:
+        return (
+            "connection closed (a TLS server reached without TLS?)"
+            if "failed to connect" in low
+            else "connection closed"
+        )
+    if "etcdserver:" in d:
+        return d[d.index("etcdserver:") :]
+    m = re.search(r"last error: (?:\w+: )?(?:[\w.:\[\]-]+: )?(.*)$", d)
+    return m.group(1) if m else d
+
+
+def is_tls_failure(details: str) -> bool:
+    low = details.lower()
+    return "handshake failed" in low or "unwrap failed" in low or "tsi_data_corrupted" in low
+
+
+def never_sent(details: str) -> bool:
+    # The request provably did not reach etcd's state machine: safe to send elsewhere.
+    low = details.lower()
+    return (
+        "failed to connect to all addresses" in low
+        or "errors resolving" in low
+        or "etcdserver: no leader" in low
+        or "etcdserver: not capable" in low
+    )
+
+
+def is_connect_failure(details: str) -> bool:
+    low = details.lower()
+    return "failed to connect to all addresses" in low or "errors resolving" in low
+
+
+def token_expired(details: str) -> bool:
+    low = details.lower()
+    return "invalid auth token" in low or "auth store is old" in low

@@ -1,0 +1,336 @@
+"""Lease keep-alives for many leases over ONE LeaseKeepAlive stream per client.
+
+A scheduler thread sends each registered lease's keep-alive when due; a reader thread per
+stream applies the answers. Each lease tracks a conservative local expiry (send time of the
+request that was answered + TTL), so a lease is reported lost either when etcd answers
+TTL <= 0 or when no answer arrived before that expiry (partition, dead members, stuck stream).
+A broken or stalled stream is re-opened on the client's next endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from rdzv.etcd.errors import EtcdAuthError, EtcdError
+from rdzv.etcd.proto import etcd_min_pb2 as pb
+
+if TYPE_CHECKING:
+    from rdzv.etcd.client import EtcdClient
+
+log = logging.getLogger("rdzv.etcd")
+
+OnLost = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted lease: ``id`` and the TTL (seconds) etcd granted."""
+
+    id: int
+    ttl: int
+
+
+@dataclass
+class _Kept:
+    lease_id: int
+    ttl: float
+    expires: float  # monotonic: by then the lease has surely expired unless refreshed
+    next_due: float
+    # registration id -> (interval, on_lost); several owners may keep one lease.
+    owners: dict[int, tuple[float, OnLost | None]] = field(default_factory=dict)
+    pending_since: float | None = None  # send time of the oldest unanswered keep-alive
+
+    @property
+    def interval(self) -> float:
+        return min(i for i, _ in self.owners.values())
+
+
+_CLOSE = object()
+
+
+class LeaseKeeper:
+    """Refreshes registered leases; owned by an :class:`EtcdClient` (``client.keep_alive``)."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+        self._cond = threading.Condition()
+        self._leases: dict[int, _Kept] = {}
+        self._reg_ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Live stream state (guarded by _cond).
+        self._queue: queue.SimpleQueue[object] | None = None
+        self._call: Any = None
+        self._stream_gen = 0
+        self._broken: tuple[int, BaseException | None] | None = None
+        self._endpoint_idx = -1
+        self._opened_at = 0.0
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(
+        self,
+        lease_id: int,
+        ttl: float | None = None,
+        *,
+        interval: float | None = None,
+        on_lost: OnLost | None = None,
+    ) -> int:
+        """Start refreshing ``lease_id``; returns a registration id for :meth:`unregister`.
+
+        ``interval`` defaults to ttl/3. ``on_lost(lease_id)`` is called once, from a keeper
+        thread, when the lease is gone or could not be refreshed in time; it must be quick.
+        Without ``ttl`` a keep-alive is sent at once and its answer supplies the TTL.
+        """
+        now = time.monotonic()
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        if interval is None:
+            interval = max((ttl or 3.0) / 3.0, 0.1)
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        with self._cond:
+            if self._closed:
+                raise EtcdError("etcd client is closed")
+            reg = next(self._reg_ids)
+            k = self._leases.get(lease_id)
+            if k is None:
+                # Unknown TTL: assume ~3 intervals until etcd tells us the real one.
+                assumed = ttl if ttl is not None else 3 * interval
+                k = _Kept(lease_id, assumed, now + assumed, now if ttl is None else now + interval)
+                self._leases[lease_id] = k
+            k.owners[reg] = (interval, on_lost)
+            k.next_due = min(k.next_due, now + interval)
+            self._ensure_thread()
+            self._cond.notify_all()
+        return reg
+
+    def unregister(self, lease_id: int, registration: int | None = None) -> None:
+        """Drop one registration (the given one, else the latest); refreshing stops with the last."""
+        with self._cond:
+            k = self._leases.get(lease_id)
+            if k is None:
+                return
+            if registration is None:
+                if k.owners:
+                    k.owners.pop(next(reversed(k.owners)))
+            else:
+                k.owners.pop(registration, None)
+            if not k.owners:
+                del self._leases[lease_id]
+            self._cond.notify_all()
+
+    def is_kept(self, lease_id: int) -> bool:
+        return lease_id in self._leases
+
+    @property
+    def count(self) -> int:
+        return len(self._leases)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._leases.clear()
+            self._teardown_locked()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="rdzv-etcd-keepalive", daemon=True
+            )
+            self._thread.start()
+
+    def _teardown_locked(self) -> None:
+        if self._queue is not None:
+            self._queue.put(_CLOSE)
+            self._queue = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        self._stream_gen += 1
+
+    @staticmethod
+    def _requests(q: queue.SimpleQueue[object]) -> Iterator[pb.LeaseKeepAliveRequest]:
+        while True:
+            item = q.get()
+            if item is _CLOSE:
+                return
+            yield item  # type: ignore[misc]
+
+    def _open_stream(self) -> None:
+        idx, ep = self._client._stream_endpoint()
+        md = self._client._stream_metadata()
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        with self._cond:
+            if self._closed:
+                return
+            call = ep.lease.LeaseKeepAlive(self._requests(q), metadata=md)
+            self._queue, self._call, self._endpoint_idx = q, call, idx
+            self._opened_at = time.monotonic()
+            self._broken = None
+            gen = self._stream_gen
+            # A new stream may follow a gap: refresh everything right away.
+            now = time.monotonic()
+            for k in self._leases.values():
+                k.next_due = now
+                k.pending_since = None
+        threading.Thread(
+            target=self._read, args=(call, gen, idx), name="rdzv-etcd-keepalive-rx", daemon=True
+        ).start()
+
+    def _read(self, call: Any, gen: int, idx: int) -> None:
+        err: BaseException | None = None
+        try:
+            for resp in call:
+                self._on_response(resp, gen)
+        except grpc.RpcError as e:
+            err = e
+        except Exception as e:  # pragma: no cover - defensive
+            err = e
+        with self._cond:
+            if gen == self._stream_gen and not self._closed:
+                self._broken = (idx, err)
+                self._cond.notify_all()
+
+    def _on_response(self, resp: pb.LeaseKeepAliveResponse, gen: int) -> None:
+        now = time.monotonic()
+        lost: list[tuple[int, list[OnLost]]] = []
+        with self._cond:
+            if gen != self._stream_gen:
+                return  # late answer from a stream we already replaced
+            k = self._leases.get(resp.ID)
+            if k is None:
+                return
+            if resp.TTL <= 0:
+                lost.append(self._pop_lost_locked(k))
+            else:
+                sent = k.pending_since if k.pending_since is not None else now
+                k.ttl = float(resp.TTL)
+                k.expires = sent + resp.TTL
+                k.pending_since = None
+        self._fire(lost)
+
+    def _pop_lost_locked(self, k: _Kept) -> tuple[int, list[OnLost]]:
+        self._leases.pop(k.lease_id, None)
+        return k.lease_id, [cb for _, cb in k.owners.values() if cb is not None]
+
+    @staticmethod
+    def _fire(lost: list[tuple[int, list[OnLost]]]) -> None:
+        for lease_id, callbacks in lost:
+            log.warning("etcd lease %x lost", lease_id)
+            for cb in callbacks:
+                try:
+                    cb(lease_id)
+                except Exception:
+                    log.exception("on_lost callback for lease %x failed", lease_id)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._closed and not self._leases:
+                    self._teardown_locked()
+                    self._cond.wait()
+                if self._closed:
+                    return
+                broken = self._broken
+                need_open = self._queue is None or broken is not None
+                if broken is not None:
+                    self._teardown_locked()
+                    self._broken = None
+            if broken is not None:
+                idx, err = broken
+                self._client._stream_failed(idx, err, "keep-alive")
+                if time.monotonic() - self._opened_at > 5.0:
+                    backoff = 0.05  # the stream had been healthy: retry promptly
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            if need_open:
+                try:
+                    self._open_stream()
+                except EtcdAuthError as e:
+                    log.error("etcd keep-alive cannot authenticate: %s", e)
+                    self._expire_only()
+                    self._sleep(1.0)
+                    continue
+                except EtcdError as e:
+                    log.debug("etcd keep-alive stream: %s", e)
+                    self._client._stream_failed(-1, None, "keep-alive")
+                    self._expire_only()
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+            self._tick()
+
+    def _sleep(self, seconds: float) -> None:
+        with self._cond:
+            if not self._closed:
+                self._cond.wait(seconds)
+
+    def _expire_only(self) -> None:
+        # No stream: still report leases whose local expiry passed.
+        now = time.monotonic()
+        with self._cond:
+            lost = [
+                self._pop_lost_locked(k) for k in list(self._leases.values()) if now >= k.expires
+            ]
+        self._fire(lost)
+
+    def _tick(self) -> None:
+        """Send due keep-alives, report expired leases, detect a stalled stream, then wait."""
+        now = time.monotonic()
+        lost: list[tuple[int, list[OnLost]]] = []
+        with self._cond:
+            q = self._queue
+            stalled = False
+            wake = now + 1.0
+            for k in list(self._leases.values()):
+                if now >= k.expires:
+                    lost.append(self._pop_lost_locked(k))
+                    continue
+                if now >= k.next_due and q is not None:
+                    q.put(pb.LeaseKeepAliveRequest(ID=k.lease_id))
+                    if k.pending_since is None:
+                        k.pending_since = now
+                    k.next_due = now + k.interval
+                if k.pending_since is not None:
+                    # No answer for a while: the member is stuck or partitioned.
+                    stall = max(0.5, min(self._client.timeout, k.ttl / 3.0))
+                    if now - k.pending_since > stall:
+                        stalled = True
+                    wake = min(wake, k.pending_since + stall + 0.01)
+                wake = min(wake, k.next_due, k.expires)
+            if stalled and self._broken is None and self._queue is not None:
+                log.info("etcd keep-alive stream stalled; switching endpoint")
+                self._broken = (self._endpoint_idx, None)
+            elif not lost and not self._closed and self._broken is None:
+                self._cond.wait(max(wake - time.monotonic(), 0.0))
+        self._fire(lost)
+
+
+@contextlib.contextmanager
+def kept_alive(
+    client: EtcdClient, lease_id: int, ttl: float | None = None, **kwargs: Any
+) -> Iterator[int]:
+    """``with kept_alive(client, lease): ...`` keeps ``lease`` alive inside the block."""
+    reg = client.keep_alive(lease_id, ttl, **kwargs)
+    try:
+        yield reg
+    finally:
+        client.stop_keep_alive(lease_id, reg)

@@ -1,0 +1,442 @@
+"""Watches multiplexed over ONE etcd Watch stream per client.
+
+Each :class:`Watch` gets a client-chosen ``watch_id`` (honoured by etcd >= 3.4), so responses
+route straight to their watch without relying on the order of ``created`` answers. One reader
+thread serves the whole stream. When the stream breaks (member died, no leader, failover) the
+reader re-opens it on the client's next endpoint and re-creates every live watch from its last
+delivered revision + 1, so callers see an uninterrupted, duplicate-free event sequence.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import grpc
+
+from rdzv.etcd.errors import (
+    EtcdAuthError,
+    EtcdCompactedError,
+    EtcdConnectionError,
+    EtcdError,
+    cause_of,
+)
+from rdzv.etcd.proto import etcd_min_pb2 as pb
+
+if TYPE_CHECKING:
+    from rdzv.etcd.client import EtcdClient
+
+log = logging.getLogger("rdzv.etcd")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """A key as stored by etcd (mvccpb.KeyValue)."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_pb(cls, kv: pb.KeyValue) -> KeyValue:
+        return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change: ``type`` is ``"PUT"`` or ``"DELETE"``; ``kv.mod_revision`` is its revision."""
+
+    type: Literal["PUT", "DELETE"]
+    kv: KeyValue
+    prev_kv: KeyValue | None = None
+
+
+_FILTERS = {"noput": pb.WatchCreateRequest.NOPUT, "nodelete": pb.WatchCreateRequest.NODELETE}
+
+
+def _filter_value(f: str | int) -> int:
+    if isinstance(f, int):
+        return f
+    try:
+        return _FILTERS[f.lower()]
+    except KeyError:
+        raise ValueError(f"unknown watch filter {f!r}; use 'noput' or 'nodelete'") from None
+
+
+class Watch:
+    """Events for one key range. Created by :meth:`EtcdClient.watch`.
+
+    ``get(timeout)`` returns the next batch of events (all from one or more revisions, in
+    order), or ``None`` on timeout or once cancelled. Iterating yields batches until cancelled.
+    """
+
+    def __init__(
+        self,
+        hub: WatchHub,
+        watch_id: int,
+        key: bytes,
+        range_end: bytes,
+        start_revision: int,
+        filters: Sequence[int],
+        prev_kv: bool,
+    ) -> None:
+        self._hub = hub
+        self.watch_id = watch_id
+        self.key = key
+        self.range_end = range_end
+        self.start_revision = start_revision
+        self._filters = list(filters)
+        self._prev_kv = prev_kv
+        # Next revision we still need: the re-create point after a stream failure.
+        self._next_rev = start_revision
+        self._batches: collections.deque[list[Event]] = collections.deque()
+        self._cond = threading.Condition()
+        self._error: EtcdError | None = None
+        self._cancelled = False
+        self._created = threading.Event()
+
+    # -- hub side (reader thread) --------------------------------------------------------
+
+    def _create_request(self) -> pb.WatchRequest:
+        return pb.WatchRequest(
+            create_request=pb.WatchCreateRequest(
+                key=self.key,
+                range_end=self.range_end,
+                start_revision=self._next_rev,
+                progress_notify=True,
+                filters=self._filters,
+                prev_kv=self._prev_kv,
+                watch_id=self.watch_id,
+            )
+        )
+
+    def _on_created(self, header_revision: int) -> None:
+        # A "from now" watch starts after the header revision: pin that so a re-create
+        # after failover neither misses nor repeats events.
+        with self._cond:
+            if self._next_rev == 0:
+                self._next_rev = header_revision + 1
+        self._created.set()
+
+    def _deliver(self, events: Sequence[pb.Event]) -> None:
+        out: list[Event] = []
+        next_rev = self._next_rev
+        for e in events:
+            rev = e.kv.mod_revision
+            if rev < next_rev:
+                continue  # replayed by a re-create that raced with delivery
+            out.append(
+                Event(
+                    "DELETE" if e.type == pb.Event.DELETE else "PUT",
+                    KeyValue.from_pb(e.kv),
+                    KeyValue.from_pb(e.prev_kv) if e.HasField("prev_kv") else None,
+                )
+            )
+        if not out:
+            return
+        with self._cond:
+            if self._cancelled:
+                return
+            # Events of one revision always arrive in one response, so rev+1 is safe.
+            self._next_rev = out[-1].kv.mod_revision + 1
+            self._batches.append(out)
+            self._cond.notify_all()
+
+    def _on_progress(self, header_revision: int) -> None:
+        # Progress notifications only reach synced watchers: nothing below it is pending.
+        with self._cond:
+            if self._next_rev and header_revision + 1 > self._next_rev:
+                self._next_rev = header_revision + 1
+
+    def _fail(self, err: EtcdError) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = err
+            self._cond.notify_all()
+        self._created.set()
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The last revision delivered (or the one before the first expected event)."""
+        return max(self._next_rev - 1, 0)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def get(self, timeout: float | None = None) -> list[Event] | None:
+        """Next batch of events; ``None`` after ``timeout`` seconds or once cancelled.
+
+        Raises :class:`EtcdCompactedError` when the history this watch needs was compacted
+        (re-read and watch again), or another :class:`EtcdError` if etcd cancelled the watch.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._cancelled:
+                    return None
+                if self._batches:
+                    return self._batches.popleft()
+                if self._error is not None:
+                    raise self._error
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(left)
+
+    def cancel(self) -> None:
+        """Stop the watch; pending and future events are dropped. Idempotent."""
+        with self._cond:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            self._batches.clear()
+            self._cond.notify_all()
+        self._hub._cancel(self)
+
+    def __iter__(self) -> Iterator[list[Event]]:
+        while True:
+            batch = self.get()
+            if batch is None:
+                return
+            yield batch
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        return (
+            f"Watch(id={self.watch_id}, key={self.key!r}, range_end={self.range_end!r}, "
+            f"next_rev={self._next_rev}, cancelled={self._cancelled})"
+        )
+
+
+_CLOSE = object()  # sentinel that ends a request iterator
+
+
+class _StaleToken(Exception):
+    """etcd refused a create on the stream because its auth token expired."""
+
+
+class WatchHub:
+    """Owns the client's single Watch stream and its reader thread (started on demand)."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._watches: dict[int, Watch] = {}
+        self._next_id = 1
+        self._queue: queue.SimpleQueue[object] | None = None  # requests of the live stream
+        self._call: grpc.Future | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._last_error = ""  # why the stream last failed, for "not established" errors
+
+    # -- public-ish (via EtcdClient.watch) -------------------------------------------------
+
+    def watch(
+        self,
+        key: bytes,
+        range_end: bytes,
+        start_revision: int,
+        filters: Sequence[str | int],
+        prev_kv: bool,
+        timeout: float,
+    ) -> Watch:
+        with self._lock:
+            if self._closed:
+                raise EtcdError("etcd client is closed")
+            w = Watch(
+                self,
+                self._next_id,
+                key,
+                range_end,
+                start_revision,
+                [_filter_value(f) for f in filters],
+                prev_kv,
+            )
+            self._next_id += 1
+            self._watches[w.watch_id] = w
+            # Registration and enqueueing share the lock with stream (re)opening, so each
+            # live watch is created exactly once per stream.
+            if self._queue is not None:
+                self._queue.put(w._create_request())
+            self._ensure_thread()
+            self._wake.notify_all()
+        # Wait for etcd's "created" so events written after watch() returns are never missed.
+        if not w._created.wait(timeout):
+            w.cancel()
+            why = f"; last error: {self._last_error}" if self._last_error else ""
+            raise EtcdConnectionError(
+                f"etcd watch on {key!r} not established within {timeout:g}s "
+                f"(endpoints: {', '.join(self._client.endpoints)}){why}"
+            )
+        # Refusals (permission denied, bad auth) fail fast here; compaction is reported by
+        # get() so callers handle it in one place.
+        err = w._error
+        if err is not None and not isinstance(err, EtcdCompactedError):
+            w.cancel()
+            raise err
+        return w
+
+    def _cancel(self, w: Watch) -> None:
+        with self._lock:
+            if self._watches.pop(w.watch_id, None) is not None and self._queue is not None:
+                self._queue.put(
+                    pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=w.watch_id))
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            watches = list(self._watches.values())
+            self._watches.clear()
+            self._teardown_locked()
+            self._wake.notify_all()
+            thread = self._thread
+        for w in watches:
+            w._fail(EtcdError("etcd client closed"))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    @property
+    def active(self) -> int:
+        """Number of live watches on the stream."""
+        return len(self._watches)
+
+    # -- stream management -----------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="rdzv-etcd-watch", daemon=True)
+            self._thread.start()
+
+    def _teardown_locked(self) -> None:
+        if self._queue is not None:
+            self._queue.put(_CLOSE)
+            self._queue = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    @staticmethod
+    def _requests(q: queue.SimpleQueue[object]) -> Iterator[pb.WatchRequest]:
+        while True:
+            item = q.get()
+            if item is _CLOSE:
+                return
+            yield item  # type: ignore[misc]
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._lock:
+                # Idle with no watches: the stream is closed and reopened on the next watch().
+                while not self._closed and not self._watches:
+                    self._teardown_locked()
+                    self._wake.wait()
+                if self._closed:
+                    return
+            idx = -1
+            try:
+                idx, ep = self._client._stream_endpoint()
+                md = self._client._stream_metadata()
+                q: queue.SimpleQueue[object] = queue.SimpleQueue()
+                with self._lock:
+                    if self._closed:
+                        return
+                    for w in self._watches.values():
+                        q.put(w._create_request())
+                    call = ep.watch.Watch(self._requests(q), metadata=md)
+                    self._queue, self._call = q, call
+                for resp in call:
+                    backoff = 0.05
+                    self._last_error = ""
+                    self._dispatch(resp)
+                raise EtcdConnectionError("watch stream closed by server")
+            except grpc.RpcError as e:
+                if self._closed:
+                    return
+                self._last_error = cause_of(e.details() or str(e.code()))
+                self._client._stream_failed(idx, e, "watch")
+            except _StaleToken:
+                self._client._invalidate_token()
+            except EtcdAuthError as e:
+                # Bad credentials will not fix themselves: fail every watch.
+                self._fail_all(e)
+            except EtcdError as e:
+                if self._closed:
+                    return
+                self._last_error = str(e)
+                log.debug("etcd watch stream: %s", e)
+                self._client._stream_failed(idx, None, "watch")
+            except Exception as e:  # pragma: no cover - keep the reader alive no matter what
+                log.warning("etcd watch stream crashed: %r", e)
+            with self._lock:
+                self._teardown_locked()
+                if self._closed:
+                    return
+                self._wake.wait(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _fail_all(self, err: EtcdError) -> None:
+        with self._lock:
+            watches = list(self._watches.values())
+            self._watches.clear()
+        for w in watches:
+            w._fail(err)
+
+    def _dispatch(self, resp: pb.WatchResponse) -> None:
+        w = self._watches.get(resp.watch_id)
+        if w is None:
+            return  # cancelled meanwhile, or a progress response for the whole stream
+        if resp.canceled and "invalid auth token" in resp.cancel_reason:
+            # The stream's token expired: re-authenticate and re-create everything.
+            raise _StaleToken(resp.cancel_reason)
+        if resp.created:
+            if resp.canceled:
+                self._drop(w, self._cancel_error(w, resp))
+                return
+            w._on_created(resp.header.revision)
+        if resp.events:
+            w._deliver(resp.events)
+        elif not resp.created and not resp.canceled:
+            w._on_progress(resp.header.revision)
+        if resp.canceled and not resp.created:
+            self._drop(w, self._cancel_error(w, resp))
+
+    def _drop(self, w: Watch, err: EtcdError) -> None:
+        with self._lock:
+            self._watches.pop(w.watch_id, None)
+        w._fail(err)
+
+    @staticmethod
+    def _cancel_error(w: Watch, resp: pb.WatchResponse) -> EtcdError:
+        if resp.compact_revision:
+            return EtcdCompactedError(
+                resp.compact_revision,
+                f"etcd watch on {w.key!r} from revision {w._next_rev} needs compacted history "
+                f"(oldest available: {resp.compact_revision}); re-read and watch again",
+            )
+        reason = resp.cancel_reason or "cancelled by server"
+        if "permission denied" in reason or "auth" in reason:
+            return EtcdAuthError(f"etcd watch on {w.key!r} rejected: {reason}")
+        return EtcdError(f"etcd watch on {w.key!r} cancelled: {reason}")
