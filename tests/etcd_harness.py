@@ -145,6 +145,23 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _sweep_stale_dirs() -> None:
+    # Data dirs of a test run that was SIGKILLed (atexit never ran) would pile up in
+    # /dev/shm; remove those whose owning process is gone. Live runs' dirs are kept.
+    root = _tmp_root() or tempfile.gettempdir()
+    for d in Path(root).glob("rdzv-etcd-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
+_swept = False
+
+
 # --------------------------------------------------------------------------------------
 # Certificates
 # --------------------------------------------------------------------------------------
@@ -488,7 +505,12 @@ class EtcdCluster:
         self.client_cert_auth = client_cert_auth
         self.extra_args = tuple(extra_args)
         self.token = f"rdzv-test-{uuid.uuid4().hex[:12]}"
+        global _swept
+        if not _swept:
+            _swept = True
+            _sweep_stale_dirs()
         self.base_dir = Path(tempfile.mkdtemp(prefix="rdzv-etcd-", dir=_tmp_root()))
+        (self.base_dir / "owner.pid").write_text(str(os.getpid()))
         with _live_lock:
             _live_dirs.add(str(self.base_dir))
         self.members: list[EtcdMember] = []
