@@ -13,6 +13,7 @@ fails or does not form within the timeout is recorded as a failure with its erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -70,6 +71,11 @@ def _worker(jobs: mp.Queue, results: mp.Queue, go: mp.Event, done: mp.Event) -> 
         job = jobs.get()
         if job is None:
             return
+        _run_job(job, results, go, done)
+
+
+def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
+    if True:  # one job: create this process's share of nodes, join on "go", close on "done"
         handlers: list = []
         errors: list[str] = []
         t0 = time.monotonic()
@@ -125,10 +131,8 @@ def _worker(jobs: mp.Queue, results: mp.Queue, go: mp.Event, done: mp.Event) -> 
 
 
 def _shutdown(handler) -> None:  # noqa: ANN001
-    try:
+    with contextlib.suppress(Exception):
         handler.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def proposals(metrics_url: str) -> int:
@@ -220,7 +224,10 @@ def main() -> None:
                 import torch.distributed as dist
 
                 port = free_port()
-                store_server = dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+                # The store's server lives here, outside the simulated nodes, for the runs below.
+                store_server = dist.TCPStore(  # noqa: F841
+                    "127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False
+                )
                 ep = f"127.0.0.1:{port}"
                 conf["is_host"] = "false"
             results_n = []
@@ -235,7 +242,7 @@ def main() -> None:
                 if res.error:
                     break  # a failure is the result; don't spend minutes repeating it
             rows.append(_median(results_n))
-            store_server = None
+            store_server = None  # noqa: F841 - stop that store's server
         for _ in procs:
             jobs.put(None)
         for p in procs:

@@ -121,9 +121,10 @@ def test_spare_beyond_max_steps_in_when_a_member_leaves(backend: Backend) -> Non
 
 def test_member_loss_is_noticed_and_group_reforms(backend: Backend) -> None:
     run_id = new_run_id("loss")
-    victim = NodeProcess(backend.name, backend.endpoint, run_id, 2, 3)
+    # A long last call: round 1 waits for all three (max), re-formation must not wait for it.
+    victim = NodeProcess(backend.name, backend.endpoint, run_id, 2, 3, last_call_timeout="60")
     try:
-        with node_group(backend.name, backend.endpoint, run_id) as g:
+        with node_group(backend.name, backend.endpoint, run_id, last_call_timeout="60") as g:
             a, b = g.node(2, 3), g.node(2, 3)
             fa, fb = g.join(a), g.join(b)
             infos = [fa.result(timeout=30), fb.result(timeout=30)]

@@ -152,6 +152,7 @@ class EtcdBackend:
         self.keys = EtcdKeys(settings.run_prefix)
         self._session: Session | None = None
         self._run_lease: int | None = None
+        self._run_lease_reg: int | None = None
         self._run_lease_lost = threading.Event()
         self._lock = threading.Lock()
 
@@ -182,13 +183,19 @@ class EtcdBackend:
         """Keep the run lease alive too: any node of the run keeps the run's keys."""
         if lease_id == self._run_lease and not self._run_lease_lost.is_set():
             return
+        self._drop_run_lease()
         self._run_lease = lease_id
         self._run_lease_lost.clear()
-        self.client.keep_alive(
+        self._run_lease_reg = self.client.keep_alive(
             lease_id,
             interval=self.settings.lease_ttl / 3,
             on_lost=lambda _lease: self._run_lease_lost.set(),
         )
+
+    def _drop_run_lease(self) -> None:
+        if self._run_lease is not None:
+            self.client.stop_keep_alive(self._run_lease, self._run_lease_reg)
+        self._run_lease, self._run_lease_reg = None, None
 
     def _ensure_run_lease(self) -> int:
         if self._run_lease is not None and not self._run_lease_lost.is_set():
@@ -198,7 +205,7 @@ class EtcdBackend:
             if kv is not None:
                 self._adopt_run_lease(int(kv.value))
                 return int(kv.value)
-            lease = self.client.lease_grant(int(self.settings.lease_ttl))
+            lease = self.client.lease_grant(int(self.settings.lease_ttl), idempotent=True)
             result = self.client.txn(
                 [Compare.create_revision(self.keys.lease) == 0],
                 [Op.put(self.keys.lease, str(lease.id), lease=lease.id)],
@@ -316,6 +323,8 @@ class EtcdBackend:
                     Op.delete(keys.store_dir, range_end=keys.store(record.round)),
                 ],
                 [],
+                # Safe to repeat: a second attempt of an applied seal fails its compare.
+                idempotent=True,
             )
         if not result.succeeded:
             return None
@@ -323,7 +332,9 @@ class EtcdBackend:
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
         with _etcd_errors(self.describe()):
-            self.client.put(self.keys.lastcall(round_no), repr(deadline), lease=self._lease)
+            self.client.put(
+                self.keys.lastcall(round_no), repr(deadline), lease=self._lease, idempotent=True
+            )
 
     def retract(self, node_id: str, round_no: int) -> None:
         keys = self.keys
@@ -353,9 +364,8 @@ class EtcdBackend:
                         with contextlib.suppress(EtcdError):
                             self.client.lease_revoke(self._run_lease)
         finally:
-            if self._run_lease is not None:
-                self.client.stop_keep_alive(self._run_lease)
-                self._run_lease = None
+            self._drop_run_lease()
+            self.client.close()  # shared per process: only the last user closes the channel
 
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdStore(

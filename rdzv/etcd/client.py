@@ -669,7 +669,9 @@ class EtcdClient:
             per_try = remaining
             if retry and n > 1:
                 # Leave time to try another member if this one hangs.
-                per_try = max(remaining / 2, min(remaining, self.connect_timeout))
+                # A member whose leader just died holds the request until the deadline, so
+                # never give one member the whole budget.
+                per_try = max(remaining / 2, min(remaining, 1.0))
             try:
                 return getattr(getattr(ep, service), method)(request, timeout=per_try, metadata=md)
             except grpc.RpcError as e:

@@ -25,7 +25,8 @@ class Session:
         lease_id: int = 0,
     ) -> None:
         self.client = client
-        lease = client.lease_grant(ttl, lease_id=lease_id, idempotent=bool(lease_id))
+        # Safe to repeat: a grant whose reply was lost only leaves an unused lease to expire.
+        lease = client.lease_grant(ttl, lease_id=lease_id, idempotent=True)
         self.lease_id = lease.id
         self.ttl = lease.ttl
         self.lost = threading.Event()
