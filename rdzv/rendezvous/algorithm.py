@@ -142,6 +142,7 @@ class Rendezvous:
                 port=free_port(s.local_addr),
                 want=target,
                 rank_hint=s.rank_hint,
+                local_world_size=s.local_world_size,
             )
             coordinator, cursor = self.backend.announce(info, control)
             if coordinator is None:  # control moved on (sealed, closed): look again

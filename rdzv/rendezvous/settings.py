@@ -91,6 +91,7 @@ class RendezvousSettings:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     prefix: str = DEFAULT_PREFIX
     rank_hint: int | None = None
+    local_world_size: int | None = None  # shown by `rdzv status`; the launcher passes it
     cacert: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -142,6 +143,16 @@ def _split_host_port(item: str, default_port: int) -> tuple[str, int]:
     return host or "localhost", port
 
 
+def _optional_int(params: RendezvousParameters, name: str) -> int | None:
+    raw = _lookup(params, name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"rendezvous setting {name}={raw!r} is not an integer") from None
+
+
 def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> RendezvousSettings:
     if not params.run_id:
         raise ConfigError("a run id is required (--rdzv-id)")
@@ -181,6 +192,7 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         read_timeout=_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT),
         prefix=prefix,
         rank_hint=rank_hint,
+        local_world_size=_optional_int(params, "local_world_size"),
         cacert=str(cacert) if cacert else None,
         cert=str(_lookup(params, "cert")) if _lookup(params, "cert") else None,
         key=str(_lookup(params, "key")) if _lookup(params, "key") else None,
