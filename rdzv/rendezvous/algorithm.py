@@ -107,6 +107,7 @@ class Rendezvous:
         self._closed_feed: ChangeFeed | None = None
         self._progress: ProgressCallback | None = None
         self._last_progress = 0.0
+        self._joined_before = False
         self._shut = False
 
     # ----------------------------------------------------------------- public operations
@@ -121,7 +122,7 @@ class Rendezvous:
         deadline = time.monotonic() + s.join_timeout
         control, cursor = self.backend.read_control()
         if control.closed:
-            raise RendezvousClosedError(self._closed_message(stale=True))
+            raise RendezvousClosedError(self._closed_message(stale=not self._joined_before))
         target = control.round + 1
         while True:
             if control.closed:
@@ -129,6 +130,7 @@ class Rendezvous:
             sealed = control.sealed
             if sealed is not None and sealed.round >= target:
                 if sealed.rank_of(self.node_id) is not None:
+                    self._joined_before = True
                     return sealed
                 target = sealed.round + 1
             if self.backend.session_lost():

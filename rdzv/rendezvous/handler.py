@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
     RendezvousHandler,
     RendezvousInfo,
     RendezvousStoreInfo,
@@ -26,6 +28,7 @@ class RdzvHandler(RendezvousHandler):
         self.rendezvous = Rendezvous(settings, backend)
         self._round: int | None = None
         self._rank: int | None = None
+        self._last_warning = 0.0
 
     def get_backend(self) -> str:
         return self.settings.backend
@@ -61,7 +64,16 @@ class RdzvHandler(RendezvousHandler):
         self.rendezvous.close()
 
     def num_nodes_waiting(self) -> int:
-        return self.rendezvous.num_nodes_waiting()
+        try:
+            return self.rendezvous.num_nodes_waiting()
+        except RendezvousConnectionError as exc:
+            # The agent polls this while workers train: a store outage must not kill a healthy
+            # group. Lost members still surface once the store is back.
+            now = time.monotonic()
+            if now - self._last_warning > 30:
+                self._last_warning = now
+                log.warning("rendezvous %s: cannot check membership: %s", self.settings.run_id, exc)
+            return 0
 
     def get_run_id(self) -> str:
         return self.settings.run_id
