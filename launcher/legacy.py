@@ -16,7 +16,7 @@ import click
 from launcher.cli import launch_main
 from launcher.config import UsageProblem
 
-PROG = "python -m launcher.legacy"
+PROG = "launcher.legacy"
 
 USE_ENV = click.Option(
     ["--use-env", "--use_env", "use_env"],

@@ -1,0 +1,183 @@
+"""`rdzv`: look at and clean up rendezvous runs in etcd.
+
+The etcd key layout belongs to `rdzv.inspect`; this module only calls it and formats the answer:
+
+    list_runs(endpoint, prefix=..., **conn) -> list[dict]             # one dict per run
+    describe_run(endpoint, run_id, prefix=..., **conn) -> dict        # one run in detail
+    clean_run(endpoint, run_id, prefix=..., force=..., **conn) -> int # keys removed
+
+`prefix` is only passed when --prefix is given (rdzv.inspect owns the default); `conn` carries
+the --rdzv-conf settings (cacert, cert, key, user, password, timeout) as the handler reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import click
+
+from launcher.config import UsageProblem, parse_rdzv_conf
+
+PROG = "rdzv"
+# Columns first in `rdzv status`, when present; any other keys follow in their own order.
+PREFERRED_COLUMNS = (
+    "run_id", "round", "world_size", "min_nodes", "max_nodes", "closed", "members", "waiting", "spares",
+    "lost_members", "master",
+)
+
+
+class NotAvailable(click.ClickException):
+    exit_code = 1
+
+
+def _inspect() -> ModuleType:
+    try:
+        import rdzv.inspect as inspect_module
+    except ModuleNotFoundError as exc:
+        if exc.name in ("rdzv.inspect", "rdzv"):
+            raise NotAvailable(
+                "run inspection is not available in this installation (rdzv.inspect is missing)"
+            ) from None
+        raise NotAvailable(f"rdzv.inspect could not be imported: {exc}") from None
+    except ImportError as exc:
+        raise NotAvailable(f"rdzv.inspect could not be imported: {exc}") from None
+    return inspect_module
+
+
+def _call(name: str, *args: Any, prefix: str | None, **kwargs: Any) -> Any:
+    fn: Callable[..., Any] | None = getattr(_inspect(), name, None)
+    if fn is None:
+        raise NotAvailable(f"rdzv.inspect has no {name}(); this command is not available yet")
+    if prefix is not None:
+        kwargs["prefix"] = prefix
+    return fn(*args, **kwargs)
+
+
+def _cell(value: Any, in_table: bool = True) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple, set, Mapping)):
+        # A table cell shows how many; a detail line shows the items.
+        if in_table or any(isinstance(v, Mapping) for v in value):
+            return str(len(value))
+        if isinstance(value, Mapping):
+            return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain text table over the union of the rows' keys (preferred columns first)."""
+    if not rows:
+        return "no runs"
+    keys: list[str] = [k for k in PREFERRED_COLUMNS if any(k in r for r in rows)]
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    cells = [[k.upper() for k in keys]] + [[_cell(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells)
+
+
+def format_run(run: Mapping[str, Any]) -> str:
+    """`key: value` lines; a list of dicts (e.g. members) becomes an indented table."""
+    lines: list[str] = []
+    width = max((len(k) for k in run), default=0)
+    for key, value in run.items():
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            lines.append(f"{key}:")
+            lines.extend("  " + line for line in format_table(value).splitlines())
+        else:
+            lines.append(f"{key.ljust(width)}  {_cell(value, in_table=False)}")
+    return "\n".join(lines)
+
+
+def _dump(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _conn(conf: str) -> dict[str, Any]:
+    try:
+        return dict(parse_rdzv_conf(conf))
+    except UsageProblem as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options: Iterable[Callable[[Callable[..., Any]], Callable[..., Any]]] = (
+        click.option("--rdzv-endpoint", "--rdzv_endpoint", "endpoint", envvar="PET_RDZV_ENDPOINT", required=True,
+                     metavar="HOST:PORT[,...]", help="etcd endpoint(s). [env: PET_RDZV_ENDPOINT]"),
+        click.option("--prefix", default=None, metavar="PATH", help="Key prefix of the runs (default: the handler's)."),
+        click.option("--rdzv-conf", "--rdzv_conf", "conf", envvar="PET_RDZV_CONF", default="", metavar="K=V,...",
+                     help="Connection settings as for rdzv-launch (TLS files, user, password). [env: PET_RDZV_CONF]"),
+    )
+    for option in reversed(list(options)):
+        fn = option(fn)
+    return fn
+
+
+@click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Inspect and clean up rendezvous runs stored in etcd."""
+
+
+@cli.command()
+@_common
+@click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", default=None, metavar="ID",
+              help="Describe this run instead of listing all.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_json: bool) -> None:
+    """List the runs under the prefix, or describe one run."""
+    conn = _conn(conf)
+    if run_id is None:
+        runs = _call("list_runs", endpoint, prefix=prefix, **conn)
+        _dump(runs) if as_json else click.echo(format_table(runs))
+    else:
+        run = _call("describe_run", endpoint, run_id, prefix=prefix, **conn)
+        _dump(run) if as_json else click.echo(format_run(run))
+
+
+@cli.command()
+@_common
+@click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", required=True, metavar="ID",
+              help="The run to remove.")
+@click.option("--force", is_flag=True, help="Remove the run even while nodes still hold it.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def clean(endpoint: str, prefix: str | None, conf: str, run_id: str, force: bool, yes: bool, as_json: bool) -> None:
+    """Remove every key of one run (for a run that will not come back)."""
+    conn = _conn(conf)
+    if not yes:
+        click.confirm(f"remove every key of run {run_id!r} at {endpoint}?", abort=True)
+    if force:
+        conn["force"] = True
+    removed = _call("clean_run", endpoint, run_id, prefix=prefix, **conn)
+    if as_json:
+        _dump({"run_id": run_id, "removed": removed})
+    else:
+        click.echo(f"cleaned run {run_id}: {removed} key(s) removed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name=PROG, standalone_mode=False)
+    except click.ClickException as exc:
+        sys.stderr.write(f"{PROG}: error: {exc.format_message()}\n")
+        return exc.exit_code
+    except click.Abort:
+        sys.stderr.write(f"{PROG}: aborted\n")
+        return 1
+    except Exception as exc:
+        # Connection and etcd errors from rdzv.inspect: one line, not a traceback.
+        sys.stderr.write(f"{PROG}: error: {type(exc).__name__}: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
