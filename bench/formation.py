@@ -108,8 +108,9 @@ def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
                 with lock:
                     finish.append(time.time())
             except Exception as exc:  # noqa: BLE001
+                text = str(exc)[:200] or "(no message)"
                 with lock:
-                    join_errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    join_errors.append(f"{type(exc).__name__}: {text}")
 
         threads = [threading.Thread(target=join, args=(h,), daemon=True) for h in handlers]
         for t in threads:
@@ -204,6 +205,8 @@ def main() -> None:
     try:
         endpoint = server.endpoint
         metrics_url = server.client_urls[0] + "/metrics"
+        # torch's TCPStore clients warn once per connection about reverse lookups on loopback.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         ctx = mp.get_context("spawn")
         jobs, results = ctx.Queue(), ctx.Queue()
         go, done = ctx.Event(), ctx.Event()
@@ -218,7 +221,7 @@ def main() -> None:
             label = kind.replace(":", " ")
             plan += [(label, kind, n) for n in _ints(args.torch_sizes)]
         for label, kind, n in plan:
-            conf = {"last_call_timeout": "1", "join_timeout": str(args.timeout), "_bench_timeout": str(args.timeout)}
+            conf = {"last_call_timeout": "1", "join_timeout": str(int(args.timeout)), "_bench_timeout": str(args.timeout)}
             ep = endpoint
             if kind.endswith("c10d"):
                 import torch.distributed as dist
