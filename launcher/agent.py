@@ -23,7 +23,7 @@ OMP_NOTICE = (
 
 
 def prepare_logging(reporter: Reporter) -> None:
-    """Route torch's elastic logs through our reporter, before torch.distributed.elastic is imported.
+    """Route torch's elastic logs through our reporter; call before torch.distributed.elastic is imported.
 
     torch's default log formatter imports torch._dynamo (over a second) on the first warning; a
     plain handler keeps warnings (restarts, failures) from costing that. torchrun.handlers plugins
@@ -104,13 +104,6 @@ def _check_event_handler(name: str) -> None:
 def launch(s: LaunchSettings, reporter: Reporter) -> None:
     """Run the job on this node. Raises ChildFailedError, SignalException or a rendezvous error."""
     nproc = resolve_nproc(s.nproc_spec)
-    for notice in s.notices:
-        reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
-    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-        # Same default and notice as torchrun; workers inherit it from here.
-        os.environ["OMP_NUM_THREADS"] = "1"
-        reporter.warning("omp_num_threads", OMP_NOTICE)
-
     from torch.distributed.elastic import events, metrics
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -128,6 +121,14 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     except ValueError as exc:
         raise UsageProblem(f"--redirects/--tee: {exc}") from None
     numa = _numa_options(s.numa_binding)
+
+    # Input is good: from here on the user hears what is happening.
+    for notice in s.notices:
+        reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
+    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+        # Same default and notice as torchrun; workers inherit it from here.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        reporter.warning("omp_num_threads", OMP_NOTICE)
 
     args = list(s.lead_args)
     if s.pass_local_rank:

@@ -64,15 +64,13 @@ def usage_error(prog: str, message: str) -> int:
     return USAGE_EXIT
 
 
-def run(settings: LaunchSettings, prog: str) -> int:
+def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
     """Run the job; every outcome becomes an exit code and (at most) a short report."""
-    reporter = Reporter(prog, settings.log_format, settings.quiet)
-    from launcher import agent
-
-    agent.prepare_logging(reporter)
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.elastic.rendezvous import RendezvousError
+
+    from launcher import agent
 
     try:
         # record: the first failed worker's error file becomes the launcher's (TORCHELASTIC_ERROR_FILE).
@@ -128,6 +126,11 @@ def launch_main(
     if isinstance(parsed, int):
         return parsed
     values, given = parsed
+    reporter = Reporter(prog, values["log_format"], values["quiet"])
+    # Before anything imports torch.distributed.elastic (the backend-name check does).
+    from launcher.agent import prepare_logging
+
+    prepare_logging(reporter)
     try:
         local_rank = pass_local_rank(values) if pass_local_rank else values["legacy_local_rank"]
         settings = build_settings(values, given, local_rank)
@@ -135,7 +138,7 @@ def launch_main(
         return usage_error(prog, str(exc))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-    return run(settings, prog)
+    return run(settings, reporter, prog)
 
 
 if __name__ == "__main__":

@@ -292,6 +292,10 @@ def resolve_entrypoint(
 
 
 def known_backends() -> list[str]:
+    # torch's rendezvous package first: its plugin loading imports rdzv.plugin -> rdzv.registry,
+    # which must not find rdzv.registry half-imported.
+    import torch.distributed.elastic.rendezvous  # noqa: F401
+
     from rdzv.registry import backend_names
 
     return backend_names()

@@ -1,0 +1,335 @@
+"""rdzv-launch's command line: torchrun parity, PET_ variables, and bad input (exit 2, one line, nothing spawned)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launcher_helpers import LAUNCH, LEGACY, clean_env, free_port
+
+from launcher import cli, config, options
+from launcher.config import UsageProblem
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def torchrun_parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser()
+
+
+def _torchrun_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings]
+
+
+# ---------------------------------------------------------------- parity with torchrun
+
+
+def test_help_lists_every_torchrun_option(torchrun_parser: argparse.ArgumentParser) -> None:
+    """A flag torchrun adds later fails here until rdzv-launch has it."""
+    proc = subprocess.run([*LAUNCH, "--help"], capture_output=True, text=True, env=clean_env(COLUMNS="200"), timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    listed = set(proc.stdout.replace(",", " ").replace(";", " ").replace("]", " ").split())
+    missing = [s for a in _torchrun_options(torchrun_parser) for s in a.option_strings if s not in listed]
+    assert not missing, f"rdzv-launch --help does not list: {missing}"
+    for topic in options.TOPICS:
+        assert f"{topic}:" in proc.stdout
+
+
+def test_every_torchrun_option_string_is_accepted(torchrun_parser: argparse.ArgumentParser) -> None:
+    for action in _torchrun_options(torchrun_parser):
+        if "-h" in action.option_strings:
+            continue
+        flag = action.nargs == 0
+        for spelling in action.option_strings:
+            value = [] if flag else [str(action.choices[0]) if action.choices else "1"]
+            parsed = cli.parse([spelling, *value, "train.py"], "rdzv-launch")
+            assert isinstance(parsed, tuple), spelling
+            values, given = parsed
+            assert action.dest in values, f"{spelling} -> dest {action.dest} missing"
+            assert action.dest in given
+            got = values[action.dest]
+            assert got is True if flag else got == type(got)(value[0]), spelling
+
+
+# Where rdzv-launch deliberately differs from torchrun's parser defaults (see docs/migration.md).
+DIFFERENT_DEFAULTS = {
+    "rdzv_backend": "chosen from the endpoint (etcd with one, else static/embedded)",
+    "rdzv_id": "None: generated for one node, required for several ('none' is never shared)",
+    "duplicate_stdout_filters": "'' parsed to [] as torchrun's default",
+    "duplicate_stderr_filters": "'' parsed to [] as torchrun's default",
+}
+
+
+def test_defaults_match_torchrun(torchrun_parser: argparse.ArgumentParser) -> None:
+    ours = {o.dest: o.default for o in options.OPTIONS}
+    for action in _torchrun_options(torchrun_parser):
+        if action.dest in ("help",) or action.dest in DIFFERENT_DEFAULTS:
+            continue
+        theirs = action.default if action.nargs != 0 else False
+        assert ours[action.dest] == theirs, f"--{action.dest}: ours {ours[action.dest]!r}, torchrun {theirs!r}"
+
+
+def test_choices_match_torch() -> None:
+    from torch.numa.binding import AffinityMode
+
+    assert set(options.NUMA_MODES) == {m.value for m in AffinityMode}
+
+
+def test_script_arguments_pass_through_untouched() -> None:
+    args = ["--nnodes=7", "-m", "--standalone", "--", "x", "--nproc-per-node", "3"]
+    values, _ = cli.parse(["--nproc-per-node=2", "train.py", *args], "rdzv-launch")  # type: ignore[misc]
+    assert values["training_script"] == "train.py"
+    assert list(values["training_script_args"]) == args
+    assert values["nproc_per_node"] == "2" and values["nnodes"] == "1:1" and not values["standalone"]
+
+
+# ---------------------------------------------------------------- PET_ variables
+
+
+def test_pet_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "3")
+    monkeypatch.setenv("PET_STANDALONE", "1")
+    monkeypatch.setenv("PET_MAX_RESTARTS", "2")
+    monkeypatch.setenv("PET_RDZV_CONF", "join_timeout=5")
+    monkeypatch.setenv("PET_NO_PYTHON", "0")
+    values, given = cli.parse(["--max-restarts=1", "train.py"], "rdzv-launch")  # type: ignore[misc]
+    assert values["nproc_per_node"] == "3"
+    assert values["standalone"] is True and values["no_python"] is False
+    assert values["max_restarts"] == 1, "the command line wins over PET_"
+    assert values["rdzv_conf"] == "join_timeout=5"
+    assert {"nproc_per_node", "standalone", "max_restarts", "rdzv_conf"} <= given
+    assert "nnodes" not in given
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("2", True), ("0", False), ("true", True), ("no", False)])
+def test_pet_flag_values(raw: str, expected: bool) -> None:
+    assert options.parse_env_flag("PET_STANDALONE", raw) is expected
+
+
+# ---------------------------------------------------------------- bad input
+
+WORKER = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('spawned')\n"
+
+
+def _closed_port() -> int:
+    return free_port()  # nothing listens there once the probe socket is closed
+
+
+BAD_INPUT: list[tuple[list[str], dict[str, str], str]] = [
+    (["--nnodes=two"], {}, "--nnodes must be N or MIN:MAX"),
+    (["--nnodes=1:2:3"], {}, "--nnodes must be N or MIN:MAX"),
+    (["--nnodes=4:2"], {}, "MIN (4) is greater than MAX (2)"),
+    (["--nnodes=0:2"], {}, "at least 1"),
+    (["--nnodes=0"], {}, "at least 1"),
+    (["--max-restarts=-1"], {}, "--max-restarts must be 0 or more"),
+    (["--max-restarts=x"], {}, "not a valid integer"),
+    (["--nproc-per-node=0"], {}, "--nproc-per-node must be at least 1"),
+    (["--nproc-per-node=many"], {}, "--nproc-per-node must be a number"),
+    (["--rdzv-conf=join_timeout"], {}, "is not KEY=VALUE"),
+    (["--rdzv-conf=a=1,,b=2"], {}, "is not KEY=VALUE"),
+    (["--rdzv-conf=join_timeout="], {}, "'join_timeout' has no value"),
+    (["--redirects=7"], {}, "--redirects must be 0, 1, 2, 3"),
+    (["--local-ranks-filter=a,b"], {}, "--local-ranks-filter must be comma-separated integers"),
+    (["--signals-to-handle=SIGTERM,SIGNOPE"], {}, "unknown signal name(s) SIGNOPE"),
+    (["--logs-specs=no-such-spec"], {}, "no 'torchrun.logs_specs' entry point named 'no-such-spec'"),
+    (["--start-method=thread"], {}, "'thread' is not one of"),
+    (["--standalone", "--nnodes=2"], {}, "--standalone runs one node"),
+    (["--nnodes=2", "--node-rank=2"], {}, "--node-rank=2 is outside 0..1"),
+    (["--bogus-flag"], {}, "No such option"),
+    ([], {"PET_MAX_RESTARTS": "-3"}, "--max-restarts must be 0 or more"),
+    ([], {"PET_STANDALONE": "maybe"}, "PET_STANDALONE='maybe' must be 0 or 1"),
+    ([], {"PET_NNODES": "3:1"}, "MIN (3) is greater than MAX (1)"),
+]
+
+
+def _run_bad(args: list[str], env: dict[str, str], tmp_path: Path, script: str | None = "w.py") -> subprocess.CompletedProcess[str]:
+    (tmp_path / "w.py").write_text(WORKER)
+    argv = [*LAUNCH, *args] + ([script, str(tmp_path / "spawned")] if script else [])
+    return subprocess.run(argv, capture_output=True, text=True, env=clean_env(**env), cwd=tmp_path, timeout=60)
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess[str], expected: str, tmp_path: Path) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
+    assert lines[0].startswith("rdzv-launch: error: ")
+    assert expected in lines[0]
+    assert proc.stdout == ""
+    assert not (tmp_path / "spawned").exists(), "a worker was started"
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), BAD_INPUT, ids=[" ".join(a) or next(iter(e)) for a, e, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2(args: list[str], env: dict[str, str], expected: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = _run_bad(args, env, tmp_path)
+    _assert_usage_error(proc, expected, tmp_path)
+    # None of these needs torch: answered in well under the ~1.5 s torch import.
+    assert time.monotonic() - started < 5
+
+
+def test_missing_script(tmp_path: Path) -> None:
+    _assert_usage_error(_run_bad(["--standalone"], {}, tmp_path, "nope.py"), "training script 'nope.py' not found", tmp_path)
+
+
+def test_missing_training_script_argument(tmp_path: Path) -> None:
+    _assert_usage_error(_run_bad(["--standalone"], {}, tmp_path, None), "Missing argument 'TRAINING_SCRIPT'", tmp_path)
+
+
+def test_missing_module(tmp_path: Path) -> None:
+    _assert_usage_error(_run_bad(["-m"], {}, tmp_path, "no_such_pkg.mod"), "module 'no_such_pkg.mod' not found", tmp_path)
+
+
+def test_no_python_needs_a_program(tmp_path: Path) -> None:
+    _assert_usage_error(
+        _run_bad(["--no-python"], {}, tmp_path, "no-such-program-xyz"), "is not an executable file or a command on PATH", tmp_path
+    )
+    _assert_usage_error(_run_bad(["--no-python", "-m"], {}, tmp_path), "--no-python and -m/--module cannot be used together", tmp_path)
+
+
+def test_legacy_no_python_needs_use_env(tmp_path: Path) -> None:
+    (tmp_path / "w.py").write_text(WORKER)
+    proc = subprocess.run([*LEGACY, "--no-python", "true"], capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.strip() == "launcher.legacy: error: when using --no-python, you must also set --use-env"
+
+
+def test_unknown_backend(tmp_path: Path) -> None:
+    proc = _run_bad(["--rdzv-backend=zookeeper", "--rdzv-endpoint=127.0.0.1:1", "--rdzv-id=j"], {}, tmp_path)
+    _assert_usage_error(proc, "unknown rendezvous backend 'zookeeper'; choose one of etcd, etcd-v2, c10d, static", tmp_path)
+
+
+def test_backend_without_endpoint(tmp_path: Path) -> None:
+    _assert_usage_error(_run_bad(["--rdzv-backend=etcd"], {}, tmp_path), "--rdzv-backend=etcd needs --rdzv-endpoint=HOST:PORT", tmp_path)
+
+
+def test_static_endpoint_needs_a_port(tmp_path: Path) -> None:
+    proc = _run_bad(["--rdzv-backend=static", "--rdzv-endpoint=127.0.0.1", "--nnodes=2"], {}, tmp_path)
+    _assert_usage_error(proc, "static rendezvous needs a port", tmp_path)
+
+
+def test_malformed_endpoint_port(tmp_path: Path) -> None:
+    proc = _run_bad(["--rdzv-backend=etcd", "--rdzv-endpoint=127.0.0.1:http", "--rdzv-id=j"], {}, tmp_path)
+    _assert_usage_error(proc, "'http' in '127.0.0.1:http' is not a port number", tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["etcd", "etcd-v2"])
+def test_unreachable_etcd_endpoint(backend: str, tmp_path: Path) -> None:
+    port = _closed_port()
+    started = time.monotonic()
+    proc = _run_bad([f"--rdzv-backend={backend}", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=j"], {}, tmp_path)
+    _assert_usage_error(proc, f"cannot reach the {backend} endpoint 127.0.0.1:{port}", tmp_path)
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_c10d_endpoint_of_another_host(tmp_path: Path) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never this machine, never answers.
+    proc = _run_bad(["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=192.0.2.1:29400", "--rdzv-id=j"], {}, tmp_path)
+    _assert_usage_error(proc, "cannot reach the c10d endpoint 192.0.2.1:29400", tmp_path)
+
+
+def test_multi_node_needs_a_run_id(tmp_path: Path) -> None:
+    # The endpoint is this machine, so no reachability check: the missing id is the problem.
+    proc = _run_bad(["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_closed_port()}"], {}, tmp_path)
+    _assert_usage_error(proc, "--rdzv-id is required for a multi-node c10d run", tmp_path)
+    proc = _run_bad(["--nnodes=1:2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:1", "--rdzv-id=none"], {}, tmp_path)
+    _assert_usage_error(proc, "--rdzv-id is required", tmp_path)
+
+
+def test_gpu_workers_without_gpus(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count() > 0:
+        pytest.skip("this machine has GPUs")
+    proc = _run_bad(["--standalone", "--nproc-per-node=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, tmp_path)
+    _assert_usage_error(proc, "--nproc-per-node=gpu but no GPU is visible (CUDA_VISIBLE_DEVICES='')", tmp_path)
+
+
+def test_unknown_event_log_handler(tmp_path: Path) -> None:
+    _assert_usage_error(_run_bad(["--standalone", "--event-log-handler=kafka"], {}, tmp_path), "unknown handler 'kafka'", tmp_path)
+
+
+# ---------------------------------------------------------------- how the rendezvous is chosen (in-process)
+
+
+def _settings(args: list[str], tmp_path: Path) -> config.LaunchSettings:
+    script = tmp_path / "w.py"
+    script.write_text(WORKER)
+    values, given = cli.parse([*args, str(script)], "rdzv-launch")  # type: ignore[misc]
+    return config.build_settings(values, given, values["legacy_local_rank"])
+
+
+def test_one_node_runs_embedded(tmp_path: Path) -> None:
+    for args in ([], ["--standalone"], ["--nnodes=1", "--rdzv-backend=c10d"], ["--standalone", "--rdzv-id=x", "--rdzv-backend=etcd"]):
+        s = _settings(args, tmp_path)
+        assert (s.backend, s.endpoint, s.embedded) == ("c10d", "localhost:0", True), args
+        assert s.run_id not in ("", "none", "x") and len(s.run_id) == 12
+        assert s.rdzv_configs == {"timeout": 900}
+    assert any("--standalone ignores --rdzv-backend, --rdzv-id" in n.message for n in s.notices)
+
+
+def test_one_node_keeps_a_given_run_id(tmp_path: Path) -> None:
+    assert _settings(["--rdzv-id=job7"], tmp_path).run_id == "job7"
+
+
+def test_several_nodes_without_endpoint_are_static(tmp_path: Path) -> None:
+    s = _settings(["--nnodes=2", "--node-rank=1", "--master-addr=10.1.2.3", "--master-port=1234"], tmp_path)
+    assert (s.backend, s.endpoint, s.master_addr, s.master_port, s.run_id) == ("static", "10.1.2.3:1234", "10.1.2.3", 1234, "none")
+    assert s.rdzv_configs["rank"] == 1
+
+
+def test_endpoint_defaults_to_etcd(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        s = _settings([f"--rdzv-endpoint=127.0.0.1:{port}", "--nnodes=2:4", "--rdzv-id=j", "--rdzv-conf=last_call_timeout=3"], tmp_path)
+    assert (s.backend, s.endpoint, s.run_id, s.min_nodes, s.max_nodes) == ("etcd", f"127.0.0.1:{port}", "j", 2, 4)
+    assert s.rdzv_configs == {"last_call_timeout": "3", "timeout": 900}
+
+
+def test_ignored_static_options_are_noticed(tmp_path: Path) -> None:
+    s = _settings(["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--node-rank=1", "--master-port=5"], tmp_path)
+    messages = " ".join(n.message for n in s.notices)
+    assert "--master-port is only used by the static backend" in messages
+    assert "--node-rank is only used by the static backend" in messages
+
+
+# ---------------------------------------------------------------- small parsers
+
+
+def test_parse_endpoint() -> None:
+    assert config.parse_endpoint("h:1", 2) == ("h", 1)
+    assert config.parse_endpoint("h", 2) == ("h", 2)
+    assert config.parse_endpoint("http://h:2379/", None) == ("h", 2379)
+    assert config.parse_endpoint("[::1]:5", None) == ("::1", 5)
+    assert config.parse_endpoint("::1", 7) == ("::1", 7)
+    with pytest.raises(UsageProblem):
+        config.parse_endpoint("h:99999", None)
+
+
+def test_parse_filters_and_conf() -> None:
+    assert config.parse_filters("") == []
+    assert config.parse_filters("a,b,,c") == ["a", "b,c"]
+    assert config.parse_rdzv_conf(" a = 1 , b=x=y ") == {"a": "1", "b": "x=y"}
+    with pytest.raises(UsageProblem, match="given twice"):
+        config.parse_rdzv_conf("a=1,a=2")
+
+
+def test_is_this_host() -> None:
+    assert config.is_this_host("localhost")
+    assert config.is_this_host("127.0.0.1")
+    assert config.is_this_host(socket.gethostname())
+    assert not config.is_this_host("192.0.2.1")
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = "import sys; from launcher import cli; cli.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert proc.returncode == 0, proc.stderr
