@@ -91,3 +91,30 @@ def etcd_auth(request: pytest.FixtureRequest) -> AuthInfo:
 def etcd_v2(request: pytest.FixtureRequest) -> EtcdServer:
     """etcd 3.4 with the v2 API enabled (``--enable-v2=true``)."""
     return _server(request, "3.4", enable_v2=True)
+
+
+# ---------------------------------------------------------------- hosts as network namespaces
+
+import os  # noqa: E402 - appended section
+
+from netns import NetnsError, Network, unavailable_reason  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def netns_net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Network:
+    """A private network (tests/netns.py) for this module: add hosts with ``add_host(name, octet)``.
+
+    Skips where network namespaces cannot be created (not root, no iproute2); with
+    ``RDZV_REQUIRE_NETNS=1`` (CI on machines that can) that is a failure instead.
+    """
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("RDZV_REQUIRE_NETNS") == "1":
+            pytest.fail(f"RDZV_REQUIRE_NETNS=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    try:
+        net = Network(tmp_path_factory.mktemp("netns-logs"))
+    except NetnsError as e:
+        pytest.fail(str(e), pytrace=False)
+    request.addfinalizer(net.close)
+    return net
