@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-from launcher.config import LaunchSettings, UsageProblem
+from launcher.config import LaunchFailed, LaunchSettings, UsageProblem
 from launcher.report import Reporter, ReporterLogHandler
 
 # torchrun's words, on one line.
@@ -109,7 +109,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
     from torch.distributed.elastic.utils import macros
 
     from launcher.progress import ReportingHandler
@@ -140,6 +140,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
         entrypoint = run_script_path
 
+    # Handlers that publish node details (ours, for `rdzv status`) read it; others ignore it.
+    configs = {"local_world_size": nproc, **s.rdzv_configs}
     params = RendezvousParameters(
         backend=s.backend,
         endpoint=s.endpoint,
@@ -147,7 +149,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         min_nodes=s.min_nodes,
         max_nodes=s.max_nodes,
         local_addr=s.local_addr,
-        **s.rdzv_configs,
+        **configs,
     )
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = s.signals_to_handle
     if s.max_restarts > 0 or s.min_nodes < s.max_nodes:
@@ -161,7 +163,12 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     try:
         handler = create_handler(params)
     except (ValueError, TypeError, KeyError) as exc:
+        # Settings the handler rejects (rdzv-conf values and the like).
         raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None
+    except RendezvousError:
+        raise
+    except Exception as exc:
+        raise LaunchFailed(f"cannot set up the {s.backend} rendezvous at {s.endpoint}: {type(exc).__name__}: {exc}") from None
     where = f"{s.backend} at {s.endpoint}"
     reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from launcher.config import LaunchSettings, UsageProblem, build_settings
+from launcher.config import LaunchFailed, LaunchSettings, UsageProblem, build_settings
 from launcher.options import build_command
 from launcher.report import Reporter
 
@@ -78,6 +78,9 @@ def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
         return 0
     except UsageProblem as exc:
         return usage_error(prog, str(exc))
+    except LaunchFailed as exc:
+        reporter.error("launch_failed", str(exc))
+        return 1
     except ChildFailedError as exc:
         failures = {
             rank: {"exitcode": f.exitcode, "pid": f.pid, "error_file": f.error_file, "message": f.message}

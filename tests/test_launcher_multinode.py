@@ -1,0 +1,124 @@
+"""Several rdzv-launch processes as the nodes of one job, on this machine.
+
+Parametrized over rendezvous backends: adding one is one entry in BACKENDS (and, if it needs a
+server, one branch in the `backend` fixture).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from launcher_helpers import (
+    ENV_DUMP,
+    WAIT_FOR_STOP,
+    free_port,
+    launchers,
+    records,
+    wait_for,
+    write_script,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+BACKENDS = ["c10d", "etcd"]
+# Backends whose handler survives scale-up and node loss (torch 2.13's c10d does not: see
+# /work/shared/reference/scaling-notes.md, "scale-up hang" and "dead nodes are invisible").
+ELASTIC_BACKENDS = ["etcd"]
+
+
+@dataclass
+class Backend:
+    name: str
+    endpoint: str
+    conf: str
+
+    def args(self, run_id: str, nnodes: str) -> list[str]:
+        return [
+            f"--nnodes={nnodes}",
+            f"--rdzv-backend={self.name}",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={run_id}",
+            f"--rdzv-conf={self.conf}",
+            "--local-addr=127.0.0.1",
+            "--progress-interval=0.5",
+        ]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "etcd":
+        try:
+            import rdzv.backends.etcd_v3  # noqa: F401
+        except ImportError:
+            pytest.skip("etcd handler not yet available")
+        server = request.getfixturevalue("etcd35")
+        return Backend("etcd", server.endpoint, "lease_ttl=3,last_call_timeout=1,join_timeout=60")
+    return Backend(request.param, f"127.0.0.1:{free_port()}", "last_call_timeout=1,join_timeout=60")
+
+
+def _run_id() -> str:
+    return f"launch-{uuid.uuid4().hex[:8]}"
+
+
+def test_two_nodes(backend: Backend, tmp_path: Path) -> None:
+    script = write_script(tmp_path, "dump.py", ENV_DUMP)
+    run_id = _run_id()
+    node_args = [*backend.args(run_id, "2"), "--nproc-per-node=2", str(script), str(tmp_path)]
+    with launchers(tmp_path) as start:
+        first = start(node_args)
+        # Alone, the first node says what it waits for (at most every --progress-interval).
+        waiting = rf"(waiting for rendezvous {run_id} \(2 nodes, {backend.name} at |rendezvous {run_id} round \d+: \d/2 nodes)"
+        wait_for(lambda: re.search(waiting, first.stderr) is not None, 30, "a progress line", first.describe)
+        second = start(node_args)
+        for node in (first, second):
+            assert node.wait(90) == 0, node.describe()
+    recs = records(tmp_path, 0)
+    assert sorted(recs) == [0, 1, 2, 3]
+    assert {r["WORLD_SIZE"] for r in recs.values()} == {"4"}
+    assert {r["GROUP_RANK"] for r in recs.values()} == {"0", "1"}
+    assert {r["LOCAL_WORLD_SIZE"] for r in recs.values()} == {"2"}
+    assert {r["TORCHELASTIC_RUN_ID"] for r in recs.values()} == {run_id}
+    assert len({(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in recs.values()}) == 1
+    formed = [re.search(rf"rendezvous {run_id}.* complete: node rank (\d) of 2 nodes", n.stderr) for n in (first, second)]
+    assert sorted(m.group(1) for m in formed if m) == ["0", "1"]
+
+
+def _world(out: Path, size: int) -> bool:
+    recs = records(out, 0)
+    return all(recs.get(r, {}).get("WORLD_SIZE") == str(size) for r in range(size))
+
+
+@pytest.mark.parametrize("backend", ELASTIC_BACKENDS, indirect=True)
+def test_scale_up_with_a_third_node(backend: Backend, tmp_path: Path) -> None:
+    script = write_script(tmp_path, "wait.py", WAIT_FOR_STOP)
+    node_args = [*backend.args(_run_id(), "2:3"), "--nproc-per-node=1", "--max-restarts=3", str(script), str(tmp_path)]
+    with launchers(tmp_path) as start:
+        nodes = [start(node_args), start(node_args)]
+        wait_for(lambda: _world(tmp_path, 2), 60, "a group of 2", lambda: "\n".join(n.describe() for n in nodes))
+        nodes.append(start(node_args))
+        wait_for(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
+        (tmp_path / "stop").touch()
+        for node in nodes:
+            assert node.wait(60) == 0, node.describe()
+    assert {r["GROUP_WORLD_SIZE"] for r in records(tmp_path, 0).values()} == {"3"}
+
+
+@pytest.mark.parametrize("backend", ELASTIC_BACKENDS, indirect=True)
+def test_node_loss(backend: Backend, tmp_path: Path) -> None:
+    script = write_script(tmp_path, "wait.py", WAIT_FOR_STOP)
+    node_args = [*backend.args(_run_id(), "2:3"), "--nproc-per-node=1", "--max-restarts=3", str(script), str(tmp_path)]
+    with launchers(tmp_path) as start:
+        nodes = [start(node_args) for _ in range(3)]
+        wait_for(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
+        # SIGKILL a whole node: its launcher and its workers, nothing gets to say goodbye.
+        nodes.pop().kill()
+        for path in tmp_path.glob("*_*.json"):
+            path.unlink()
+        wait_for(lambda: _world(tmp_path, 2), 60, "the survivors to re-form", lambda: "\n".join(n.describe() for n in nodes))
+        (tmp_path / "stop").touch()
+        for node in nodes:
+            assert node.wait(60) == 0, node.describe()
