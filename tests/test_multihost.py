@@ -25,10 +25,20 @@ from typing import Any
 
 import pytest
 from etcd_harness import CertPaths, EtcdHarnessError
-from netns import Host, HostProcess, NetnsEtcdCluster, NetnsEtcdMember, Network, ns_pids
+from netns import (
+    Host,
+    HostProcess,
+    NetnsEtcdCluster,
+    NetnsEtcdMember,
+    Network,
+    ip,
+    ns_pids,
+    sweep_stale,
+)
 from rdzv_testlib import ROOT, new_run_id
 
-pytestmark = pytest.mark.slow
+# A scenario takes 20-50 s on an idle 2-core machine; the limit is for a heavily shared one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 LAUNCH = [sys.executable, "-m", "launcher"]
 EXAMPLE = str(ROOT / "examples" / "train_ddp.py")
@@ -146,6 +156,12 @@ def gen_certs(out: Path, *sans: str, ca_cn: str = "rdzv-etcd-ca") -> Path:
     return out
 
 
+def rdzv_ops(host: Host, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`rdzv ARGS` (status/clean) run on ``host``."""
+    argv = host.exec_args([sys.executable, "-m", "launcher.ops", *args])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env or host_env(), cwd=ROOT)
+
+
 def cmdlines(pids: Sequence[int]) -> dict[int, str]:
     out = {}
     for pid in pids:
@@ -224,6 +240,36 @@ def etcd3(etcd3_module: NetnsEtcdCluster) -> NetnsEtcdCluster:
             m.restart()
     etcd3_module.wait_leader()
     return etcd3_module
+
+
+# ------------------------------------------------------------------------------------ 0. harness
+
+
+def test_netns_teardown_and_stale_sweep(netns_net: Network, tmp_path: Path) -> None:
+    """Closing a network kills what runs in it; namespaces of a dead test process are swept."""
+    net = Network(tmp_path / "logs", tag="selftest")
+    host = net.add_host("x0", 50)
+    sleeper = host.spawn(["sleep", "600"], name="sleeper")
+    orphan = subprocess.Popen(host.exec_args(["sleep", "600"]), start_new_session=True)
+    net.close()
+    assert sleeper.poll() is not None
+    assert orphan.wait(timeout=10) is not None
+    assert host.ns not in ip("netns", "list")
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"rdzvt-{gone.pid}-stale-x0"  # named for a test process that no longer exists
+    ip("netns", "add", stale)
+    left = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"], start_new_session=True)
+    try:
+        wait_until(lambda: ns_pids(stale), 10, "the process in the stale namespace")
+        assert stale in sweep_stale()
+        assert left.wait(timeout=10) is not None
+        assert stale not in ip("netns", "list")
+    finally:
+        ip("netns", "delete", stale, check=False)
+        if left.poll() is None:
+            left.kill()
 
 
 # ------------------------------------------------------------------------------------ 1. training
@@ -426,7 +472,7 @@ def test_etcd_member_loss_during_formation_and_training(
 def test_concurrent_jobs_and_run_id_reuse(etcd3: NetnsEtcdCluster, hosts: list[Host], figures: Callable[..., None]) -> None:
     """Two jobs at once on one etcd stay apart; a finished job's run id works again at once."""
     job_a, job_b = new_run_id("s5a"), new_run_id("s5b")
-    args = ["--epochs", "3", "--seed", "5"]
+    args = ["--epochs", "3", "--samples", "8192", "--seed", "5"]
     h0, h1, h2 = hosts
 
     def job(run_id: str, pair: Sequence[Host], tag: str) -> list[HostProcess]:
@@ -438,6 +484,14 @@ def test_concurrent_jobs_and_run_id_reuse(etcd3: NetnsEtcdCluster, hosts: list[H
 
     a = job(job_a, (h0, h1), "a")
     b = job(job_b, (h1, h2), "b")
+    for p in (a[0], b[0]):
+        p.wait_for(formations, WAIT, "formation")
+    # What an operator sees meanwhile: both runs, two members each.
+    status = rdzv_ops(h2, "status", f"--rdzv-endpoint={etcd3.endpoint}", "--json")
+    assert status.returncode == 0, status.stderr
+    runs = {r["run_id"]: r for r in json.loads(status.stdout)}
+    assert {job_a, job_b} <= runs.keys(), runs.keys()
+    assert all(len(runs[r]["members"]) == 2 for r in (job_a, job_b))
     assert_ok(a)
     a_done = time.time()
     assert etcd3.count_keys(f"/rdzv/{job_a}/") == 0, "a cleanly finished run leaves no keys"
@@ -455,7 +509,15 @@ def test_concurrent_jobs_and_run_id_reuse(etcd3: NetnsEtcdCluster, hosts: list[H
     # Same seed and world size: the same loss, so no job saw another's workers.
     assert len(losses) == 1, losses
     assert etcd3.count_keys(f"/rdzv/{job_a}/") == 0 and etcd3.count_keys(f"/rdzv/{job_b}/") == 0
-    figures("5-shared-etcd", concurrent_jobs=2, reused_run_id_formed_after_s=round(reuse_s, 2), keys_left=0)
+    cleaned = rdzv_ops(h2, "clean", f"--rdzv-endpoint={etcd3.endpoint}", f"--rdzv-id={job_a}", "-y", "--json")
+    assert cleaned.returncode == 0 and json.loads(cleaned.stdout)["removed"] == 0, cleaned
+    figures(
+        "5-shared-etcd",
+        concurrent_jobs=2,
+        status_listed_both=True,
+        reused_run_id_formed_after_s=round(reuse_s, 2),
+        keys_left=0,
+    )
 
 
 # ------------------------------------------------------------------------------------ 6. security
@@ -605,6 +667,14 @@ def test_auth_role_per_prefix_and_secret_hygiene(auth_etcd: NetnsEtcdCluster, ho
     env_host_inherited = sum(
         TEAM_A_PASSWORD.encode() in env for env in environs(ns_pids(hosts[1].ns)).values()
     )
+    # The ops command reads the team's credentials from PET_RDZV_CONF (not argv) and sees the run.
+    status = rdzv_ops(
+        hosts[2], "status", f"--rdzv-endpoint={endpoint}", "--prefix=/team-a", "--json",
+        env=host_env(extra={"PET_RDZV_CONF": f"user=team-a,password={TEAM_A_PASSWORD}"}),
+    )
+    assert status.returncode == 0, status.stderr
+    assert run_id in {r["run_id"] for r in json.loads(status.stdout)}
+    assert TEAM_A_PASSWORD not in status.stdout + status.stderr
     assert_ok([p0, p1])
     for p in (p0, p1):
         assert TEAM_A_PASSWORD not in p.text()
