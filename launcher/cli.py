@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -92,7 +92,7 @@ def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
             sys.stderr.write(exc.format_msg() + "\n")
         return 1
     except SignalException as exc:
-        reporter.error("signal", f"stopped by {signal.Signals(exc.sigval).name}; workers were stopped", signal=exc.sigval)
+        reporter.error("signal", f"stopped by {signal.Signals(exc.sigval).name}; workers were stopped", signal=int(exc.sigval))
         return 128 + int(exc.sigval)
     except RendezvousError as exc:
         reporter.error("rendezvous_failed", f"rendezvous {settings.run_id} failed: {type(exc).__name__}: {exc}")
@@ -114,7 +114,7 @@ def launch_main(
     argv: Sequence[str],
     prog: str,
     extra: Sequence[click.Option] = (),
-    pass_local_rank: Any = None,
+    pass_local_rank: Callable[[dict[str, Any]], bool] | None = None,
 ) -> int:
     """Shared by rdzv-launch and launcher.legacy; `pass_local_rank(values)` decides --local-rank."""
     try:

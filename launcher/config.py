@@ -6,6 +6,7 @@ asks rdzv.registry), without importing torch, so bad input is answered quickly.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -249,17 +250,20 @@ def generate_run_id() -> str:
 
 def _module_exists(name: str) -> bool:
     """Find a module the way `python -m` in this directory would, without importing anything."""
-    path: list[str] | None = [os.getcwd(), *sys.path]
-    spec = None
     parts = name.split(".")
-    for i in range(len(parts)):
-        spec = PathFinder.find_spec(".".join(parts[: i + 1]), path)
-        if spec is None:
+    sys.path.insert(0, os.getcwd())
+    try:
+        # A top-level name asks every finder (editable installs use their own) and imports nothing.
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return False
+    finally:
+        sys.path.remove(os.getcwd())
+    for i in range(1, len(parts)):
+        if spec is None or spec.submodule_search_locations is None:
             return False
-        if i < len(parts) - 1:
-            if spec.submodule_search_locations is None:
-                return False
-            path = list(spec.submodule_search_locations)
+        # Below the top level, look in the package's directories: importing it could run user code.
+        spec = PathFinder.find_spec(".".join(parts[: i + 1]), list(spec.submodule_search_locations))
     return spec is not None
 
 

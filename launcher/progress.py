@@ -11,6 +11,8 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousIn
 
 from launcher.report import Reporter, format_progress
 
+RESERVED = {"ts", "level", "event", "message", "always", "run_id", "waited_s"}
+
 
 class ReportingHandler(RendezvousHandler):
     """Delegates every handler method to `inner`; `next_rendezvous` is timed and reported.
@@ -56,7 +58,8 @@ class ReportingHandler(RendezvousHandler):
         waited = time.monotonic() - started
         if progress is not None:
             age = time.monotonic() - at
-            fields = {k: v for k, v in progress.items() if k != "run_id"}
+            # A handler's keys must not collide with the record's own.
+            fields = {k: v for k, v in progress.items() if k not in RESERVED}
             self._reporter.info(
                 "rendezvous_progress",
                 format_progress(run_id, progress, age),

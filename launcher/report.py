@@ -21,9 +21,9 @@ class Reporter:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def emit(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
-        # --quiet silences progress and notices, never errors.
-        if self.quiet and level != "error":
+    def emit(self, event: str, message: str, level: str = "info", always: bool = False, **fields: Any) -> None:
+        # --quiet silences progress and notices, never errors (nor `always` lines).
+        if self.quiet and level != "error" and not always:
             return
         if self.json:
             record = {"ts": round(time.time(), 3), "level": level, "event": event, "message": message, **fields}
@@ -61,7 +61,7 @@ class ReporterLogHandler(logging.Handler):
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             level = {logging.DEBUG: "debug", logging.INFO: "info"}.get(record.levelno, record.levelname.lower())
             if self.reporter.json:
-                self.reporter.emit("torch_log", message, level, logger=record.name)
+                self.reporter.emit("torch_log", message, level, always=True, logger=record.name)
             else:
                 # Keep torch's own messages recognisable and never silenced by --quiet.
                 stream = sys.stderr

@@ -322,6 +322,18 @@ def test_parse_filters_and_conf() -> None:
         config.parse_rdzv_conf("a=1,a=2")
 
 
+def test_module_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("raise SystemExit('imported')\n")
+    (tmp_path / "pkg" / "mod.py").write_text("")
+    assert config._module_exists("pkg.mod"), "found without importing pkg"
+    assert not config._module_exists("pkg.nope")
+    assert config._module_exists("json.tool")
+    assert config._module_exists("launcher.runpath"), "installed packages, editable ones included"
+    assert not config._module_exists("no_such_module_xyz.sub")
+
+
 def test_is_this_host() -> None:
     assert config.is_this_host("localhost")
     assert config.is_this_host("127.0.0.1")
