@@ -2,13 +2,32 @@
 
 torch calls each entry point with no arguments and registers the returned creator under the
 entry point's name, so this module must stay cheap to import: the backend loads on first use.
+The names differ from torch's built-ins (`etcd-v2`, `c10d`, `static`), which a plugin cannot
+replace. Each creator builds its own backend whatever name torchrun was given, and the handler's
+`get_backend()` returns that name.
 """
 
 from __future__ import annotations
 
-from rdzv.registry import HandlerCreator, create_handler
+from rdzv.registry import BACKENDS, HandlerCreator, create_handler
 
 
 def etcd_v3_creator() -> HandlerCreator:
     """`torchrun --rdzv-backend=etcd-v3`: our etcd v3 handler."""
     return create_handler
+
+
+def etcd_v2_creator() -> HandlerCreator:
+    """`torchrun --rdzv-backend=rdzv-etcd-v2`: our etcd v2 handler."""
+    return BACKENDS["etcd-v2"]
+
+
+def c10d_creator() -> HandlerCreator:
+    """`torchrun --rdzv-backend=rdzv-c10d`: our TCPStore handler."""
+    return BACKENDS["c10d"]
+
+
+def static_creator() -> HandlerCreator:
+    """`torchrun --rdzv-backend=rdzv-static --rdzv-conf=rank=N`: our static handler (torchrun
+    passes --node-rank only to its own `static`, so give the rank in --rdzv-conf)."""
+    return BACKENDS["static"]

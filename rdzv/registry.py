@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
@@ -9,29 +10,31 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 HandlerCreator = Callable[[RendezvousParameters], RendezvousHandler]
 
 
-def _etcd_v3(params: RendezvousParameters) -> RendezvousHandler:
-    from rdzv.backends.etcd_v3 import create_handler
-
-    return create_handler(params)
-
-
-def _torch_builtin(name: str) -> HandlerCreator:
-    # Stop-gap until our own etcd-v2/c10d/static backends land: torch's own handlers.
+def _lazy(module: str) -> HandlerCreator:
+    # Backends load on first use: python-etcd, gRPC and TCPStore hosting are only paid for
+    # by the backend a job picks.
     def create(params: RendezvousParameters) -> RendezvousHandler:
-        from torch.distributed.elastic.rendezvous import registry as torch_registry
+        return importlib.import_module(module).create_handler(params)  # type: ignore[no-any-return]
 
-        return torch_registry.handler_registry.create_handler(params)
-
-    create.__name__ = f"torch_{name}"
+    create.__name__ = f"create_{module.rsplit('.', 1)[1]}_handler"
     return create
 
 
+_ETCD_V3 = _lazy("rdzv.backends.etcd_v3")
+_ETCD_V2 = _lazy("rdzv.backends.etcd_v2")
+_C10D = _lazy("rdzv.backends.c10d")
+_STATIC = _lazy("rdzv.backends.static")
+
 BACKENDS: dict[str, HandlerCreator] = {
-    "etcd": _etcd_v3,
-    "etcd-v3": _etcd_v3,
-    "etcd-v2": _torch_builtin("etcd-v2"),
-    "c10d": _torch_builtin("c10d"),
-    "static": _torch_builtin("static"),
+    "etcd": _ETCD_V3,
+    "etcd-v3": _ETCD_V3,
+    "etcd-v2": _ETCD_V2,
+    "c10d": _C10D,
+    "static": _STATIC,
+    # The names our torchrun entry points register (torch's own names stay torch's).
+    "rdzv-etcd-v2": _ETCD_V2,
+    "rdzv-c10d": _C10D,
+    "rdzv-static": _STATIC,
 }
 
 

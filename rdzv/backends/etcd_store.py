@@ -12,18 +12,11 @@ from datetime import timedelta
 
 from torch.distributed import DistStoreError, Store
 
+from rdzv.backends.common import to_bytes as _to_bytes
 from rdzv.etcd import Compare, EtcdClient, EtcdError, Op
 
 # etcd rejects transactions with more than --max-txn-ops (default 128) operations.
 TXN_BATCH = 64
-
-
-def _to_bytes(value: str | bytes | list[int]) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    return bytes(value)
 
 
 class EtcdStore(Store):

@@ -41,7 +41,7 @@ from rdzv.etcd import (
     Session,
     prefix_end,
 )
-from rdzv.rendezvous.backend import NodeChange
+from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
 from rdzv.rendezvous.handler import RdzvHandler
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings, parse_settings
@@ -145,6 +145,7 @@ class EtcdBackend:
     """`RendezvousBackend` over etcd's v3 API."""
 
     name = "etcd-v3"
+    capabilities = ALL_CAPABILITIES
 
     def __init__(self, settings: RendezvousSettings, client: EtcdClient) -> None:
         self.settings = settings

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
+    RendezvousError,
     RendezvousGracefulExitError,
     RendezvousTimeoutError,
 )
 
-from rdzv.rendezvous.backend import ChangeFeed, RendezvousBackend
+from rdzv.rendezvous.backend import ELASTIC, SPARES, ChangeFeed, RendezvousBackend
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
 from rdzv.rendezvous.settings import RendezvousSettings
@@ -133,6 +134,8 @@ class Rendezvous:
                     self._joined_before = True
                     return sealed
                 target = sealed.round + 1
+            if SPARES not in self.backend.capabilities and self._spare(control, target):
+                raise self._no_room(control)
             if self.backend.session_lost():
                 log.warning("rendezvous %s: this node's lease lapsed; re-registering", s.run_id)
                 self.backend.open_session()
@@ -160,11 +163,15 @@ class Rendezvous:
 
     def begin_membership(self, record: RoundRecord) -> None:
         """Start watching for departures and newcomers after joining `record`."""
-        feed = self.backend.watch(record.revision, Control(sealed=record), nodes=True)
+        # A fixed group (no ELASTIC) only needs the control changes, e.g. to see a close.
+        elastic = ELASTIC in self.backend.capabilities
+        feed = self.backend.watch(record.revision, Control(sealed=record), nodes=elastic)
         self._membership = _Membership(record=record, feed=feed)
 
     def num_nodes_waiting(self) -> int:
         """Nodes the current group should make room for (answered from local state)."""
+        if ELASTIC not in self.backend.capabilities:
+            return 0  # a fixed group never asks its members to make room
         if self.backend.session_lost():
             return 1  # we were dropped from the group; restart so we can rejoin
         membership = self._membership
@@ -331,6 +338,16 @@ class Rendezvous:
             f"{s.join_timeout:g} s: {joined} node(s) present of min {s.min_nodes} "
             f"(max {s.max_nodes}) on {self.backend.describe()}; waiting for {need} more, or for "
             "members of the previous round to rejoin. Raise join_timeout in --rdzv-conf to wait longer."
+        )
+
+    def _no_room(self, control: Control) -> RendezvousError:
+        sealed = control.sealed
+        assert sealed is not None
+        return RendezvousError(
+            f"rendezvous '{self.settings.run_id}' on {self.backend.describe()}: the group of "
+            f"{sealed.world_size} node(s) (round {sealed.round}) is full and running without this "
+            f"node, and the {self.backend.name} backend keeps no spares. Give each node its own "
+            "place in the group (e.g. a distinct --node-rank)."
         )
 
     def _closed_error(self, control: Control) -> Exception:

@@ -4,6 +4,14 @@ A backend provides: per-node liveness (a lease or heartbeat that removes the nod
 it dies), an atomic "announce and maybe claim coordination of round N", a compare-and-set of the
 sealed-round record, and a feed of changes to wait on instead of polling. Everything else (who
 completes a round, when, with which ranks, what counts as waiting) is in `algorithm.py`.
+
+Cursors (the ints returned by `read_control`, `announce`, `read_nodes` and stored as
+`RoundRecord.revision`) are opaque to the algorithm: it only hands them back to `watch`. Each
+backend picks its own meaning (etcd v3: a revision; etcd v2: an etcd index; c10d: positions in
+its change logs, packed into one int).
+
+A backend states what it can do in `capabilities`; the algorithm (and the conformance tests)
+switch on it instead of assuming every store can do everything.
 """
 
 from __future__ import annotations
@@ -37,8 +45,17 @@ class ChangeFeed(Protocol):
     def close(self) -> None: ...
 
 
+# Capability names (`RendezvousBackend.capabilities`).
+ELASTIC = "elastic"  # min < max; members are told (num_nodes_waiting) when the group should change
+SPARES = "spares"  # nodes beyond max_nodes wait outside the full group until a member leaves
+LIVENESS = "liveness"  # a dead node's records disappear by themselves (lease, TTL or heartbeat)
+DURABLE = "durable"  # the state outlives any one node (no node hosts the store)
+ALL_CAPABILITIES = frozenset({ELASTIC, SPARES, LIVENESS, DURABLE})
+
+
 class RendezvousBackend(Protocol):
     name: str
+    capabilities: frozenset[str]
 
     def describe(self) -> str:
         """Where the state lives, for messages (e.g. 'etcd 10.0.0.1:2379')."""

@@ -86,6 +86,11 @@ class RdzvHandler(RendezvousHandler):
         self.rendezvous.set_progress_callback(callback)
 
     @property
+    def capabilities(self) -> frozenset[str]:
+        """What the backend can do (`rdzv.rendezvous.backend.ELASTIC`, ...)."""
+        return self.backend.capabilities
+
+    @property
     def node_id(self) -> str:
         return self.rendezvous.node_id
 

@@ -1,0 +1,265 @@
+"""torch's TCPStore as a rendezvous store: who serves it, connections whose every operation is
+bounded, counted and fails with a message naming the endpoint, and an ordered change log.
+
+TCPStore gives per-key `set`/`get`/`add`/`compare_set`/`append`, `check`, `multi_get` and a
+blocking `wait` for keys to appear. It has no transactions, no key listing by prefix, no TTLs
+and no watch, and `get` of a missing key blocks until the store timeout; so readers here only
+`get` keys known to exist and wait with `wait(keys, timeout)`, always with an explicit timeout.
+A blocking `wait` also holds its connection (ops on one TCPStore client are serialised), which
+is why each blocking reader gets its own connection (`clone`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from torch.distributed import DistStoreError, TCPStore
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+log = logging.getLogger("rdzv")
+
+HOLE = "-"  # fills a log slot whose writer died between reserving and writing it
+# TCPStore names each new socket's peer with getnameinfo, a reverse DNS lookup; where DNS does
+# not answer (seen in sandboxes: 3% of connects stalled 5 s) a connect can time out although the
+# store is fine. A timed-out connect to a port that does accept connections is retried once.
+CONNECT_TRIES = 2
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=2.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def _connect(make: Callable[[], TCPStore], what: str, host: str, port: int) -> TCPStore:
+    for attempt in range(1, CONNECT_TRIES + 1):
+        try:
+            return make()
+        except RuntimeError as exc:
+            stalled = "timed out" in str(exc) and _listening(host, port)
+            if attempt == CONNECT_TRIES or not stalled:
+                raise
+            log.info("%s: connect timed out (attempt %d of %d); retrying", what, attempt, CONNECT_TRIES)
+    raise AssertionError("unreachable")
+
+
+def names_this_machine(host: str) -> bool:
+    """Whether `host` is this machine: localhost, a loopback address, our host name or FQDN,
+    or a name/address that resolves to an address we can bind (one of our interfaces)."""
+    if host.strip("[]") in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+    except (OSError, UnicodeError):
+        return False
+    for address in resolved:
+        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return True
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address, 0))
+        except OSError:
+            continue
+        return True
+    return False
+
+
+@dataclass
+class OpCounts:
+    """Store operations issued by one backend (all its connections), for cost reports."""
+
+    reads: int = 0
+    writes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, write: bool) -> None:
+        with self._lock:
+            if write:
+                self.writes += 1
+            else:
+                self.reads += 1
+
+
+_WRITES = {"set", "compare_set", "append", "delete_key", "multi_set"}
+
+
+class StoreConnection:
+    """One TCPStore client connection with bounded, counted, translated operations."""
+
+    def __init__(self, store: TCPStore, where: str, counts: OpCounts, *, hint: str = "") -> None:
+        self.store = store
+        self.where = where  # e.g. "c10d store 10.0.0.1:29400", for messages
+        self.counts = counts
+        self.hint = hint  # appended to connection errors: what losing this store means
+
+    def _op(self, name: str, *args: object) -> object:
+        write = name in _WRITES or (name == "add" and args[1] != 0)
+        self.counts.count(write)
+        try:
+            return getattr(self.store, name)(*args)
+        except RuntimeError as exc:  # DistNetworkError, DistStoreError (a stuck server), ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RendezvousConnectionError(f"{self.where}: {name} failed: {first}{self.hint}") from exc
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self._op("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        """Only for keys known to exist: TCPStore's get of a missing key blocks."""
+        return self._op("get", key)  # type: ignore[return-value]
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        if not keys:
+            return []
+        return self._op("multi_get", keys)  # type: ignore[return-value]
+
+    def add(self, key: str, amount: int) -> int:
+        return int(self._op("add", key, amount))  # type: ignore[call-overload]
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        return self._op("compare_set", key, expected, desired)  # type: ignore[return-value]
+
+    def append(self, key: str, value: str) -> None:
+        self._op("append", key, value)
+
+    def check(self, keys: list[str]) -> bool:
+        return bool(self._op("check", keys))
+
+    def wait(self, keys: list[str], timeout: float) -> bool:
+        """Block until every key exists (True) or `timeout` s passed (False)."""
+        self.counts.count(False)
+        try:
+            self.store.wait(keys, timedelta(seconds=max(timeout, 0.001)))
+            return True
+        except DistStoreError as exc:
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                return False
+            raise RendezvousConnectionError(f"{self.where}: wait failed: {exc}{self.hint}") from exc
+        except RuntimeError as exc:
+            raise RendezvousConnectionError(f"{self.where}: wait failed: {exc}{self.hint}") from exc
+
+    def clone(self) -> StoreConnection:
+        """A second connection to the same server, for a reader that blocks."""
+        try:
+            twin = _connect(self.store.clone, self.where, "localhost", self.store.port)
+        except RuntimeError as exc:
+            raise RendezvousConnectionError(f"{self.where}: cannot connect: {exc}{self.hint}") from exc
+        return StoreConnection(twin, self.where, self.counts, hint=self.hint)
+
+
+def serve_store(port: int, timeout: float) -> TCPStore:
+    """Host the store here (multi-tenant: a second host in this process shares the server)."""
+    return _connect(
+        lambda: TCPStore(
+            "localhost",
+            port,
+            is_master=True,
+            multi_tenant=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout),
+        ),
+        f"store port {port}",
+        "localhost",
+        port,
+    )
+
+
+def connect_store(host: str, port: int, timeout: float) -> TCPStore:
+    """Connect to a store served elsewhere; TCPStore retries the connect until `timeout`."""
+    return _connect(
+        lambda: TCPStore(host.strip("[]"), port, is_master=False, timeout=timedelta(seconds=timeout)),
+        f"store {host}:{port}",
+        host,
+        port,
+    )
+
+
+class ChangeLog:
+    """An append-only log in the store: a counter `<name>/seq` and entries `<name>/<n>`.
+
+    Appending reserves a slot with `add` and fills it with `compare_set(slot, "", entry)`: two
+    operations and no read-modify-write race. A slot can also be filled with HOLE by anyone:
+    by a reader whose writer died between the two steps (`LogReader.mend`), or to wake a reader
+    blocked on a slot nobody reserved yet (`LogReader.wake`). A writer that finds its slot
+    taken appends again, and readers skip HOLEs, so neither loses or reorders an entry.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seq = f"{name}/seq"
+
+    def slot(self, n: int) -> str:
+        return f"{self.name}/{n}"
+
+    def append(self, conn: StoreConnection, entry: str) -> int:
+        while True:
+            n = conn.add(self.seq, 1)
+            if conn.compare_set(self.slot(n), "", entry) == entry.encode():
+                return n
+
+
+class LogReader:
+    """Reads a `ChangeLog` from position `after`, in batches, on its own connection.
+
+    It blocks on the next slot with one long `wait` (TCPStore logs a warning for every wait
+    that times out, so timeouts are not the way to notice anything): `wake` ends the wait,
+    `mend` repairs a hole, both from another connection.
+    """
+
+    def __init__(self, log_: ChangeLog, conn: StoreConnection, after: int) -> None:
+        self.log = log_
+        self.conn = conn
+        self.next = after + 1
+        self._waiting = False
+        self._stopped = False
+        self._hole: tuple[int, float] | None = None  # (slot, first seen reserved and empty)
+
+    def read(self, wait: float) -> list[str] | None:
+        """Entries after the last batch; None when none came within `wait` s."""
+        self._waiting = True
+        try:
+            # Checked after publishing `_waiting`: `wake` either stops us here or fills the
+            # very slot we are about to wait on (`next` only moves in this thread).
+            if self._stopped or not self.conn.wait([self.log.slot(self.next)], wait):
+                return None
+        finally:
+            self._waiting = False
+        head = int(self.conn.get(self.log.seq))  # slots up to head are reserved
+        slots = [self.log.slot(n) for n in range(self.next, max(head, self.next) + 1)]
+        # Reserved slots are written an instant later; if one lags, take only the first now.
+        if len(slots) > 1 and not self.conn.check(slots):
+            slots = slots[:1]
+        entries = [raw.decode() for raw in self.conn.multi_get(slots)]
+        self.next += len(slots)
+        return [e for e in entries if e != HOLE]
+
+    def wake(self, conn: StoreConnection) -> None:
+        """End a blocked `read` for good (it returns None from now on)."""
+        self._stopped = True
+        if self._waiting:
+            conn.compare_set(self.log.slot(self.next), "", HOLE)
+
+    def mend(self, conn: StoreConnection, grace: float) -> None:
+        """Skip the slot this reader waits on if it was reserved `grace` s ago and is still
+        empty: its writer died between reserving and writing it."""
+        n = self.next
+        if not self._waiting or conn.add(self.log.seq, 0) < n:
+            self._hole = None  # not blocked on a reserved slot
+            return
+        now = time.monotonic()
+        if self._hole is None or self._hole[0] != n:
+            self._hole = (n, now)
+        elif now - self._hole[1] >= grace:
+            slot = self.log.slot(n)
+            if conn.compare_set(slot, "", HOLE) == HOLE.encode():
+                log.warning("%s: log slot %s was reserved but never written; skipped", conn.where, slot)

@@ -1,0 +1,430 @@
+"""The etcd v2 backend (python-etcd over etcd's v2 HTTP API, `--enable-v2` on etcd 3.4/3.5).
+
+Same algorithm and semantics as the v3 backend; v2 lacks leases, transactions and watch
+streams, so this file emulates them. Key layout under ``<prefix>/<run_id>``::
+
+    w/ctl/state          state document: sealed round + closed flag   [TTL run_ttl, refreshed
+                                                                         by the round leaders]
+    w/ctl/coord/<round>  node id coordinating a forming round         [TTL lease_ttl, holder]
+    w/ctl/lastcall/<round> wall-clock end of that round's last call   [TTL lease_ttl, holder]
+    w/node/<node id>     NodeInfo JSON                                [TTL lease_ttl, owner]
+    store/<round>/...    the round's torch Store (etcd_v2_store.py)    [TTL store_ttl, fixed]
+
+What the emulation costs, compared with v3:
+
+* Liveness: every key a node owns has its own TTL and is refreshed (``refresh=true``, which
+  wakes no watcher) by one keep-alive thread per process every lease_ttl/3: one HTTP request
+  and one raft write per key per interval, where v3 renews one lease without a raft write.
+  A node owns one key, the coordinator three. Directories are never given a TTL: etcd 3.5
+  rejects refreshing one (etcd-io/etcd#13589).
+* Run keys: the state document is refreshed only by the coordinator of a forming round and by
+  the first two ranks of the running round (not by every node), with run_ttl = 3 x lease_ttl,
+  so a crashed job's state expires within seconds of its last node while a live job pays two
+  or three writes per interval for it, whatever its size. Round stores expire on a fixed clock
+  (store_ttl, default 7200 s, torch's etcd-v2 TTL). Empty directories stay behind after a
+  crash (v2 cannot expire them); they hold no data.
+* announce: write the node key, try to create the coordinator key (prevExist=false), read the
+  control directory: three requests where v3 sends one transaction. The "only if the sealed
+  round and the closed flag are unchanged" guard is checked on that read; a claim made against
+  a stale view is withdrawn (compare-and-delete) instead of never being made.
+* seal: one compare-and-swap on the state document (prevValue, so TTL refreshes do not count as
+  changes), after checking the coordinator key; then deletes of the claim and the last call.
+* Watches are long polls: one HTTP request per event (v2 has no streaming in python-etcd), each
+  feed on its own thread; a feed that fell more than 1000 events behind (EtcdEventIndexCleared)
+  re-reads the directory and replays the difference, deletions included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+import etcd
+from torch.distributed import Store
+from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousHandler,
+    RendezvousParameters,
+)
+
+from rdzv.backends.common import Change, PumpedFeed, Ticker, apply_state, encode_state
+from rdzv.backends.etcd_v2_store import (
+    REMOVED,
+    EtcdV2Client,
+    EtcdV2Error,
+    EtcdV2Store,
+    index_of,
+    v2_errors,
+    whole_seconds,
+)
+from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
+from rdzv.rendezvous.handler import RdzvHandler
+from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
+
+log = logging.getLogger("rdzv")
+
+ROUND_DIGITS = 12  # zero-padded so that listing order is round order
+RUN_TTL_LEASES = 3  # the state document outlives its last refresher by this many lease TTLs
+DEFAULT_STORE_TTL = 7200.0
+LEADER_RANKS = 2  # ranks of the running round that keep the state document alive
+WATCH_WAIT = 10.0  # longest long poll; a closed feed's thread ends within this
+
+
+def _round_key(round_no: int) -> str:
+    return f"{round_no:0{ROUND_DIGITS}d}"
+
+
+class V2Keys:
+    def __init__(self, run_prefix: str) -> None:
+        self.root = run_prefix
+        self.watched = run_prefix + "/w"  # what node feeds watch: control and node keys only
+        self.ctl = self.watched + "/ctl"
+        self.state = self.ctl + "/state"
+        self.coord_dir = self.ctl + "/coord/"
+        self.lastcall_dir = self.ctl + "/lastcall/"
+        self.nodes = self.watched + "/node"
+        self.store_dir = run_prefix + "/store/"
+
+    def coord(self, round_no: int) -> str:
+        return self.coord_dir + _round_key(round_no)
+
+    def lastcall(self, round_no: int) -> str:
+        return self.lastcall_dir + _round_key(round_no)
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes}/{node_id}"
+
+    def store(self, round_no: int) -> str:
+        return self.store_dir + _round_key(round_no)
+
+
+class EtcdV2Backend:
+    """`RendezvousBackend` over etcd's v2 API."""
+
+    name = "etcd-v2"
+    capabilities = ALL_CAPABILITIES
+
+    def __init__(self, settings: RendezvousSettings, client: EtcdV2Client) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = V2Keys(settings.run_prefix)
+        self.lease_ttl = whole_seconds(settings.lease_ttl)
+        self.run_ttl = self.lease_ttl * RUN_TTL_LEASES
+        self.store_ttl = _store_ttl(settings)
+        self._node_id: str | None = None
+        self._lock = threading.Lock()
+        self._owned: set[str] = set()  # keys this node keeps alive (its node key and claims)
+        self._leading: set[object] = set()  # reasons to keep the state document alive
+        self._lost = False
+        self._keeper: int | None = None
+
+    def describe(self) -> str:
+        return self.client.describe()
+
+    # ------------------------------------------------------------------ liveness
+    def open_session(self) -> None:
+        with self._lock:
+            self._lost = False
+            if self._keeper is None:
+                self._keeper = Ticker.shared().add(self.settings.lease_ttl / 3, self._keep_alive)
+
+    def session_lost(self) -> bool:
+        return self._lost or self._keeper is None
+
+    def _keep_alive(self) -> None:
+        """Refresh every owned key, and the state document while this node leads the run."""
+        with self._lock:
+            owned = sorted(self._owned)
+            lead = bool(self._leading)
+        for key in owned:
+            try:
+                self.client.refresh(key, self.lease_ttl)
+            except etcd.EtcdKeyNotFound:
+                # Expired before we got to it (stalled process, etcd unreachable too long).
+                with self._lock:
+                    self._owned.discard(key)
+                    if self._node_id is not None and key == self.keys.node(self._node_id):
+                        self._lost = True
+                log.warning("rendezvous %s: %s expired before its refresh", self.settings.run_id, key)
+            except (EtcdV2Error, etcd.EtcdException) as exc:
+                log.warning("rendezvous %s: refreshing %s failed: %s", self.settings.run_id, key, exc)
+        if lead:
+            with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
+                self.client.refresh(self.keys.state, self.run_ttl)
+
+    def _own(self, key: str, owned: bool = True) -> None:
+        with self._lock:
+            if owned:
+                self._owned.add(key)
+            else:
+                self._owned.discard(key)
+
+    def _lead(self, reason: object, leading: bool) -> None:
+        with self._lock:
+            if leading:
+                self._leading.add(reason)
+            else:
+                self._leading.discard(reason)
+
+    # ------------------------------------------------------------------ control state
+    def apply_control(self, control: Control, key: str, value: str | None) -> None:
+        keys = self.keys
+        if key == keys.state:
+            apply_state(control, value)
+        elif key.startswith(keys.coord_dir):
+            round_no = int(key[len(keys.coord_dir) :])
+            if value is None:
+                control.coordinators.pop(round_no, None)
+            else:
+                control.coordinators[round_no] = value
+        elif key.startswith(keys.lastcall_dir):
+            round_no = int(key[len(keys.lastcall_dir) :])
+            if value is None:
+                control.last_call.pop(round_no, None)
+            else:
+                control.last_call[round_no] = float(value)
+
+    def _read_dir(self, path: str) -> tuple[list[etcd.EtcdResult], int]:
+        with v2_errors(self.describe()):
+            try:
+                result = self.client.read(path, recursive=True)
+            except etcd.EtcdKeyNotFound as exc:
+                return [], index_of(exc)
+        return [n for n in result.leaves if not n.dir], result.etcd_index
+
+    def read_control(self) -> tuple[Control, int]:
+        leaves, index = self._read_dir(self.keys.ctl)
+        control = Control()
+        for leaf in leaves:
+            self.apply_control(control, leaf.key, leaf.value)
+        return control, index
+
+    def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
+        keys = self.keys
+        self._node_id = node.node_id
+        coord = keys.coord(node.want)
+        claimed = False
+        with v2_errors(self.describe()):
+            # A plain set replaces the key, so createdIndex (the arrival) is this announce.
+            self.client.write(keys.node(node.node_id), node.encode().decode(), ttl=self.lease_ttl)
+            self._own(keys.node(node.node_id))
+            try:
+                self.client.write(coord, node.node_id, ttl=self.lease_ttl, prevExist=False)
+                claimed = True
+                self._own(coord)
+            except etcd.EtcdAlreadyExist:
+                pass
+        now, index = self.read_control()
+        if now.closed or now.token != control.token:
+            # The sealed round or the closed flag moved on: a claim made against the old view
+            # must not stand (v3 would not have made it).
+            if claimed:
+                self._release(coord, node.node_id)
+            return None, index
+        holder = now.coordinators.get(node.want)
+        self._lead("coordinator", holder == node.node_id)
+        return holder, index
+
+    def _release(self, key: str, node_id: str) -> None:
+        self._own(key, False)
+        with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
+            self.client.delete(key, prevValue=node_id)
+
+    def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
+        leaves, index = self._read_dir(self.keys.nodes)
+        nodes: dict[str, NodeEntry] = {}
+        for leaf in leaves:
+            info = NodeInfo.decode(leaf.value)
+            nodes[info.node_id] = NodeEntry(info, leaf.createdIndex)
+        return nodes, index
+
+    def count_nodes(self) -> int:
+        return len(self._read_dir(self.keys.nodes)[0])
+
+    def watch(self, after: int, control: Control, *, nodes: bool) -> PumpedFeed:
+        watcher = _Watcher(self, after, nodes=nodes)
+        sealed = control.sealed
+        rank = sealed.rank_of(self._node_id) if sealed is not None and self._node_id else None
+        # Members of the first ranks keep the run's state document alive while they run.
+        if rank is not None and rank < LEADER_RANKS:
+            self._lead(watcher, True)
+        return PumpedFeed(
+            control,
+            watcher.fetch,
+            wait=WATCH_WAIT,
+            name=f"rdzv-v2-watch-{self.settings.run_id}",
+            on_close=lambda: self._lead(watcher, False),
+        )
+
+    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+        keys = self.keys
+        coord = keys.coord(record.round)
+        with v2_errors(self.describe()):
+            try:
+                holder = self.client.read(coord)
+            except etcd.EtcdKeyNotFound:
+                return None  # our claim lapsed
+            if holder.value != coordinator:
+                return None
+            # Members watch from just before the seal: nothing after it can be missed.
+            sealed = RoundRecord.decode(record.encode(), holder.etcd_index)
+            doc = encode_state(sealed, closed=False)
+            guard = {"prevValue": control.token} if control.token else {"prevExist": False}
+            try:
+                self.client.write(keys.state, doc, ttl=self.run_ttl, **guard)
+            except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
+                return None
+        self._lead("coordinator", False)
+        self._release(coord, coordinator)
+        self._drop(keys.lastcall(record.round))
+        if control.sealed is not None:
+            # The previous round's store is unused once every live member asked for this one.
+            self._drop(keys.store(control.sealed.round), recursive=True)
+        return sealed
+
+    def _drop(self, key: str, *, recursive: bool = False) -> None:
+        self._own(key, False)
+        with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
+            if recursive:
+                self.client.delete(key, recursive=True, dir=True)
+            else:
+                self.client.delete(key)
+
+    def publish_last_call(self, round_no: int, deadline: float) -> None:
+        key = self.keys.lastcall(round_no)
+        with v2_errors(self.describe()):
+            self.client.write(key, repr(deadline), ttl=self.lease_ttl)
+        self._own(key)
+
+    def retract(self, node_id: str, round_no: int) -> None:
+        self._lead("coordinator", False)
+        self._release(self.keys.coord(round_no), node_id)
+        self._drop(self.keys.lastcall(round_no))
+        self._drop(self.keys.node(node_id))
+
+    def close_run(self) -> None:
+        keys = self.keys
+        with v2_errors(self.describe()):
+            while True:
+                control = Control()
+                with contextlib.suppress(etcd.EtcdKeyNotFound):
+                    apply_state(control, self.client.read(keys.state).value)
+                if control.closed:
+                    return
+                doc = encode_state(control.sealed, closed=True)
+                guard = {"prevValue": control.token} if control.token else {"prevExist": False}
+                try:
+                    self.client.write(keys.state, doc, ttl=self.run_ttl, **guard)
+                    return
+                except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
+                    continue  # a seal or another close won: read again
+
+    def leave(self) -> None:
+        """Stop refreshing, delete our keys; if no node is left, remove the run's keys."""
+        with self._lock:
+            Ticker.shared().remove(self._keeper)
+            self._keeper = None
+            owned, self._owned = self._owned, set()
+            self._leading.clear()
+        try:
+            for key in owned:
+                with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
+                    self.client.delete(key)
+            if self.count_nodes() == 0:
+                with contextlib.suppress(etcd.EtcdKeyNotFound), v2_errors(self.describe()):
+                    self.client.delete(self.keys.root, recursive=True, dir=True)
+        finally:
+            self.client.close()
+
+    def round_store(self, record: RoundRecord) -> Store:
+        return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)
+
+
+class _Watcher:
+    """Fetches one event per long poll from a recursive watch of the control (and node) keys."""
+
+    def __init__(self, backend: EtcdV2Backend, after: int, *, nodes: bool) -> None:
+        self.backend = backend
+        self.keys = backend.keys
+        self.nodes = nodes
+        self.path = self.keys.watched if nodes else self.keys.ctl
+        self.next = after + 1
+        self.known: set[str] = set()  # node ids seen present, to replay deletions on a resync
+        self._failing_since: float | None = None
+
+    def fetch(self, wait: float) -> list[Change] | None:
+        try:
+            event = self.backend.client.watch(self.path, self.next, wait)
+        except etcd.EtcdWatchTimedOut:
+            return None
+        except etcd.EtcdEventIndexCleared:
+            return self._resync()
+        except (EtcdV2Error, etcd.EtcdException) as exc:
+            return self._failed(exc)
+        self._failing_since = None
+        self.next = event.modifiedIndex + 1
+        if event.dir:
+            return self._resync()  # a directory went (e.g. `rdzv clean`): look at what is left
+        value = None if event.action in REMOVED else event.value
+        nodes_dir = self.keys.nodes + "/"
+        if event.key.startswith(nodes_dir):
+            node_id = event.key[len(nodes_dir) :]
+            if value is None:
+                self.known.discard(node_id)
+                return [NodeChange(node_id, None)]
+            self.known.add(node_id)
+            return [NodeChange(node_id, NodeEntry(NodeInfo.decode(value), event.createdIndex))]
+        key = event.key
+        return [lambda control: self.backend.apply_control(control, key, value)]
+
+    def _failed(self, exc: Exception) -> list[Change] | None:
+        # Ride out a short outage (leader change, restart); give up after read_timeout.
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since > self.backend.settings.read_timeout:
+            raise RendezvousConnectionError(f"{self.backend.describe()}: watch failed: {exc}") from exc
+        time.sleep(0.2)
+        return None
+
+    def _resync(self) -> list[Change]:
+        fresh, index = self.backend.read_control()
+        changes: list[Change] = [lambda control: control.__dict__.update(fresh.__dict__)]
+        if self.nodes:
+            nodes, _ = self.backend.read_nodes()
+            changes += [NodeChange(nid, None) for nid in self.known - nodes.keys()]
+            changes += [NodeChange(nid, entry) for nid, entry in nodes.items()]
+            self.known = set(nodes)
+        self.next = index + 1  # the node read came later: replaying the gap is harmless
+        return changes
+
+
+def _store_ttl(settings: RendezvousSettings) -> float:
+    raw = settings.extra.get("store_ttl")
+    if raw in (None, ""):
+        return DEFAULT_STORE_TTL
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"rendezvous setting store_ttl={raw!r} is not a number of seconds") from None
+    if value < 60:
+        raise ConfigError(f"rendezvous setting store_ttl={raw!r} must be at least 60 seconds")
+    return value
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Creator for `--rdzv-backend=etcd-v2` (rdzv-launch) and `rdzv-etcd-v2` (torchrun)."""
+    settings = parse_settings(params, default_port=2379)
+    client = EtcdV2Client.shared(settings)
+    try:
+        client.check(settings.run_prefix)
+    except BaseException:
+        client.close()
+        raise
+    backend = EtcdV2Backend(settings, client)
+    handler = RdzvHandler(settings, backend)
+    backend.open_session()
+    return handler

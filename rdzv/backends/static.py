@@ -1,0 +1,114 @@
+"""The static backend: a fixed group of N nodes with fixed node ranks, no elasticity.
+
+Each node is started with its node rank (`--node-rank`, ``rank`` in --rdzv-conf); node rank 0
+serves a TCPStore at ``master_addr:master_port`` (default port 29500) and the others connect to
+it. A round forms when all N = min_nodes = max_nodes nodes are there, through the same
+algorithm and store layout as the c10d backend, so timeouts, closing and errors read the same.
+What it does not do (its `capabilities` are empty):
+
+* no elasticity: min_nodes must equal max_nodes and `num_nodes_waiting()` is always 0, so a
+  running group is never asked to restart for a node; a restart happens when every node
+  re-rendezvouses (as torch's agent does after its workers fail);
+* no spares: a node whose rank is already in the running group is refused;
+* no liveness: nodes send no heartbeats and a dead node is not noticed by the rendezvous (the
+  job fails through its workers), which also means no heartbeat traffic at all;
+* not durable: the store lives in node rank 0's process; if it dies, the others fail with a
+  connection error naming the endpoint.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+)
+
+from rdzv.backends.c10d import C10dBackend, single_endpoint
+from rdzv.backends.c10d_store import OpCounts, StoreConnection, connect_store, serve_store
+from rdzv.rendezvous.handler import RdzvHandler
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
+
+DEFAULT_PORT = 29500
+
+HINT = ". The static rendezvous store lives in node rank 0's process; the job cannot go on without it."
+
+
+class StaticBackend(C10dBackend):
+    name = "static"
+    capabilities: frozenset[str] = frozenset()
+
+
+class StaticHandler(RdzvHandler):
+    """Checks that the group gave this node the rank it was started with."""
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = super().next_rendezvous()
+        wanted = self.settings.rank_hint
+        if info.rank != wanted:
+            raise RendezvousError(
+                f"static rendezvous '{self.settings.run_id}': node rank {wanted} was given to "
+                f"more than one node (this one got rank {info.rank}); start each node with its "
+                "own --node-rank"
+            )
+        return info
+
+
+def check_settings(settings: RendezvousSettings) -> int:
+    """The node rank, after checking that the settings describe a fixed group."""
+    if settings.min_nodes != settings.max_nodes:
+        raise ConfigError(
+            f"the static backend needs a fixed number of nodes (--nnodes=N), got "
+            f"{settings.min_nodes}:{settings.max_nodes}; use the etcd or c10d backend for an "
+            "elastic job"
+        )
+    rank = settings.rank_hint
+    if rank is None:
+        raise ConfigError("the static backend needs this node's rank: --node-rank=N (rank=N in --rdzv-conf)")
+    if not 0 <= rank < settings.max_nodes:
+        raise ConfigError(
+            f"node rank {rank} is outside 0..{settings.max_nodes - 1} for a static group of "
+            f"{settings.max_nodes} node(s)"
+        )
+    return rank
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Creator for `--rdzv-backend=static` (rdzv-launch) and `rdzv-static` (torchrun)."""
+    settings = parse_settings(params, default_port=DEFAULT_PORT)
+    rank = check_settings(settings)
+    host, port = single_endpoint(settings, "static")
+    where = f"static rendezvous store {host}:{port} (node rank 0)"
+    if rank == 0:
+        # Node rank 0 serves the store from the start, so the others can connect at once.
+        try:
+            store = serve_store(port, settings.read_timeout)
+        except RuntimeError as exc:
+            raise RendezvousConnectionError(
+                f"{where}: node rank 0 cannot serve the store on port {port}: "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from exc
+
+        def opener(counts: OpCounts) -> StoreConnection:
+            return StoreConnection(store, where, counts, hint=HINT)
+
+    else:
+
+        def opener(counts: OpCounts) -> StoreConnection:
+            # Connecting is part of the rendezvous: wait for node rank 0 as long as a join may.
+            try:
+                store = connect_store(host, port, settings.join_timeout)
+            except RuntimeError as exc:
+                raise RendezvousConnectionError(
+                    f"{where}: node rank {rank} could not connect within {settings.join_timeout:g} s "
+                    f"(join_timeout): {str(exc).strip().splitlines()[0]}. Is node rank 0 running "
+                    "there (--master-addr/--master-port)?"
+                ) from exc
+            return StoreConnection(store, where, counts, hint=HINT)
+
+    backend = StaticBackend(settings, opener, where=where)
+    if rank == 0:
+        _ = backend.conn  # set the run's keys up before anyone joins
+    return StaticHandler(settings, backend)
