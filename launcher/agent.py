@@ -152,14 +152,6 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         **configs,
     )
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = s.signals_to_handle
-    if s.max_restarts > 0 or s.min_nodes < s.max_nodes:
-        # torch 2.13's dynamic handlers (c10d, etcd-v2) share one agent TCPStore with the workers
-        # for the whole run, but workers assume a fresh store per attempt: after a restart gloo
-        # reads the dead attempt's peer addresses and fails or hangs. A store per attempt (hosted
-        # by rank 0's worker) avoids that. Runs that cannot restart keep torch's default, since a
-        # worker-hosted store can abort at exit in scripts that skip destroy_process_group().
-        # Our own handlers never share and ignore this; the user's setting wins.
-        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         handler = create_handler(params)
     except (ValueError, TypeError, KeyError) as exc:
