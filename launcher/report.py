@@ -32,6 +32,9 @@ class Reporter:
             line = f"{self.prog}: {message}"
         else:
             line = f"{self.prog}: {level}: {message}"
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
         stream = self._stream or sys.stderr
         with self._lock:
             stream.write(line + "\n")
@@ -64,9 +67,7 @@ class ReporterLogHandler(logging.Handler):
                 self.reporter.emit("torch_log", message, level, always=True, logger=record.name)
             else:
                 # Keep torch's own messages recognisable and never silenced by --quiet.
-                stream = sys.stderr
-                stream.write(f"[{record.levelname[0]} {record.name}] {message}\n")
-                stream.flush()
+                self.reporter.write_line(f"[{record.levelname[0]} {record.name}] {message}")
         except Exception:
             self.handleError(record)
 

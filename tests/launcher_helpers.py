@@ -11,13 +11,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from etcd_harness import free_port as free_port  # re-exported for the launcher tests
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "launcher.cli"]
@@ -60,12 +61,6 @@ def write_script(directory: Path, name: str, body: str) -> Path:
     path = directory / name
     path.write_text(body)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
