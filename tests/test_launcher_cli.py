@@ -345,3 +345,16 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     code = "import sys; from launcher import cli; cli.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_nproc_per_node_words() -> None:
+    import os
+
+    import torch
+
+    from launcher.agent import resolve_nproc
+
+    cpus = len(os.sched_getaffinity(0))
+    assert resolve_nproc("3") == 3
+    assert resolve_nproc("cpu") == cpus
+    assert resolve_nproc("auto") == (torch.cuda.device_count() or cpus), "visible GPUs, else CPUs"
