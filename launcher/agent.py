@@ -161,6 +161,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         raise
     except Exception as exc:
         raise LaunchFailed(f"cannot set up the {s.backend} rendezvous at {s.endpoint}: {type(exc).__name__}: {exc}") from None
+    # The handler holds the etcd password now; workers must not inherit it (/proc/<pid>/environ).
+    os.environ.pop(str(s.rdzv_configs.get("password_env") or "RDZV_ETCD_PASSWORD"), None)
     where = f"{s.backend} at {s.endpoint}"
     reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
 

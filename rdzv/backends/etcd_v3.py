@@ -37,6 +37,7 @@ from rdzv.etcd import (
     EtcdConnectionError,
     EtcdError,
     EtcdLeaseNotFoundError,
+    EtcdTLSError,
     Op,
     Session,
     prefix_end,
@@ -85,6 +86,8 @@ def _etcd_errors(where: str) -> Iterator[None]:
     """Client errors become torch's rendezvous errors, naming the etcd endpoints."""
     try:
         yield
+    except EtcdTLSError as exc:
+        raise RendezvousConnectionError(f"{where}: TLS handshake failed: {exc}") from exc
     except EtcdAuthError as exc:
         raise RendezvousConnectionError(f"{where}: authentication/authorization failed: {exc}") from exc
     except (EtcdConnectionError, EtcdError) as exc:
