@@ -6,8 +6,10 @@
 For each backend and N it reports the median time from a common start instant to the last
 node leaving next_rendezvous(), the handler-creation time, and etcd writes per node (raft
 proposals committed, read from etcd's /metrics before handler creation and after formation,
-so lease grants count). torch's own handlers run side by side in the same run; a run that
-fails or does not form within the timeout is recorded as a failure with its error.
+so lease grants count; for our c10d, which has no etcd, the TCPStore operations its nodes
+issued, counted by the backend, writes with reads in parentheses). torch's own handlers run
+side by side in the same run; a run that fails or does not form within the timeout is recorded
+as a failure with its error.
 """
 
 from __future__ import annotations
@@ -121,7 +123,13 @@ def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
         alive = sum(t.is_alive() for t in threads)
         if alive:
             join_errors.append(f"{alive} node(s) still waiting at the timeout")
-        results.put(("formed", start, max(finish) if finish else None, len(finish), join_errors[:1]))
+        ops = [0, 0]  # store writes, reads (backends that count them: our c10d)
+        for h in handlers:
+            counts = getattr(getattr(h, "backend", None), "counts", None)
+            if counts is not None:
+                ops[0] += counts.writes
+                ops[1] += counts.reads
+        results.put(("formed", start, max(finish) if finish else None, len(finish), join_errors[:1], ops))
         done.wait()
         closers = [threading.Thread(target=_shutdown, args=(h,), daemon=True) for h in handlers]
         for t in closers:
@@ -150,6 +158,7 @@ class Result:
     form_s: float | None
     writes_per_node: float | None
     error: str | None
+    reads_per_node: float | None = None
 
 
 def run_one(pool, label: str, kind: str, n: int, endpoint: str, metrics_url: str, conf: dict) -> Result:
@@ -180,7 +189,11 @@ def run_one(pool, label: str, kind: str, n: int, endpoint: str, metrics_url: str
     start = min(f[1] for f in formed)
     end = max(f[2] for f in formed)
     writes = (after - before) / n if before >= 0 and "etcd" in kind else None
-    return Result(label, n, create_s, end - start, writes, None)
+    reads = None
+    if kind == "rdzv:c10d":
+        writes = sum(f[5][0] for f in formed) / n
+        reads = sum(f[5][1] for f in formed) / n
+    return Result(label, n, create_s, end - start, writes, None, reads)
 
 
 pool_events: tuple = ()
@@ -276,6 +289,8 @@ def _median(results: list[Result]) -> Result:
         statistics.median(r.writes_per_node for r in ok if r.writes_per_node is not None)
         if any(r.writes_per_node is not None for r in ok) else None,
         None,
+        statistics.median(r.reads_per_node for r in ok if r.reads_per_node is not None)
+        if any(r.reads_per_node is not None for r in ok) else None,
     )
 
 
@@ -284,12 +299,13 @@ def table(rows: list[Result], args: argparse.Namespace) -> str:
         f"Formation, min = max = N, {args.procs} processes x N/{args.procs} threads, one local etcd {args.etcd}, "
         f"medians of {args.repeats} (a failure is shown once), {os.cpu_count()} CPUs.",
         "",
-        "| backend | N | handler creation (s) | time to form (s) | etcd writes per node | result |",
+        "| backend | N | handler creation (s) | time to form (s) | writes per node | result |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.label} | {r.n} | {_fmt(r.create_s)} | {_fmt(r.form_s)} | {_fmt(r.writes_per_node)} | "
+            f"| {r.label} | {r.n} | {_fmt(r.create_s)} | {_fmt(r.form_s)} | {_fmt(r.writes_per_node)}"
+            f"{'' if r.reads_per_node is None else f' ({_fmt(r.reads_per_node)} reads)'} | "
             f"{'formed' if r.error is None else 'FAILED: ' + r.error.replace('|', '/')} |"
         )
     return "\n".join(lines)

@@ -301,8 +301,9 @@ def test_losing_the_first_node(backend: Backend) -> None:
                 assert g.join_all([other])[0].world_size == 1
                 return
             port = backend.endpoint.rsplit(":", 1)[1]
-            with pytest.raises(RendezvousConnectionError, match=port):
+            with pytest.raises(RendezvousConnectionError, match=port) as info:
                 other.next_rendezvous()
+            assert "lives in" in str(info.value), "the error says why: one node held the store"
     finally:
         first.stop()
 

@@ -77,7 +77,6 @@ ROUND_STORE_TIMEOUT = 300.0
 # A feed's reader blocks this long per wait. Nothing relies on the wait ending (close wakes
 # it, holes are mended by the ticker); it only bounds how long a forgotten reader lingers.
 READ_WAIT = 3600.0
-_CHECK_ALL = "*"  # a watch role: check every node's heartbeat
 
 SPOF_HINT = (
     ". The c10d store lives in the process of the node that hosts it; without it the "
@@ -152,7 +151,8 @@ class C10dBackend:
         self._hb_last: int | None = None  # our heartbeat counter, None until the first announce
         self._lost = False
         self._pulse: int | None = None
-        self._roles: dict[object, str | frozenset[str]] = {}  # whose heartbeats to check, per feed
+        self._roles: dict[object, frozenset[str]] = {}  # coordinators waited for, per feed
+        self._sealed: RoundRecord | None = None  # latest sealed round seen: who checks whom
         self._readers: set[LogReader] = set()  # open feeds' readers, mended by the ticker
         self._seen: dict[str, tuple[bytes, float]] = {}  # node id -> (counter, since when)
         self._last_warning = 0.0
@@ -168,6 +168,9 @@ class C10dBackend:
                 if self._conn is None:
                     conn = self._opener(self.counts)
                     self._keys = self._prepare(conn)
+                    # The connection the first feed blocks on, opened now so that forming a
+                    # round opens none (each new connection costs the server a name lookup).
+                    self._spare_conns.append(conn.clone())
                     self._conn = conn
                     self._pulse = Ticker.shared().add(self.settings.lease_ttl / 3, self._beat)
         return self._conn
@@ -258,13 +261,18 @@ class C10dBackend:
     def _check_heartbeats(self) -> None:
         keys, conn = self.keys, self.conn
         with self._lock:
-            me = self._node_id
-            roles = list(self._roles.values())
-            everyone = self._claim is not None or _CHECK_ALL in roles
+            me, sealed = self._node_id, self._sealed
+            rank = sealed.rank_of(me) if sealed is not None and me is not None else None
+            # The coordinator of a forming round and rank 0 of the running one check everyone;
+            # other members check rank 0, waiting nodes the coordinator they wait for.
+            everyone = self._claim is not None or rank == 0
+            targets = {i for r in self._roles.values() for i in r}
+            if rank is not None and sealed is not None:
+                targets.add(sealed.ids[0])
         if everyone:
             ids = [i for i in conn.get(keys.ids).decode().split() if i != me]
         else:
-            ids = sorted({i for r in roles if r != _CHECK_ALL for i in r} - {me})
+            ids = sorted(targets - {me})
         if not ids:
             return
         counters = conn.multi_get([keys.hb(i) for i in ids])
@@ -319,12 +327,18 @@ class C10dBackend:
         if name.startswith("claim/"):
             round_no = int(name[len("claim/") :])
             return lambda control: _apply_claim(control, round_no, raw)
-        return lambda control: apply_state(control, raw.decode())
+        return lambda control: self._apply_state(control, raw)
+
+    def _apply_state(self, control: Control, raw: bytes) -> None:
+        apply_state(control, raw.decode())
+        with self._lock:
+            if control.sealed is not None and (self._sealed is None or control.sealed.round >= self._sealed.round):
+                self._sealed = control.sealed
 
     def read_control(self) -> tuple[Control, int]:
         cursor, (state,) = self._position(self.keys.state)
         control = Control()
-        apply_state(control, state.decode())
+        self._apply_state(control, state)
         # A forming round is always the one after the sealed one: its claim is all we need.
         claim = self.keys.full(self.keys.claim(control.round + 1))
         if self.conn.check([claim]):
@@ -389,11 +403,11 @@ class C10dBackend:
             values = conn.multi_get([keys.full(n) for n in unique])
             return [self.decode(n, v) for n, v in zip(unique, values, strict=True)]
 
-        role = self._role(control, nodes)
         with self._lock:
             self._readers.add(reader)
-            if role is not None:
-                self._roles[reader] = role
+            if not nodes and LIVENESS in self.capabilities:
+                # Waiting for a seal: the coordinator must stay alive to make it.
+                self._roles[reader] = frozenset(c for c in control.coordinators.values() if c != self._node_id)
 
         def close() -> None:
             with self._lock:
@@ -415,17 +429,6 @@ class C10dBackend:
             on_exit=exit_,
         )
 
-    def _role(self, control: Control, nodes: bool) -> str | frozenset[str] | None:
-        """Whose heartbeats this node checks while the feed is open."""
-        if LIVENESS not in self.capabilities:
-            return None
-        sealed, me = control.sealed, self._node_id
-        if nodes and sealed is not None and me is not None and sealed.rank_of(me) is not None:
-            return _CHECK_ALL if sealed.rank_of(me) == 0 else frozenset({sealed.ids[0]})
-        if not nodes:  # waiting for a seal: the coordinator must be alive to make it
-            return frozenset(c for c in control.coordinators.values() if c != me)
-        return None  # the coordinator's feed: `_claim` makes it check everyone
-
     def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
         keys, conn = self.keys, self.conn
         # Members watch from just before the seal, so nothing after it can be missed.
@@ -439,6 +442,7 @@ class C10dBackend:
         self._log("state", control=True)
         with self._lock:
             self._claim = None
+            self._sealed = sealed
         return sealed
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
@@ -501,11 +505,70 @@ class C10dBackend:
                 self._spare_conns.clear()
 
     def round_store(self, record: RoundRecord) -> Store:
+        return RoundStore(lambda: PrefixStore(self.keys.store(record.round), self._agent_store()))
+
+    def _agent_store(self) -> TCPStore:
         # Its own connection: the agent blocks on it (barriers) without holding up ours.
-        if self._round_conn is None:
-            self._round_conn = self.conn.clone()
-            self._round_conn.store.set_timeout(timedelta(seconds=ROUND_STORE_TIMEOUT))
-        return PrefixStore(self.keys.store(record.round), self._round_conn.store)
+        with self._lock:
+            if self._round_conn is None:
+                self._round_conn = self.conn.clone()
+                self._round_conn.store.set_timeout(timedelta(seconds=ROUND_STORE_TIMEOUT))
+            return self._round_conn.store
+
+
+class RoundStore(Store):
+    """A round's store that connects on first use: every new TCPStore connection costs the
+    server a reverse DNS lookup of the peer, so callers that never use it (the formation
+    benchmark, a spare that exits) should not pay for one."""
+
+    def __init__(self, open_store: Callable[[], Store]) -> None:
+        super().__init__()
+        self._open = open_store
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _inner(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = self._open()
+            return self._store
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self._inner.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._inner.get(key)
+
+    def add(self, key: str, amount: int) -> int:
+        return self._inner.add(key, amount)
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        return self._inner.compare_set(key, expected, desired)
+
+    def append(self, key: str, value: str | bytes) -> None:
+        self._inner.append(key, value)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._inner.check(keys)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        if timeout is None:
+            self._inner.wait(keys)
+        else:
+            self._inner.wait(keys, timeout)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return self._inner.multi_get(keys)
+
+    def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
+        self._inner.multi_set(keys, values)
+
+    def delete_key(self, key: str) -> bool:
+        return self._inner.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self._inner.num_keys()
 
 
 def _apply_claim(control: Control, round_no: int, raw: bytes) -> None:
@@ -566,13 +629,10 @@ def open_c10d(settings: RendezvousSettings) -> tuple[Callable[[OpCounts], StoreC
     if port == 0:
         raise ConfigError("c10d endpoint port 0 means 'pick a free port' and works only on the node that hosts the store")
     where = f"c10d store {host}:{port}"
-    try:
-        store = connect_store(host, port, settings.read_timeout)
-    except RuntimeError as exc:
-        raise RendezvousConnectionError(
-            f"{where}: cannot connect within {settings.read_timeout:g} s (read_timeout): "
-            f"{str(exc).strip().splitlines()[0]}. Is the node that hosts it running?"
-        ) from exc
+    store = connect_store(
+        host, port, settings.read_timeout, where=where,
+        advice="Is the node that serves it running? (read_timeout bounds the connect)",
+    )
     return _ready(store, where), where
 
 

@@ -174,14 +174,21 @@ def serve_store(port: int, timeout: float) -> TCPStore:
     )
 
 
-def connect_store(host: str, port: int, timeout: float) -> TCPStore:
-    """Connect to a store served elsewhere; TCPStore retries the connect until `timeout`."""
-    return _connect(
-        lambda: TCPStore(host.strip("[]"), port, is_master=False, timeout=timedelta(seconds=timeout)),
-        f"store {host}:{port}",
-        host,
-        port,
-    )
+def connect_store(host: str, port: int, timeout: float, *, where: str, advice: str) -> TCPStore:
+    """Connect to a store served elsewhere; TCPStore retries the connect until `timeout`.
+    A failure says where, how long we tried and what to check (`advice`)."""
+    try:
+        return _connect(
+            lambda: TCPStore(host.strip("[]"), port, is_master=False, timeout=timedelta(seconds=timeout)),
+            where,
+            host,
+            port,
+        )
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousConnectionError(
+            f"{where}: cannot connect within {timeout:g} s: {first}. {advice}"
+        ) from exc
 
 
 class ChangeLog:
@@ -234,7 +241,9 @@ class LogReader:
                 return None
         finally:
             self._waiting = False
-        head = int(self.conn.get(self.log.seq))  # slots up to head are reserved
+        if self._stopped:
+            return None
+        head = self.conn.add(self.log.seq, 0)  # slots up to head are reserved (add: never blocks)
         slots = [self.log.slot(n) for n in range(self.next, max(head, self.next) + 1)]
         # Reserved slots are written an instant later; if one lags, take only the first now.
         if len(slots) > 1 and not self.conn.check(slots):

@@ -117,7 +117,7 @@ class EtcdV2Backend:
         self._node_id: str | None = None
         self._lock = threading.Lock()
         self._owned: set[str] = set()  # keys this node keeps alive (its node key and claims)
-        self._leading: set[object] = set()  # reasons to keep the state document alive
+        self._leading: set[str] = set()  # why we keep the state document alive (role names)
         self._lost = False
         self._keeper: int | None = None
 
@@ -155,6 +155,13 @@ class EtcdV2Backend:
             with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
                 self.client.refresh(self.keys.state, self.run_ttl)
 
+    def _follow(self, sealed: RoundRecord | None) -> None:
+        """The first ranks of the latest sealed round keep the state document alive; every
+        read or feed of the state says whether that is (still) us."""
+        me = self._node_id
+        rank = sealed.rank_of(me) if sealed is not None and me is not None else None
+        self._lead("member", rank is not None and rank < LEADER_RANKS)
+
     def _own(self, key: str, owned: bool = True) -> None:
         with self._lock:
             if owned:
@@ -162,7 +169,7 @@ class EtcdV2Backend:
             else:
                 self._owned.discard(key)
 
-    def _lead(self, reason: object, leading: bool) -> None:
+    def _lead(self, reason: str, leading: bool) -> None:
         with self._lock:
             if leading:
                 self._leading.add(reason)
@@ -174,6 +181,7 @@ class EtcdV2Backend:
         keys = self.keys
         if key == keys.state:
             apply_state(control, value)
+            self._follow(control.sealed)
         elif key.startswith(keys.coord_dir):
             round_no = int(key[len(keys.coord_dir) :])
             if value is None:
@@ -246,17 +254,8 @@ class EtcdV2Backend:
 
     def watch(self, after: int, control: Control, *, nodes: bool) -> PumpedFeed:
         watcher = _Watcher(self, after, nodes=nodes)
-        sealed = control.sealed
-        rank = sealed.rank_of(self._node_id) if sealed is not None and self._node_id else None
-        # Members of the first ranks keep the run's state document alive while they run.
-        if rank is not None and rank < LEADER_RANKS:
-            self._lead(watcher, True)
         return PumpedFeed(
-            control,
-            watcher.fetch,
-            wait=WATCH_WAIT,
-            name=f"rdzv-v2-watch-{self.settings.run_id}",
-            on_close=lambda: self._lead(watcher, False),
+            control, watcher.fetch, wait=WATCH_WAIT, name=f"rdzv-v2-watch-{self.settings.run_id}"
         )
 
     def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
@@ -278,6 +277,7 @@ class EtcdV2Backend:
             except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
                 return None
         self._lead("coordinator", False)
+        self._follow(sealed)
         self._release(coord, coordinator)
         self._drop(keys.lastcall(record.round))
         if control.sealed is not None:

@@ -190,26 +190,29 @@ def _reason(exc: BaseException) -> str:
     return str(reason or cause)
 
 
+def explain(where: str, exc: Exception) -> RendezvousConnectionError:
+    """torch's rendezvous error for an etcd v2 failure, naming the endpoints and what to do."""
+    if isinstance(exc, etcd.EtcdInsufficientPermissions):
+        detail = (f"authentication/authorization failed: {exc} (user and password: user= in "
+                  "--rdzv-conf, password in RDZV_ETCD_PASSWORD or password_file=)")
+    elif no_v2_api(exc):
+        detail = ("the server has no v2 API (HTTP 404 on /v2/keys). Start etcd with --enable-v2 "
+                  "(etcd 3.4/3.5; the v2 API is gone in 3.6), or use --rdzv-backend=etcd, which "
+                  "speaks the v3 API.")
+    elif isinstance(exc, EtcdV2Error):
+        detail = str(exc)
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return RendezvousConnectionError(f"{where}: {detail}")
+
+
 @contextlib.contextmanager
 def v2_errors(where: str) -> Iterator[None]:
-    """Errors nobody handled become torch's rendezvous errors naming the endpoints."""
+    """Failures nobody handled leave as `explain`ed rendezvous errors."""
     try:
         yield
-    except EtcdV2Error as exc:
-        raise RendezvousConnectionError(f"{where}: {exc}") from exc
-    except etcd.EtcdInsufficientPermissions as exc:
-        raise RendezvousConnectionError(
-            f"{where}: authentication/authorization failed: {exc} (user and password: "
-            "user= in --rdzv-conf, password in RDZV_ETCD_PASSWORD or password_file=)"
-        ) from exc
-    except etcd.EtcdException as exc:
-        if no_v2_api(exc):
-            raise RendezvousConnectionError(
-                f"{where}: the server has no v2 API (HTTP 404 on /v2/keys). Start etcd with "
-                "--enable-v2 (etcd 3.4/3.5; the v2 API is gone in 3.6), or use "
-                "--rdzv-backend=etcd, which speaks the v3 API."
-            ) from exc
-        raise RendezvousConnectionError(f"{where}: {type(exc).__name__}: {exc}") from exc
+    except (EtcdV2Error, etcd.EtcdException) as exc:
+        raise explain(where, exc) from exc
 
 
 class EtcdV2Store(Store):

@@ -98,14 +98,11 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
         def opener(counts: OpCounts) -> StoreConnection:
             # Connecting is part of the rendezvous: wait for node rank 0 as long as a join may.
-            try:
-                store = connect_store(host, port, settings.join_timeout)
-            except RuntimeError as exc:
-                raise RendezvousConnectionError(
-                    f"{where}: node rank {rank} could not connect within {settings.join_timeout:g} s "
-                    f"(join_timeout): {str(exc).strip().splitlines()[0]}. Is node rank 0 running "
-                    "there (--master-addr/--master-port)?"
-                ) from exc
+            store = connect_store(
+                host, port, settings.join_timeout, where=where,
+                advice=f"Node rank {rank} waited join_timeout for node rank 0: is it running "
+                "there (--master-addr/--master-port)?",
+            )
             return StoreConnection(store, where, counts, hint=HINT)
 
     backend = StaticBackend(settings, opener, where=where)
