@@ -12,6 +12,7 @@ the --rdzv-conf settings (cacert, cert, key, user, password, timeout) as the han
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +37,9 @@ class NotAvailable(click.ClickException):
 
 def _inspect() -> ModuleType:
     try:
-        import rdzv.inspect as inspect_module
+        # import_module reads sys.modules, so a stand-in installed there is honoured even
+        # after the real module was imported once (which sets the package attribute).
+        inspect_module = importlib.import_module("rdzv.inspect")
     except ModuleNotFoundError as exc:
         if exc.name in ("rdzv.inspect", "rdzv"):
             raise NotAvailable(
@@ -114,7 +117,7 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
                      metavar="HOST:PORT[,...]", help="etcd endpoint(s). [env: PET_RDZV_ENDPOINT]"),
         click.option("--prefix", default=None, metavar="PATH", help="Key prefix of the runs (default: the handler's)."),
         click.option("--rdzv-conf", "--rdzv_conf", "conf", envvar="PET_RDZV_CONF", default="", metavar="K=V,...",
-                     help="Connection settings as for rdzv-launch (TLS files, user, password). [env: PET_RDZV_CONF]"),
+                     help="Connection settings as for rdzv-launch (TLS files, user; the password from $RDZV_ETCD_PASSWORD or password_file=PATH). [env: PET_RDZV_CONF]"),
     )
     for option in reversed(list(options)):
         fn = option(fn)

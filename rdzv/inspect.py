@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from typing import Any
 
 from rdzv.etcd import EtcdClient, EtcdError
@@ -15,7 +16,18 @@ from rdzv.rendezvous.model import NodeInfo, RoundRecord
 DEFAULT_PREFIX = "/rdzv"
 
 
+def _password(conn: dict[str, Any]) -> str | None:
+    """As the handler reads it: a password file, else $RDZV_ETCD_PASSWORD (or password_env)."""
+    if conn.get("password"):
+        return str(conn["password"])
+    if conn.get("password_file"):
+        with open(str(conn["password_file"]), encoding="utf-8") as fh:
+            return fh.read().strip("\r\n")
+    return os.environ.get(str(conn.get("password_env") or "RDZV_ETCD_PASSWORD"))
+
+
 def _client(endpoint: str, conn: dict[str, Any]) -> EtcdClient:
+    user = conn.get("user")
     return EtcdClient(
         endpoint,
         timeout=float(conn.get("timeout") or 5.0),
@@ -24,8 +36,8 @@ def _client(endpoint: str, conn: dict[str, Any]) -> EtcdClient:
         cert=conn.get("cert"),
         key=conn.get("key"),
         tls=conn.get("tls"),
-        user=conn.get("user"),
-        password=conn.get("password"),
+        user=user,
+        password=_password(conn) if user else None,
     )
 
 
