@@ -57,15 +57,33 @@ class _Membership:
     """What a member knows about its round, maintained from the change feed (no requests)."""
 
     record: RoundRecord
-    feed: ChangeFeed
+    backend: RendezvousBackend
+    watch_nodes: bool
+    _feed: ChangeFeed | None = None
     lost: set[str] = field(default_factory=set)
     rejoining: set[str] = field(default_factory=set)
     newcomers: set[str] = field(default_factory=set)
 
+    @property
+    def feed(self) -> ChangeFeed:
+        # Opened on first use, off the formation path: it replays from the seal anyway.
+        if self._feed is None:
+            self._feed = self.backend.watch(
+                self.record.revision, Control(sealed=self.record), nodes=self.watch_nodes
+            )
+        return self._feed
+
     def drain(self) -> None:
-        changes = self.feed.poll(0)
-        for change in changes or ():
-            self.apply(change.node_id, change.entry)
+        while True:
+            changes = self.feed.poll(0)
+            if changes is None:
+                return
+            for change in changes:
+                self.apply(change.node_id, change.entry)
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
 
     def apply(self, node_id: str, entry: NodeEntry | None) -> None:
         members = self.record.ids
@@ -165,8 +183,7 @@ class Rendezvous:
         """Start watching for departures and newcomers after joining `record`."""
         # A fixed group (no ELASTIC) only needs the control changes, e.g. to see a close.
         elastic = ELASTIC in self.backend.capabilities
-        feed = self.backend.watch(record.revision, Control(sealed=record), nodes=elastic)
-        self._membership = _Membership(record=record, feed=feed)
+        self._membership = _Membership(record=record, backend=self.backend, watch_nodes=elastic)
 
     def num_nodes_waiting(self) -> int:
         """Nodes the current group should make room for (answered from local state)."""
@@ -378,7 +395,7 @@ class Rendezvous:
 
     def _end_membership(self) -> None:
         if self._membership is not None:
-            self._membership.feed.close()
+            self._membership.close()
             self._membership = None
 
     def _report(self, target: int, control: Control, joined: int | None, role: str) -> None:
