@@ -9,25 +9,36 @@ replace. Each creator builds its own backend whatever name torchrun was given, a
 
 from __future__ import annotations
 
-from rdzv.registry import BACKENDS, HandlerCreator, create_handler
+from collections.abc import Callable
+from typing import Any
+
+# torch imports this module while its rendezvous package is still initialising (that is when it
+# scans entry points), so nothing here may import rdzv.registry or torch at module level.
+HandlerCreator = Callable[[Any], Any]
+
+
+def _create(params: Any) -> Any:  # noqa: ANN401 - torch's RendezvousParameters -> handler
+    from rdzv.registry import create_handler
+
+    return create_handler(params)
 
 
 def etcd_v3_creator() -> HandlerCreator:
     """`torchrun --rdzv-backend=etcd-v3`: our etcd v3 handler."""
-    return create_handler
+    return _create
 
 
 def etcd_v2_creator() -> HandlerCreator:
     """`torchrun --rdzv-backend=rdzv-etcd-v2`: our etcd v2 handler."""
-    return BACKENDS["etcd-v2"]
+    return _create
 
 
 def c10d_creator() -> HandlerCreator:
     """`torchrun --rdzv-backend=rdzv-c10d`: our TCPStore handler."""
-    return BACKENDS["c10d"]
+    return _create
 
 
 def static_creator() -> HandlerCreator:
     """`torchrun --rdzv-backend=rdzv-static --rdzv-conf=rank=N`: our static handler (torchrun
     passes --node-rank only to its own `static`, so give the rank in --rdzv-conf)."""
-    return BACKENDS["static"]
+    return _create

@@ -128,6 +128,9 @@ class Ticker:
                     heapq.heappush(self._heap, (started + interval, token))
 
 
+CLOSE_JOIN_TIMEOUT = 5.0
+
+
 class PumpedFeed:
     """A `ChangeFeed` filled by a daemon thread that calls `fetch(wait)` in a loop.
 
@@ -206,3 +209,7 @@ class PumpedFeed:
         self._closed = True
         if self._on_close is not None:
             self._on_close()
+        # With a waker (c10d) the pump leaves the store at once: wait for it (bounded), as a
+        # thread still inside a TCPStore call at interpreter exit aborts the process.
+        if self._on_close is not None and self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_JOIN_TIMEOUT)
