@@ -116,6 +116,7 @@ class EtcdChangeFeed:
             return None
         out: list[NodeChange] = []
         for event in events:
+            self.control.seen = max(self.control.seen, event.kv.mod_revision)
             key = event.kv.key.decode()
             if key.startswith(self._keys.nodes):
                 node_id = key[len(self._keys.nodes) :]

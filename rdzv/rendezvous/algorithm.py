@@ -20,6 +20,7 @@ leaves. After formation each member watches the node records: a member whose rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -69,7 +70,7 @@ class _Membership:
         # Opened on first use, off the formation path: it replays from the seal anyway.
         if self._feed is None:
             self._feed = self.backend.watch(
-                self.record.revision, Control(sealed=self.record), nodes=self.watch_nodes
+                self.record.watch_from, Control(sealed=self.record), nodes=self.watch_nodes
             )
         return self._feed
 
@@ -242,7 +243,7 @@ class Rendezvous:
     # ----------------------------------------------------------------- coordinating
     def _coordinate(self, target: int, control: Control, cursor: int, deadline: float) -> Control:
         s = self.settings
-        nodes, _ = self.backend.read_nodes()
+        nodes, nodes_cursor = self.backend.read_nodes()
         # Watch from the announce: events between it and the snapshot replay to the same state,
         # and control changes in that window are not missed.
         feed = self.backend.watch(cursor, control, nodes=True)
@@ -280,6 +281,10 @@ class Rendezvous:
                     last_call = None
                 if seal_now:
                     record = self._make_record(target, eligible, previous, live_prev)
+                    # Our view ends at the snapshot or the last change seen, whichever is later
+                    # (only backends with comparable cursors set `seen`).
+                    since = max(control.seen, nodes_cursor) if control.seen else 0
+                    record = dataclasses.replace(record, since=since)
                     sealed = self.backend.seal(control, record, self.node_id)
                     if sealed is not None:
                         log.info(

@@ -48,8 +48,15 @@ class RoundRecord:
     master_port: int
     min_nodes: int
     max_nodes: int
+    # Where the coordinator's view of the nodes ended (0: unknown). Members watch from there,
+    # so a node that vanished between that view and the seal is still seen as lost.
+    since: int = field(default=0, compare=False)
     # Set by the backend when read: an ordering token (etcd revision) of the seal.
     revision: int = field(default=0, compare=False)
+
+    @property
+    def watch_from(self) -> int:
+        return self.since or self.revision
 
     @property
     def world_size(self) -> int:
@@ -87,6 +94,8 @@ class Control:
     last_call: dict[int, float] = field(default_factory=dict)  # round -> wall-clock deadline
     # Backend-specific compare token for sealing (etcd: mod revision of the sealed record).
     token: object = None
+    # The latest change a feed delivered (etcd: revision; 0 where the backend has no cursor).
+    seen: int = 0
 
     @property
     def round(self) -> int:

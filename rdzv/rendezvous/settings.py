@@ -6,6 +6,7 @@ line keeps working when only the backend name changes.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -30,6 +31,12 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "prefix": ("prefix", "etcd_prefix"),
     "rank_hint": ("rank", "node_rank"),
 }
+
+
+@functools.cache
+def _fqdn() -> str:
+    # A DNS lookup; resolvers can stall for seconds, and every handler in a process asks.
+    return socket.getfqdn()
 
 
 class ConfigError(ValueError):
@@ -183,7 +190,7 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         endpoints=endpoints,
         min_nodes=params.min_nodes,
         max_nodes=params.max_nodes,
-        local_addr=params.local_addr or socket.getfqdn(),
+        local_addr=params.local_addr or _fqdn(),
         local_addr_given=params.local_addr or None,
         join_timeout=_seconds(params, "join_timeout", DEFAULT_JOIN_TIMEOUT),
         last_call_timeout=_seconds(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT),
