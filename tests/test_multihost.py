@@ -680,6 +680,8 @@ def test_auth_role_per_prefix_and_secret_hygiene(auth_etcd: NetnsEtcdCluster, ho
     env_host_inherited = sum(
         TEAM_A_PASSWORD.encode() in env for env in environs(ns_pids(hosts[1].ns)).values()
     )
+    # Only the launcher's own start-up environment holds it; its workers do not inherit it.
+    assert env_host_inherited <= 1, env_host_inherited
     # The ops command reads the team's credentials from PET_RDZV_CONF (not argv) and sees the run.
     status = rdzv_ops(
         hosts[2], "status", f"--rdzv-endpoint={endpoint}", "--prefix=/team-a", "--json",
