@@ -85,8 +85,9 @@ class EtcdStore(Store):
         want, new = _to_bytes(expected), _to_bytes(desired)
         guard = Compare.create_revision(full) == 0 if want == b"" else Compare.value(full) == want
         try:
+            # Safe to repeat: if a lost first attempt applied, the retry reads back `desired`.
             result = self._client.txn(
-                [guard], [Op.put(full, new, lease=self._lease)], [Op.get(full)]
+                [guard], [Op.put(full, new, lease=self._lease)], [Op.get(full)], idempotent=True
             )
         except EtcdError as exc:
             raise self._fail(f"compare_set({key!r})", exc) from exc
