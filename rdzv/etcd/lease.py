@@ -23,6 +23,7 @@ import grpc
 
 from rdzv.etcd.errors import EtcdAuthError, EtcdError
 from rdzv.etcd.proto import etcd_min_pb2 as pb
+from rdzv.etcd.stream import StreamOwner, requests
 
 if TYPE_CHECKING:
     from rdzv.etcd.client import EtcdClient
@@ -55,11 +56,12 @@ class _Kept:
         return min(i for i, _ in self.owners.values())
 
 
-_CLOSE = object()
 
 
-class LeaseKeeper:
+class LeaseKeeper(StreamOwner):
     """Refreshes registered leases; owned by an :class:`EtcdClient` (``client.keep_alive``)."""
+
+    THREAD_NAME = "rdzv-etcd-keepalive"
 
     def __init__(self, client: EtcdClient) -> None:
         self._client = client
@@ -149,29 +151,10 @@ class LeaseKeeper:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._run, name="rdzv-etcd-keepalive", daemon=True
-            )
-            self._thread.start()
-
     def _teardown_locked(self) -> None:
-        if self._queue is not None:
-            self._queue.put(_CLOSE)
-            self._queue = None
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        super()._teardown_locked()
         self._stream_gen += 1
 
-    @staticmethod
-    def _requests(q: queue.SimpleQueue[object]) -> Iterator[pb.LeaseKeepAliveRequest]:
-        while True:
-            item = q.get()
-            if item is _CLOSE:
-                return
-            yield item  # type: ignore[misc]
 
     def _open_stream(self) -> None:
         idx, ep = self._client._stream_endpoint()
@@ -180,7 +163,7 @@ class LeaseKeeper:
         with self._cond:
             if self._closed:
                 return
-            call = ep.lease.LeaseKeepAlive(self._requests(q), metadata=md)
+            call = ep.lease.LeaseKeepAlive(requests(q), metadata=md)
             self._queue, self._call, self._endpoint_idx = q, call, idx
             self._opened_at = time.monotonic()
             self._broken = None

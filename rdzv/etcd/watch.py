@@ -28,6 +28,7 @@ from rdzv.etcd.errors import (
     cause_of,
 )
 from rdzv.etcd.proto import etcd_min_pb2 as pb
+from rdzv.etcd.stream import StreamOwner, requests
 
 if TYPE_CHECKING:
     from rdzv.etcd.client import EtcdClient
@@ -228,15 +229,16 @@ class Watch:
         )
 
 
-_CLOSE = object()  # sentinel that ends a request iterator
 
 
 class _StaleToken(Exception):
     """etcd refused a create on the stream because its auth token expired."""
 
 
-class WatchHub:
+class WatchHub(StreamOwner):
     """Owns the client's single Watch stream and its reader thread (started on demand)."""
+
+    THREAD_NAME = "rdzv-etcd-watch"
 
     def __init__(self, client: EtcdClient) -> None:
         self._client = client
@@ -324,26 +326,7 @@ class WatchHub:
 
     # -- stream management -----------------------------------------------------------------
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="rdzv-etcd-watch", daemon=True)
-            self._thread.start()
 
-    def _teardown_locked(self) -> None:
-        if self._queue is not None:
-            self._queue.put(_CLOSE)
-            self._queue = None
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    @staticmethod
-    def _requests(q: queue.SimpleQueue[object]) -> Iterator[pb.WatchRequest]:
-        while True:
-            item = q.get()
-            if item is _CLOSE:
-                return
-            yield item  # type: ignore[misc]
 
     def _run(self) -> None:
         backoff = 0.05
@@ -365,7 +348,7 @@ class WatchHub:
                         return
                     for w in self._watches.values():
                         q.put(w._create_request())
-                    call = ep.watch.Watch(self._requests(q), metadata=md)
+                    call = ep.watch.Watch(requests(q), metadata=md)
                     self._queue, self._call = q, call
                 for resp in call:
                     backoff = 0.05
