@@ -387,3 +387,15 @@ def test_unreachable_endpoint_fails_fast_naming_it(backend: Backend) -> None:
         handler = create_handler(params)
         handler.next_rendezvous()
     assert time.monotonic() - start < 15
+
+
+def test_peer_finishing_cleanly_does_not_restart_the_others(backend: Backend) -> None:
+    """torch's launcher shuts a node's handler down when its workers are done (close + leave);
+    a peer whose workers are still finishing must not take that as a lost member."""
+    with backend.group() as g:
+        a, b = g.node(2, 2), g.node(2, 2)  # a first: with c10d it hosts the store
+        g.join_all([a, b])
+        b.shutdown()
+        wait_until(a.is_closed, 10, "the close to reach the other node")
+        time.sleep(0.5)  # let the departure arrive too
+        assert a.num_nodes_waiting() == 0

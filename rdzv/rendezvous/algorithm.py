@@ -196,11 +196,20 @@ class Rendezvous:
         if membership is None:
             return 0
         membership.drain()
+        if membership.feed.control.closed:
+            # The job is ending: peers that finish close the run, then leave. Their departure is
+            # not a loss to recover from (nothing can re-form a closed run), so let workers finish.
+            return 0
         return membership.waiting()
 
     def is_closed(self) -> bool:
-        feed = self._membership.feed if self._membership else self._closed_watch()
-        feed.poll(0)
+        if self._membership is not None:
+            # Drain through the membership so node changes read here still count as lost/new.
+            self._membership.drain()
+            return self._membership.feed.control.closed
+        feed = self._closed_watch()
+        while feed.poll(0) is not None:
+            pass
         return feed.control.closed
 
     def close(self) -> None:
