@@ -7,23 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from typing import Any
 
 from rdzv.etcd import EtcdClient, EtcdError
 from rdzv.rendezvous.model import NodeInfo, RoundRecord
+from rdzv.rendezvous.settings import password_from
 
 DEFAULT_PREFIX = "/rdzv"
 
 
 def _password(conn: dict[str, Any]) -> str | None:
-    """As the handler reads it: a password file, else $RDZV_ETCD_PASSWORD (or password_env)."""
-    if conn.get("password"):
-        return str(conn["password"])
-    if conn.get("password_file"):
-        with open(str(conn["password_file"]), encoding="utf-8") as fh:
-            return fh.read().strip("\r\n")
-    return os.environ.get(str(conn.get("password_env") or "RDZV_ETCD_PASSWORD"))
+    # Ops commands also take `password=` (e.g. from PET_RDZV_CONF, never argv); else as the handler.
+    return str(conn["password"]) if conn.get("password") else password_from(conn)
 
 
 def _client(endpoint: str, conn: dict[str, Any]) -> EtcdClient:

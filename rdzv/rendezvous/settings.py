@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+if TYPE_CHECKING:  # annotations only: `rdzv status` reads passwords here without torch
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 # Sized for thousands of nodes: a lost node is noticed within `lease_ttl`, keep-alives are one
 # small message per node every lease_ttl/3, and a join may wait for slow schedulers.
@@ -71,8 +74,13 @@ def _read_password(params: RendezvousParameters) -> str | None:
             "the etcd password is not accepted on the command line; set RDZV_ETCD_PASSWORD "
             "or pass password_env=NAME / password_file=PATH in --rdzv-conf"
         )
-    env_name = str(params.config.get("password_env") or "RDZV_ETCD_PASSWORD")
-    path = params.config.get("password_file")
+    return password_from(params.config)
+
+
+def password_from(config: Mapping[str, object]) -> str | None:
+    """`password_file=PATH`, else the variable named by `password_env` (RDZV_ETCD_PASSWORD)."""
+    env_name = str(config.get("password_env") or "RDZV_ETCD_PASSWORD")
+    path = config.get("password_file")
     if path:
         try:
             with open(str(path), encoding="utf-8") as fh:
