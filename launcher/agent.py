@@ -106,12 +106,12 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     nproc = resolve_nproc(s.nproc_spec)
     from torch.distributed.elastic import events, metrics
     from torch.distributed.elastic.agent.server.api import WorkerSpec
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
     from torch.distributed.elastic.utils import macros
 
+    from launcher.exit_barrier import ExitBarrierAgent
     from launcher.progress import ReportingHandler
     from rdzv.registry import create_handler
 
@@ -183,12 +183,14 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         duplicate_stderr_filters=s.duplicate_stderr_filters or None,
         virtual_local_rank=s.virtual_local_rank,
     )
-    agent = LocalElasticAgent(
+    agent = ExitBarrierAgent(
         spec=spec,
         logs_specs=logs_specs,
         start_method=s.start_method,
         log_line_prefix_template=os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         shutdown_timeout=s.shutdown_timeout,
+        reporter=reporter,
+        progress_interval=s.progress_interval,
     )
     reporter.info(
         "starting",

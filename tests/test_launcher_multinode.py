@@ -122,3 +122,38 @@ def test_node_loss(backend: Backend, tmp_path: Path) -> None:
         (tmp_path / "stop").touch()
         for node in nodes:
             assert node.wait(60) == 0, node.describe()
+
+
+# Node 0's worker fails a little after node 1's worker succeeded.
+FAIL_ON_NODE_0 = """
+import os, sys, time
+if os.environ["GROUP_RANK"] == "0":
+    time.sleep(3)
+    sys.exit(7)
+"""
+
+
+def test_failed_peer_does_not_hold_the_others_at_exit(backend: Backend, tmp_path: Path) -> None:
+    """A node whose workers succeeded stops waiting in the exit barrier once a failed peer left.
+
+    torch's agent would wait out the whole exit barrier timeout (300 s) for a peer that never
+    checks in; ours says what it waits for and ends when the run closes without that peer.
+    """
+    script = write_script(tmp_path, "fail0.py", FAIL_ON_NODE_0)
+    run_id = _run_id()
+    node_args = [*backend.args(run_id, "2"), "--nproc-per-node=1", str(script)]
+    with launchers(tmp_path) as start:
+        nodes = [start(node_args), start(node_args)]
+        codes = {}
+        for node in nodes:
+            # Far below the barrier's 300 s: the survivor left because the failed node did.
+            codes[node] = node.wait(90)
+        failed = [n for n in nodes if codes[n] != 0]
+        survived = [n for n in nodes if codes[n] == 0]
+        assert len(failed) == 1 and len(survived) == 1, "\n".join(n.describe() for n in nodes)
+        survivor = survived[0]
+        assert "waiting up to 300 s for the other nodes to finish" in survivor.stderr, survivor.describe()
+        assert "stopped waiting for the other nodes" in survivor.stderr or "not waiting for it" in survivor.stderr, (
+            survivor.describe()
+        )
+        assert "exitcode  : 7" in failed[0].stderr, failed[0].describe()

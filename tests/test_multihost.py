@@ -127,13 +127,24 @@ def formations(proc: HostProcess, after: float = 0.0) -> list[dict[str, Any]]:
 
 def wait_all(procs: Sequence[HostProcess], timeout: float = WAIT) -> list[int]:
     deadline = time.monotonic() + timeout
-    return [p.wait(max(1.0, deadline - time.monotonic())) for p in procs]
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(1.0, deadline - time.monotonic())))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_others(procs, p)}") from None
+    return codes
+
+
+def _others(procs: Sequence[HostProcess], but: HostProcess) -> str:
+    # A node that hangs usually waits for a peer: show the peers too.
+    return "\n".join(f"--- {q.name} on {q.host.name} (rc={q.poll()}):\n{q.tail(30)}" for q in procs if q is not but)
 
 
 def assert_ok(procs: Sequence[HostProcess], timeout: float = WAIT) -> None:
     codes = wait_all(procs, timeout)
     for p, rc in zip(procs, codes, strict=True):
-        assert rc == 0, f"{p.name} on {p.host.name} exited {rc}; log tail:\n{p.tail()}"
+        assert rc == 0, f"{p.name} on {p.host.name} exited {rc}; log tail:\n{p.tail()}\n{_others(procs, p)}"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:

@@ -7,6 +7,7 @@ import time
 
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
+    RendezvousError,
     RendezvousHandler,
     RendezvousInfo,
     RendezvousStoreInfo,
@@ -79,7 +80,13 @@ class RdzvHandler(RendezvousHandler):
         return self.settings.run_id
 
     def shutdown(self) -> bool:
-        return self.rendezvous.shutdown()
+        try:
+            return self.rendezvous.shutdown()
+        except RendezvousError as exc:
+            # As torch's handlers: False, not an exception, so the job's outcome stands (the
+            # c10d store may have left with the node that hosted it).
+            log.warning("rendezvous %s: could not close the run on the way out: %s", self.settings.run_id, exc)
+            return False
 
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
         """Called every few seconds while waiting with a dict describing the wait."""
