@@ -734,7 +734,7 @@ def test_auth_role_per_prefix_and_secret_hygiene(auth_etcd: NetnsEtcdCluster, ho
         ok_job=True,
         processes_checked=len(lines),
         password_in_cmdline=0,
-        workers_inheriting_env_password=env_host_inherited,
+        env_password_holders=env_host_inherited,  # the launcher it was given to; no worker
         **{f"{case}_error_s": after for case, (_, after) in results.items()},
         **{f"{case}_total_s": total for case, (total, _) in results.items()},
     )
