@@ -8,6 +8,7 @@ New scripts should read os.environ["LOCAL_RANK"] instead (see docs/migration.md)
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 
@@ -37,6 +38,7 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # Skip interpreter shutdown: see the note at the end of train_ddp.py (torch 2.13 + gloo).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if multiprocessing.parent_process() is None:  # not under --run-path
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -9,6 +9,7 @@ the same world size and --seed the printed losses are the same on every run, res
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -140,7 +141,9 @@ if __name__ == "__main__":
     # torch 2.13 + gloo: gloo's worker threads free finished collectives' tensors late, and
     # doing so needs the GIL; if that happens while the interpreter shuts down, a successful
     # worker aborts ("terminate called without an active exception", exit -6). The process
-    # group is destroyed and output flushed by now, so skip the interpreter's shutdown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # group is destroyed by now, so skip the interpreter's shutdown. Not under --run-path: there
+    # the script runs inside torch's worker function, which must still send back its result.
+    if multiprocessing.parent_process() is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -6,7 +6,9 @@ silence, and for the full timeout when a peer's workers failed: that peer never 
 the barrier is the same (same store keys, so nodes started by torchrun meet it too), but it
 reports progress, and it ends as soon as the run is closed while the barrier is incomplete:
 nodes close the run on their way out, and a node whose workers succeeded only leaves after the
-barrier completed, so a close before completion means a node gave up (failed or was stopped).
+barrier completed (or gave up on it), so a close before completion means a node left without
+finishing: its workers failed, or its rendezvous did. (A node stopped by a signal does not
+close the run; for it the wait lasts until the timeout, as in torch.)
 """
 
 from __future__ import annotations
@@ -75,11 +77,11 @@ def wait_for_peers(
     reported = False
     poll = FIRST_POLL
     while not store.check([LAST_MEMBER_KEY]):
-        if handler.is_closed() and not store.check([LAST_MEMBER_KEY]):
+        if _closed(handler) and not store.check([LAST_MEMBER_KEY]):
             reporter.warning(
                 "exit_barrier_abandoned",
                 f"the run was closed while {_done(store, nodes)} of {nodes} nodes had finished: a node "
-                "ended without its workers succeeding; not waiting for it",
+                "left without finishing; not waiting for it",
             )
             return False
         now = time.monotonic()
@@ -114,9 +116,20 @@ def wait_for_peers(
     return True
 
 
+def _closed(handler: Any) -> bool:
+    """The run's closed flag; an error (backend briefly unreachable) counts as open: the store decides."""
+    try:
+        return bool(handler.is_closed())
+    except Exception:
+        return False
+
+
 def _done(store: Any, nodes: int) -> int | str:
     """How many nodes checked in so far ("?" if the store cannot say)."""
     try:
+        # `get` of a missing key blocks for the store's timeout: the round's store may be gone.
+        if not store.check([NUM_MEMBERS_KEY]):
+            return "?"
         return min(int(store.get(NUM_MEMBERS_KEY)), nodes)
     except Exception:
         return "?"

@@ -145,6 +145,15 @@ def test_run_path(tmp_path: Path) -> None:
     assert script.exists()
 
 
+
+def test_run_path_with_the_main_example(tmp_path: Path) -> None:
+    """The example skips interpreter shutdown (os._exit) only as its own process: under --run-path
+    torch's worker function must still report back, or the agent waits forever."""
+    train = str(EXAMPLES / "train_ddp.py")
+    rc, out, err = run_launcher(["--standalone", "--nproc-per-node=2", "--run-path", train, "--epochs", "1"], tmp_path)
+    _ok(rc, out, err)
+    assert "final_loss=" in out
+
 def test_legacy_module_passes_local_rank(tmp_path: Path) -> None:
     rc, out, err = run_launcher(
         ["--nproc-per-node=2", str(EXAMPLES / "legacy_local_rank.py"), "--out-dir", str(tmp_path)], tmp_path, cmd=LEGACY

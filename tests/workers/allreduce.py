@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 
@@ -29,6 +30,7 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # Skip interpreter shutdown: see examples/train_ddp.py (torch 2.13 + gloo abort at exit).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if multiprocessing.parent_process() is None:  # not under --run-path
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
