@@ -399,3 +399,19 @@ def test_peer_finishing_cleanly_does_not_restart_the_others(backend: Backend) ->
         wait_until(a.is_closed, 10, "the close to reach the other node")
         time.sleep(0.5)  # let the departure arrive too
         assert a.num_nodes_waiting() == 0
+
+
+def test_node_that_never_joined_does_not_close_the_run(backend: Backend) -> None:
+    """torch's launcher shuts the handler down whatever the reason it stops; a node that never
+    got into a round (join timeout, refused, bad settings) leaves the others' run open."""
+    with backend.group() as g:
+        a, b = g.node(2, 2), g.node(2, 2)
+        g.join_all([a, b])
+        outsider = g.node(2, 2)
+        outsider.shutdown()
+        # Members learn of a close within moments (their first call opens the watch): look a while.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert not a.is_closed() and not b.is_closed()
+            time.sleep(0.1)
+        assert a.num_nodes_waiting() == 0

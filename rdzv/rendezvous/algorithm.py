@@ -220,7 +220,11 @@ class Rendezvous:
             return True
         self._shut = True
         try:
-            self.backend.close_run()
+            # Only a member closes the run on its way out. A node that never got into a round
+            # (timed out, refused, misconfigured) must not end a run that others are running:
+            # torch's launcher shuts every handler down, whatever the reason it stops.
+            if self._joined_before:
+                self.backend.close_run()
         finally:
             self._end_membership()
             if self._closed_feed is not None:
