@@ -23,16 +23,19 @@ OMP_NOTICE = (
 
 
 def prepare_logging(reporter: Reporter) -> None:
-    """Route torch's elastic logs through our reporter; call before torch.distributed.elastic is imported.
+    """Route torch's elastic logs and our handlers' through our reporter; call before torch.distributed.elastic is imported.
 
     torch's default log formatter imports torch._dynamo (over a second) on the first warning; a
     plain handler keeps warnings (restarts, failures) from costing that. torchrun.handlers plugins
     are not used by rdzv-launch (backends come from rdzv.registry), so a broken one is not worth
     a traceback here.
     """
-    elastic = logging.getLogger("torch.distributed.elastic")
-    elastic.addHandler(ReporterLogHandler(reporter))
-    elastic.propagate = False
+    # Our handlers' warnings (lease lapsed, heartbeat failed, ...) too: with --log-format json,
+    # a bare line would break the stream.
+    for name in ("torch.distributed.elastic", "rdzv"):
+        logger = logging.getLogger(name)
+        logger.addHandler(ReporterLogHandler(reporter))
+        logger.propagate = False
     logging.getLogger("torch.distributed.elastic.rendezvous.registry").setLevel(logging.ERROR)
 
 

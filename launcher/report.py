@@ -51,7 +51,7 @@ class Reporter:
 
 
 class ReporterLogHandler(logging.Handler):
-    """Routes torch's elastic agent logs through the Reporter (one line or one JSON object each)."""
+    """Routes torch's elastic agent logs (and rdzv's) through the Reporter (one line or one JSON object each)."""
 
     def __init__(self, reporter: Reporter) -> None:
         super().__init__()
@@ -64,7 +64,8 @@ class ReporterLogHandler(logging.Handler):
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             level = {logging.DEBUG: "debug", logging.INFO: "info"}.get(record.levelno, record.levelname.lower())
             if self.reporter.json:
-                self.reporter.emit("torch_log", message, level, always=True, logger=record.name)
+                event = "torch_log" if record.name.startswith("torch") else "rdzv_log"
+                self.reporter.emit(event, message, level, always=True, logger=record.name)
             else:
                 # Keep torch's own messages recognisable and never silenced by --quiet.
                 self.reporter.write_line(f"[{record.levelname[0]} {record.name}] {message}")

@@ -152,3 +152,27 @@ def test_quiet_keeps_errors_only() -> None:
     reporter.warning("b", "warn")
     reporter.error("c", "bad")
     assert out.getvalue() == "p: error: bad\n"
+
+
+def test_handler_warnings_stay_json_lines() -> None:
+    """rdzv's own warnings (lease lapsed, heartbeat failed) go through the reporter: with
+    --log-format json every stderr line stays one JSON object."""
+    import logging
+
+    from launcher.agent import prepare_logging
+
+    out = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "rdzv")]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    try:
+        prepare_logging(Reporter("rdzv-launch", fmt="json", stream=out))
+        logging.getLogger("rdzv.backends.example").warning("rendezvous %s: lease lapsed", "job42")
+        logging.getLogger("rdzv").info("not shown: below the default WARNING level")
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+    (line,) = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["event"] == "rdzv_log" and record["level"] == "warning"
+    assert record["message"] == "rendezvous job42: lease lapsed" and record["logger"] == "rdzv.backends.example"
