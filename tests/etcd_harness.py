@@ -318,6 +318,7 @@ class EtcdMember:
         self.name = name
         self.client_port = client_port
         self.peer_port = peer_port
+        self.ip = "127.0.0.1"  # the address it listens on (a namespace host's own address there)
         self.data_dir = cluster.base_dir / name
         self.log_path = cluster.base_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -328,7 +329,7 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.ip}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
@@ -336,7 +337,7 @@ class EtcdMember:
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.ip}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:

@@ -452,14 +452,7 @@ class NetnsEtcdMember(EtcdMember):
     def __init__(self, cluster: EtcdCluster, name: str, host: Host) -> None:
         super().__init__(cluster, name, 2379, 2380)
         self.host = host
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host.ip}:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://{self.host.ip}:{self.peer_port}"
+        self.ip = host.ip
 
     def _args(self, initial_state: str) -> list[str]:
         return self.host.exec_args(super()._args(initial_state))
