@@ -320,22 +320,30 @@ def test_three_hosts_train_like_one_host(etcd3: NetnsEtcdCluster, hosts: list[Ho
     figures("1-train-3x2", final_loss_3x2=multi, final_loss_1x6=single, job_s=round(took, 1))
 
 
+
+def elastic_trio_past_epoch_2(
+    tag: str, etcd3: NetnsEtcdCluster, hosts: list[Host], tmp_path: Path
+) -> tuple[str, list[HostProcess]]:
+    """Scenarios 2 and 3 start alike: one launcher per host, --nnodes=2:3, checkpoints, training
+    past epoch 2, and h2 not node rank 0 (the node the scenario takes away)."""
+    run_id = new_run_id(tag)
+    args = [*LONG_RUN, "--checkpoint-dir", str(tmp_path / "ckpt")]
+    procs = [
+        launch(h, name=f"{tag}-{h.name}", run_id=run_id, endpoints=etcd3.endpoint, nnodes="2:3",
+               conf=BASE_CONF, args=args, extra=["--max-restarts=3"])
+        for h in hosts
+    ]
+    procs[0].wait_for(lambda p: epochs_done(p) >= 2, WAIT, "epoch 2")
+    assert formations(procs[2])[-1]["node_rank"] != 0
+    return run_id, procs
+
 # ------------------------------------------------------------------------------------ 2. node loss
 
 
 def test_launcher_sigkill_survivors_reform(etcd3: NetnsEtcdCluster, hosts: list[Host], figures: Callable[..., None], tmp_path: Path) -> None:
     """--nnodes=2:3: SIGKILL one launcher mid-training; the other two re-form and finish from the checkpoint."""
-    run_id = new_run_id("s2")
-    args = [*LONG_RUN, "--checkpoint-dir", str(tmp_path / "ckpt")]
-    procs = [
-        launch(h, name=f"s2-{h.name}", run_id=run_id, endpoints=etcd3.endpoint, nnodes="2:3",
-               conf=BASE_CONF, args=args, extra=["--max-restarts=3"])
-        for h in hosts
-    ]
-    h0, h1, h2 = procs
-    h0.wait_for(lambda p: epochs_done(p) >= 2, WAIT, "epoch 2")
+    run_id, (h0, h1, h2) = elastic_trio_past_epoch_2("s2", etcd3, hosts, tmp_path)
     assert formations(h0)[-1]["nodes"] == 3
-    assert formations(h2)[-1]["node_rank"] != 0
     killed_at = time.time()
     h2.signal()  # SIGKILL: no shutdown, no lease revoke; its workers are orphaned
     epoch_at_kill = epochs_done(h0)
@@ -375,16 +383,8 @@ def test_launcher_sigkill_survivors_reform(etcd3: NetnsEtcdCluster, hosts: list[
 
 def test_link_cut_excluded_then_rejoins(etcd3: NetnsEtcdCluster, hosts: list[Host], figures: Callable[..., None], tmp_path: Path) -> None:
     """Cut h2's link mid-training: it drops out within the lease TTL; back up, it rejoins the next round."""
-    run_id = new_run_id("s3")
-    args = [*LONG_RUN, "--checkpoint-dir", str(tmp_path / "ckpt")]
-    procs = [
-        launch(h, name=f"s3-{h.name}", run_id=run_id, endpoints=etcd3.endpoint, nnodes="2:3",
-               conf=BASE_CONF, args=args, extra=["--max-restarts=3"])
-        for h in hosts
-    ]
+    run_id, procs = elastic_trio_past_epoch_2("s3", etcd3, hosts, tmp_path)
     h0, h1, h2 = procs
-    h0.wait_for(lambda p: epochs_done(p) >= 2, WAIT, "epoch 2")
-    assert formations(h2)[-1]["node_rank"] != 0
     hosts[2].link_down()
     cut_at = time.time()
     try:
