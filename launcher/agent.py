@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
-from launcher.config import LaunchFailed, LaunchSettings, UsageProblem
+from launcher.config import LaunchFailed, LaunchSettings, Notice, UsageProblem
 from launcher.report import Reporter, ReporterLogHandler
 
 # torchrun's words, on one line.
@@ -37,6 +38,15 @@ def prepare_logging(reporter: Reporter) -> None:
         logger.addHandler(ReporterLogHandler(reporter))
         logger.propagate = False
     logging.getLogger("torch.distributed.elastic.rendezvous.registry").setLevel(logging.ERROR)
+
+
+def import_torch() -> list[Notice]:
+    """Load torch's elastic package, holding back the warnings torch prints on import (e.g.
+    "Failed to initialize NumPy") as notices: bad input stays one line, JSON lines stay JSON."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch.distributed.elastic.agent.server  # noqa: F401
+    return [Notice("torch_import", f"torch: {w.category.__name__}: {w.message}", "warning") for w in caught]
 
 
 def resolve_nproc(spec: str) -> int:
@@ -125,14 +135,6 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         raise UsageProblem(f"--redirects/--tee: {exc}") from None
     numa = _numa_options(s.numa_binding)
 
-    # Input is good: from here on the user hears what is happening.
-    for notice in s.notices:
-        reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
-    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-        # Same default and notice as torchrun; workers inherit it from here.
-        os.environ["OMP_NUM_THREADS"] = "1"
-        reporter.warning("omp_num_threads", OMP_NOTICE)
-
     args = list(s.lead_args)
     if s.pass_local_rank:
         args.append(f"--local-rank={macros.local_rank}")
@@ -166,6 +168,15 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         raise LaunchFailed(f"cannot set up the {s.backend} rendezvous at {s.endpoint}: {type(exc).__name__}: {exc}") from None
     # The handler holds the etcd password now; workers must not inherit it (/proc/<pid>/environ).
     os.environ.pop(str(s.rdzv_configs.get("password_env") or "RDZV_ETCD_PASSWORD"), None)
+
+    # Input is good (the handler accepted its settings): from here on the user hears what is
+    # happening.
+    for notice in s.notices:
+        reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
+    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+        # Same default and notice as torchrun; workers inherit it from here.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        reporter.warning("omp_num_threads", OMP_NOTICE)
     where = f"{s.backend} at {s.endpoint}"
     reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
 
@@ -177,8 +188,9 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         rdzv_handler=reporting,
         max_restarts=s.max_restarts,
         monitor_interval=s.monitor_interval,
-        master_addr=s.master_addr,
-        master_port=s.master_port,
+        # MASTER_ADDR/MASTER_PORT come from the handler (static: the store at --master-port).
+        master_addr=None,
+        master_port=None,
         local_addr=s.local_addr,
         event_log_handler=s.event_log_handler,
         numa_options=numa,

@@ -66,11 +66,12 @@ def usage_error(prog: str, message: str) -> int:
 
 def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
     """Run the job; every outcome becomes an exit code and (at most) a short report."""
+    from launcher import agent
+
+    settings.notices.extend(agent.import_torch())
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.elastic.rendezvous import RendezvousError
-
-    from launcher import agent
 
     try:
         # record: the first failed worker's error file becomes the launcher's (TORCHELASTIC_ERROR_FILE).

@@ -74,8 +74,6 @@ class LaunchSettings:
     duplicate_stderr_filters: list[str]
     event_log_handler: str
     local_addr: str | None
-    master_addr: str | None
-    master_port: int | None
     signals_to_handle: str
     shutdown_timeout: int
     virtual_local_rank: bool
@@ -300,10 +298,7 @@ def resolve_entrypoint(
 
 
 def known_backends() -> list[str]:
-    # torch's rendezvous package first: its plugin loading imports rdzv.plugin -> rdzv.registry,
-    # which must not find rdzv.registry half-imported.
-    import torch.distributed.elastic.rendezvous  # noqa: F401
-
+    # rdzv.registry loads no torch: bad input is answered before torch prints anything.
     from rdzv.registry import backend_names
 
     return backend_names()
@@ -316,8 +311,6 @@ class _Rendezvous:
     run_id: str
     configs: dict[str, Any]
     embedded: bool = False
-    master_addr: str | None = None
-    master_port: int | None = None
 
 
 def resolve_rendezvous(
@@ -410,9 +403,9 @@ def _static(
 ) -> _Rendezvous:
     if not endpoint:
         endpoint = f"{v['master_addr']}:{v['master_port'] or DEFAULT_MASTER_PORT}"
-    host, port = parse_endpoint(endpoint, v["master_port"])
+    _, port = parse_endpoint(endpoint, v["master_port"])
     if port is None:
-        raise UsageProblem(f"static rendezvous needs a port: --rdzv-endpoint={host}:PORT or --master-port")
+        raise UsageProblem(f"static rendezvous needs a port: --rdzv-endpoint={endpoint}:PORT or --master-port")
     node_rank = int(v["node_rank"])
     if not 0 <= node_rank < max_nodes:
         raise UsageProblem(f"--node-rank={node_rank} is outside 0..{max_nodes - 1} for --nnodes={v['nnodes']}")
@@ -420,7 +413,7 @@ def _static(
         notices.append(Notice("static_not_elastic", f"the static backend always waits for {max_nodes} nodes", "warning"))
     configs["rank"] = node_rank
     # The static backend does not coordinate on the id, every node must simply agree: keep torchrun's.
-    return _Rendezvous("static", endpoint, run_id or "none", configs, master_addr=host, master_port=port)
+    return _Rendezvous("static", endpoint, run_id or "none", configs)
 
 
 # ---------------------------------------------------------------- everything
@@ -489,8 +482,6 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         duplicate_stderr_filters=parse_filters(v["duplicate_stderr_filters"]),
         event_log_handler=v["event_log_handler"],
         local_addr=v["local_addr"],
-        master_addr=rdzv.master_addr,
-        master_port=rdzv.master_port,
         signals_to_handle=signals,
         shutdown_timeout=shutdown_timeout,
         virtual_local_rank=v["virtual_local_rank"],

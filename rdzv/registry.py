@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+if TYPE_CHECKING:  # annotations only: the launcher checks backend names before torch loads
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
-HandlerCreator = Callable[[RendezvousParameters], RendezvousHandler]
+HandlerCreator = Callable[["RendezvousParameters"], "RendezvousHandler"]
 
 
 def _lazy(module: str) -> HandlerCreator:

@@ -14,6 +14,13 @@ What it does not do (its `capabilities` are empty):
   job fails through its workers), which also means no heartbeat traffic at all;
 * not durable: the store lives in node rank 0's process; if it dies, the others fail with a
   connection error naming the endpoint.
+
+In the first round workers share that store, as with torch's static handler: they get
+MASTER_ADDR:MASTER_PORT = the store's endpoint and TORCHELASTIC_USE_AGENT_STORE=True, so
+`init_process_group("env://")` connects to node rank 0's server instead of serving a second one
+on the same port. After a restart the old workers' keys are still in that store (a new worker
+would read a dead peer's address), so later rounds get a fresh store: worker rank 0 serves it on
+the port node rank 0 published for the round, as with the elastic backends.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
+    RendezvousStoreInfo,
 )
 
 from rdzv.backends.c10d import C10dBackend, single_endpoint
@@ -42,7 +50,19 @@ class StaticBackend(C10dBackend):
 
 
 class StaticHandler(RdzvHandler):
-    """Checks that the group gave this node the rank it was started with."""
+    """Checks that the group gave this node the rank it was started with; workers share the store."""
+
+    def __init__(
+        self, settings: RendezvousSettings, backend: StaticBackend, store_endpoint: tuple[str, int]
+    ) -> None:
+        super().__init__(settings, backend)
+        self.store_endpoint = store_endpoint
+        self._share_store = True
+
+    @property
+    def use_agent_store(self) -> bool:
+        # Read by the agent after next_rendezvous(), for the round just joined.
+        return self._share_store
 
     def next_rendezvous(self) -> RendezvousInfo:
         info = super().next_rendezvous()
@@ -53,7 +73,12 @@ class StaticHandler(RdzvHandler):
                 f"more than one node (this one got rank {info.rank}); start each node with its "
                 "own --node-rank"
             )
-        return info
+        # Every node agrees on the round number, so every node agrees on which store it is.
+        self._share_store = self.round == 1
+        if not self._share_store:
+            return info
+        host, port = self.store_endpoint
+        return RendezvousInfo(info.store, info.rank, info.world_size, RendezvousStoreInfo(host, port))
 
 
 def check_settings(settings: RendezvousSettings) -> int:
@@ -108,4 +133,4 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     backend = StaticBackend(settings, opener, where=where)
     if rank == 0:
         _ = backend.conn  # set the run's keys up before anyone joins
-    return StaticHandler(settings, backend)
+    return StaticHandler(settings, backend, (host, port))
