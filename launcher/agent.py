@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -50,27 +51,48 @@ def import_torch() -> list[Notice]:
 
 
 def resolve_nproc(spec: str) -> int:
-    """Workers per node. Only 'gpu', 'xpu' and 'auto' ask torch about devices (CUDA stays untouched otherwise)."""
+    """Workers per node, as torchrun counts them. Only device words ask torch about devices
+    (CUDA stays untouched otherwise); 'gpu' and 'auto' count any accelerator torch knows
+    (CUDA, XPU, a privateuse1 backend), and a backend's own name counts its devices."""
     if spec.isdigit():
         return int(spec)
     if spec == "cpu":
         return _cpu_count()
     import torch
 
-    if spec == "xpu":
-        count = torch.xpu.device_count() if hasattr(torch, "xpu") else 0
-        if count < 1:
-            raise UsageProblem("--nproc-per-node=xpu but no XPU is visible")
-        return count
-    # device_count() honours CUDA_VISIBLE_DEVICES.
-    gpus = torch.cuda.device_count()
-    if gpus > 0:
-        return gpus
-    if spec == "gpu":
+    if spec in ("auto", "gpu"):
+        count = _accelerator_count(torch)
+        if count > 0:
+            return count
+        if spec == "auto":
+            return _cpu_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         raise UsageProblem(f"--nproc-per-node=gpu but no GPU is visible{hint}")
-    return _cpu_count()
+    module = getattr(torch, spec, None) if spec in ("cuda", "xpu", _privateuse1_name(torch)) else None
+    if module is None:
+        raise UsageProblem(
+            f"--nproc-per-node must be a number, auto, cpu, gpu, xpu or an accelerator torch knows, got {spec!r}"
+        )
+    count = module.device_count() if module.is_available() else 0
+    if count < 1:
+        raise UsageProblem(f"--nproc-per-node={spec} but no {spec} device is visible")
+    return int(count)
+
+
+def _accelerator_count(torch: Any) -> int:
+    """Visible devices of the current accelerator, whatever its kind (honours *_VISIBLE_DEVICES)."""
+    accelerator = torch.accelerator
+    return int(accelerator.device_count()) if accelerator.is_available() else 0
+
+
+def _privateuse1_name(torch: Any) -> str:
+    return str(torch._C._get_privateuse1_backend_name())
+
+
+def _with_hostname(template: str | None) -> str | None:
+    # torch substitutes ${hostname} itself from 2.14 on; before, it would stay literal.
+    return template.replace("${hostname}", socket.gethostname()) if template else None
 
 
 def _cpu_count() -> int:
@@ -202,7 +224,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         spec=spec,
         logs_specs=logs_specs,
         start_method=s.start_method,
-        log_line_prefix_template=os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        log_line_prefix_template=_with_hostname(s.log_line_prefix_template),
         shutdown_timeout=s.shutdown_timeout,
         reporter=reporter,
         progress_interval=s.progress_interval,

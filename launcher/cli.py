@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
+from launcher.completion import PRINT_COMPLETION
 from launcher.config import LaunchFailed, LaunchSettings, UsageProblem, build_settings
-from launcher.options import build_command
+from launcher.options import build_command, expand_abbreviations
 from launcher.report import Reporter
 
 PROG = "rdzv-launch"
@@ -52,8 +53,9 @@ def parse(
     argv: Sequence[str], prog: str, extra: Sequence[click.Option] = ()
 ) -> tuple[dict[str, Any], set[str]] | int:
     """Option values and the names given explicitly, or an exit code (after --help)."""
-    command = build_command(prog, _collect, extra=extra, help_text=HELP, epilog=EPILOG)
-    result = command.main(args=list(argv), prog_name=prog, standalone_mode=False)
+    command = build_command(prog, _collect, extra=[*extra, PRINT_COMPLETION], help_text=HELP, epilog=EPILOG)
+    args = expand_abbreviations(argv, command)
+    result = command.main(args=args, prog_name=prog, standalone_mode=False)
     if isinstance(result, tuple):
         return result
     return int(result or 0)

@@ -27,6 +27,7 @@ DEFAULT_MASTER_PORT = 29500
 # torchrun's rendezvous timeout when --rdzv-conf does not set one.
 DEFAULT_RDZV_TIMEOUT = 900
 EMBEDDED_ENDPOINT = "localhost:0"
+_DEVICE_WORD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _STD_RE = re.compile(r"^[0-3]$|^\d+:[0-3](,\d+:[0-3])*$")
 
 
@@ -73,6 +74,7 @@ class LaunchSettings:
     duplicate_stdout_filters: list[str]
     duplicate_stderr_filters: list[str]
     event_log_handler: str
+    log_line_prefix_template: str | None
     local_addr: str | None
     signals_to_handle: str
     shutdown_timeout: int
@@ -441,7 +443,8 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
     if nproc.isdigit():
         if int(nproc) < 1:
             raise UsageProblem("--nproc-per-node must be at least 1")
-    elif nproc not in ("auto", "cpu", "gpu", "xpu"):
+    elif not _DEVICE_WORD_RE.match(nproc):
+        # Other words are device kinds (a privateuse1 backend's name): torch checks them.
         raise UsageProblem(f"--nproc-per-node must be a number, auto, cpu, gpu or xpu, got {nproc!r}")
     redirects = parse_std(v["redirects"], "--redirects")
     tee = parse_std(v["tee"], "--tee")
@@ -481,6 +484,10 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         duplicate_stdout_filters=parse_filters(v["duplicate_stdout_filters"]),
         duplicate_stderr_filters=parse_filters(v["duplicate_stderr_filters"]),
         event_log_handler=v["event_log_handler"],
+        # torchrun 2.14+: the option wins over the environment variable.
+        log_line_prefix_template=v["log_line_prefix_template"]
+        or os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
+        or None,
         local_addr=v["local_addr"],
         signals_to_handle=signals,
         shutdown_timeout=shutdown_timeout,

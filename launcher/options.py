@@ -133,6 +133,11 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--event-log-handler", "--event_log_handler"), "event_log_handler", "Logs and output",
         "torch elastic event handler: null, console or dynamic_rendezvous.", default="null",
         metavar="NAME"),
+    Opt(("--log-line-prefix-template", "--log_line_prefix_template"), "log_line_prefix_template",
+        "Logs and output",
+        "Prefix of each console line of a tee'd stream; macros ${role_name}, ${local_rank}, "
+        "${rank}, ${hostname}.", default="", metavar="TEMPLATE",
+        shown_default="$TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE or [${role_name}${local_rank}]:"),
     Opt(("-q", "--quiet"), "quiet", "Logs and output",
         "Print no progress or notices, only errors.", default=False, flag=True, torchrun=False),
     Opt(("--log-format",), "log_format", "Logs and output",
@@ -244,6 +249,44 @@ class TopicCommand(click.Command):
         if others:
             with formatter.section("Other"):
                 formatter.write_dl(others)
+
+
+def expand_abbreviations(argv: Sequence[str], command: click.Command) -> list[str]:
+    """argparse's rule, which torchrun users rely on: a unique prefix names a long option
+    (`--nproc 2`). Both spellings of one option count as one; an ambiguous prefix is a usage
+    error listing the candidates. Only the launcher's own options, before the script, are read."""
+    options: dict[str, click.Option] = {
+        name: param
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+        if name.startswith("--")
+    }
+    expanded = list(argv)
+    i = 0
+    while i < len(expanded) and expanded[i].startswith("-") and expanded[i] not in ("-", "--"):
+        token = expanded[i]
+        name, eq, value = token.partition("=")
+        param = options.get(name) if name.startswith("--") else None
+        if name.startswith("--") and param is None:
+            matches = {id(p): (n, p) for n, p in options.items() if n.startswith(name)}
+            if len(matches) > 1:
+                shown = sorted(_dashed(p) for _, p in matches.values())
+                raise click.UsageError(f"ambiguous option: {name} could match {', '.join(shown)}")
+            if matches:
+                (full, param), = matches.values()
+                expanded[i] = full + eq + value
+        if param is None and not name.startswith("--"):
+            # A short option (-r 3, -m); -r3 carries its value.
+            param = next((p for p in command.params if isinstance(p, click.Option) and name in p.opts), None)
+            eq = "=" if len(name) > 2 else eq
+        takes_value = param is not None and not param.is_flag and not param.count
+        i += 2 if takes_value and not eq else 1
+    return expanded
+
+
+def _dashed(param: click.Option) -> str:
+    return next((n for n in param.opts if n.startswith("--") and "_" not in n), param.opts[0])
 
 
 def build_command(

@@ -195,6 +195,23 @@ def test_tee_redirects_and_log_dir(tmp_path: Path) -> None:
     assert "err 0" not in err and "err 1" not in err
 
 
+def test_log_line_prefix_template(tmp_path: Path) -> None:
+    """torchrun 2.14+'s option, on every torch: the macros, ${hostname} included, per worker."""
+    import socket
+
+    script = write_script(tmp_path, "talk.py", "import os\nfor i in range(5):\n    print('line', i, flush=True)\n")
+    rc, out, err = run_launcher(
+        ["--nproc-per-node=2", "--tee=1", "--log-line-prefix-template=${hostname}:${rank}/${local_rank}: ", str(script)],
+        tmp_path,
+        env=clean_env(TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="[from-env]"),
+    )
+    _ok(rc, out, err)
+    # A line through a pipe can be lost on this machine: any line of each rank will do.
+    for rank in (0, 1):
+        assert f"{socket.gethostname()}:{rank}/{rank}: line" in out, out
+    assert "[from-env]" not in out, "the option wins over TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+
+
 def test_json_and_quiet(tmp_path: Path) -> None:
     script = write_script(tmp_path, "dump.py", ENV_DUMP)
     rc, out, err = run_launcher(["--log-format=json", "--nproc-per-node=2", str(script), str(tmp_path)], tmp_path)

@@ -45,8 +45,8 @@ def test_help_lists_every_torchrun_option(torchrun_parser: argparse.ArgumentPars
 
 def test_every_torchrun_option_string_is_accepted(torchrun_parser: argparse.ArgumentParser) -> None:
     for action in _torchrun_options(torchrun_parser):
-        if "-h" in action.option_strings:
-            continue
+        if "-h" in action.option_strings or action.dest == "print_completion":
+            continue  # actions that print and exit (tested below)
         flag = action.nargs == 0
         for spelling in action.option_strings:
             value = [] if flag else [str(action.choices[0]) if action.choices else "1"]
@@ -71,7 +71,7 @@ DIFFERENT_DEFAULTS = {
 def test_defaults_match_torchrun(torchrun_parser: argparse.ArgumentParser) -> None:
     ours = {o.dest: o.default for o in options.OPTIONS}
     for action in _torchrun_options(torchrun_parser):
-        if action.dest in ("help",) or action.dest in DIFFERENT_DEFAULTS:
+        if action.dest in ("help", "print_completion") or action.dest in DIFFERENT_DEFAULTS:
             continue
         theirs = action.default if action.nargs != 0 else False
         assert ours[action.dest] == theirs, f"--{action.dest}: ours {ours[action.dest]!r}, torchrun {theirs!r}"
@@ -358,3 +358,88 @@ def test_nproc_per_node_words() -> None:
     assert resolve_nproc("3") == 3
     assert resolve_nproc("cpu") == cpus
     assert resolve_nproc("auto") == (torch.cuda.device_count() or cpus), "visible GPUs, else CPUs"
+
+
+# ---------------------------------------------------------------- torchrun 2.14+ options, abbreviations
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "tcsh"])
+def test_print_completion(shell: str) -> None:
+    proc = subprocess.run([*LAUNCH, "--print-completion", shell], capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "rdzv-launch" in proc.stdout
+    assert ("nproc-per-node" in proc.stdout) if shell == "tcsh" else ("_RDZV_LAUNCH_COMPLETE" in proc.stdout)
+
+
+def test_bash_completion_offers_options() -> None:
+    env = clean_env(COMP_WORDS="rdzv-launch --nproc", COMP_CWORD="1", _RDZV_LAUNCH_COMPLETE="bash_complete")
+    proc = subprocess.run([*LAUNCH], capture_output=True, text=True, env=env, timeout=30)
+    assert "--nproc-per-node" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_log_line_prefix_template_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[env]")
+    assert _settings(["--standalone"], tmp_path).log_line_prefix_template == "[env]"
+    template = "${hostname}:${rank}: "
+    assert _settings(["--standalone", "--log-line-prefix-template", template], tmp_path).log_line_prefix_template == template
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "value"),
+    [
+        (["--nproc", "2"], "nproc_per_node", "2"),
+        (["--nproc_per", "2"], "nproc_per_node", "2"),
+        (["--nproc=3"], "nproc_per_node", "3"),
+        (["--redirect", "3"], "redirects", "3"),
+        (["--max_re", "4"], "max_restarts", 4),
+        (["--stand"], "standalone", True),
+        (["--rdzv-i", "job"], "rdzv_id", "job"),
+    ],
+)
+def test_unique_prefixes_name_their_option(argv: list[str], dest: str, value: object) -> None:
+    values, given = cli.parse([*argv, "train.py", "--nproc", "9"], "rdzv-launch")  # type: ignore[misc]
+    assert values[dest] == value and dest in given
+    assert list(values["training_script_args"]) == ["--nproc", "9"], "the script's own arguments stay untouched"
+
+
+@pytest.mark.parametrize("launcher", [LAUNCH, LEGACY], ids=["rdzv-launch", "legacy"])
+def test_ambiguous_prefix_is_one_line_exit_2(launcher: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([*launcher, "--rdzv", "x", "w.py"], capture_output=True, text=True, env=clean_env(), timeout=30, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ambiguous option: --rdzv could match --rdzv-backend, --rdzv-conf, --rdzv-endpoint, --rdzv-id" in lines[0], proc.stderr
+
+
+def test_legacy_prefixes_include_use_env() -> None:
+    from launcher import legacy
+
+    values, _ = cli.parse(["--use_e", "--nproc_per", "2", "train.py"], "launcher.legacy", extra=[legacy.USE_ENV])  # type: ignore[misc]
+    assert values["use_env"] is True and values["nproc_per_node"] == "2"
+
+
+def test_auto_and_gpu_count_any_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An XPU (or any torch.accelerator) counts for 'auto' and 'gpu', as with torchrun."""
+    import torch
+
+    from launcher.agent import resolve_nproc
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_nproc("auto") == 3
+    assert resolve_nproc("gpu") == 3
+
+
+def test_privateuse1_name_counts_its_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import torch
+
+    from launcher.agent import resolve_nproc
+
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "npu")
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 4), raising=False)
+    assert resolve_nproc("npu") == 4
+    with pytest.raises(UsageProblem, match="must be a number, auto, cpu, gpu, xpu"):
+        resolve_nproc("tpu")
