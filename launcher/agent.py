@@ -267,4 +267,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         raise
     finally:
         if shutdown_rdzv:
-            handler.shutdown()
+            try:
+                handler.shutdown()
+            except Exception as exc:  # as torch 2.14+: the job's outcome stands
+                reporter.warning("shutdown_failed", f"could not close the rendezvous: {type(exc).__name__}: {exc}")

@@ -35,6 +35,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
+from rdzv.ports import free_port
 from rdzv.rendezvous.backend import ELASTIC, SPARES, ChangeFeed, RendezvousBackend
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
@@ -44,13 +45,6 @@ log = logging.getLogger("rdzv")
 
 ProgressCallback = Callable[[dict[str, object]], None]
 PROGRESS_INTERVAL = 5.0
-
-
-def free_port(addr: str = "") -> int:
-    """A port that is free now on this host, offered as MASTER_PORT should we become rank 0."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((addr if addr in ("", "127.0.0.1", "0.0.0.0") else "", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -163,7 +157,7 @@ class Rendezvous:
                 host=self.host,
                 addr=s.local_addr,
                 pid=self.pid,
-                port=free_port(s.local_addr),
+                port=free_port(),
                 want=target,
                 rank_hint=s.rank_hint,
                 local_world_size=s.local_world_size,
