@@ -57,7 +57,9 @@ def _make_handler(job: Job):  # noqa: ANN202 - returns torch's RendezvousHandler
     from torch.distributed.elastic.rendezvous import RendezvousParameters
 
     source, name = job.kind.split(":", 1)
-    params = RendezvousParameters(name, job.endpoint, job.run_id, job.n_total, job.n_total, **job.conf)
+    # `_bench_*` keys are the benchmark's own; handlers refuse keys they do not know.
+    conf = {k: v for k, v in job.conf.items() if not k.startswith("_bench")}
+    params = RendezvousParameters(name, job.endpoint, job.run_id, job.n_total, job.n_total, **conf)
     if source == "rdzv":
         from rdzv import create_handler
 

@@ -80,6 +80,29 @@ def resolve_nproc(spec: str) -> int:
     return int(count)
 
 
+# More workers than this many per CPU (and more than the accelerators) is almost always a typo
+# (--nproc-per-node 100000) and would fork thousands of processes: refused unless confirmed.
+OVERSUBSCRIBE_FACTOR = 4
+
+
+def check_oversubscription(nproc: int, spec: str, allowed: bool) -> None:
+    """Raise UsageProblem for a numeric --nproc-per-node above OVERSUBSCRIBE_FACTOR x the CPUs
+    this process may use and above the visible accelerators, unless --allow-oversubscribe."""
+    cpus = _cpu_count()
+    if allowed or not spec.isdigit() or nproc <= OVERSUBSCRIBE_FACTOR * cpus:
+        return
+    import torch
+
+    # Only on this path does a numeric --nproc-per-node ask torch about accelerators.
+    accelerators = _accelerator_count(torch)
+    if nproc <= accelerators:
+        return
+    raise UsageProblem(
+        f"--nproc-per-node={nproc} is more than {OVERSUBSCRIBE_FACTOR}x this machine's {cpus} CPU(s) "
+        f"and more than its {accelerators} accelerator(s); pass --allow-oversubscribe if you mean it"
+    )
+
+
 def _accelerator_count(torch: Any) -> int:
     """Visible devices of the current accelerator, whatever its kind (honours *_VISIBLE_DEVICES)."""
     accelerator = torch.accelerator
@@ -139,6 +162,7 @@ def _check_event_handler(name: str) -> None:
 def launch(s: LaunchSettings, reporter: Reporter) -> None:
     """Run the job on this node. Raises ChildFailedError, SignalException or a rendezvous error."""
     nproc = resolve_nproc(s.nproc_spec)
+    check_oversubscription(nproc, s.nproc_spec, s.allow_oversubscribe)
     from torch.distributed.elastic import events, metrics
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException

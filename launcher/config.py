@@ -16,11 +16,21 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.machinery import PathFinder
 from typing import Any
+
+# Torch-free: run ids, --rdzv-conf and endpoints are checked by the same code as in the handlers.
+from rdzv.rendezvous.settings import (
+    ConfigError,
+    check_config,
+    check_config_key,
+    check_run_id,
+    split_endpoint,
+    split_endpoint_list,
+)
 
 DEFAULT_PORTS = {"etcd": 2379, "etcd-v2": 2379, "c10d": 29400}
 DEFAULT_MASTER_PORT = 29500
@@ -52,6 +62,7 @@ class LaunchSettings:
     min_nodes: int
     max_nodes: int
     nproc_spec: str
+    allow_oversubscribe: bool
     backend: str
     endpoint: str
     run_id: str
@@ -101,16 +112,22 @@ def parse_nnodes(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_rdzv_conf(text: str) -> dict[str, str]:
-    """`k=v,k=v` as torch reads it (values stay strings), with a message naming the bad item."""
+def parse_rdzv_conf(text: str, check_key: Callable[[str], None] | None = None) -> dict[str, str]:
+    """`k=v,k=v` as torch reads it (values stay strings), with a message naming the bad item.
+    Once every item has the KEY=VALUE form, `check_key(key)` may refuse a key, before its
+    value is looked at (`password=` is refused as a password even when empty)."""
     config: dict[str, str] = {}
     if not text.strip():
         return config
+    pairs: list[tuple[str, str]] = []
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
+        if not sep or not key.strip():
             raise UsageProblem(f"--rdzv-conf: {item.strip()!r} is not KEY=VALUE (expected k1=v1,k2=v2,...)")
+        pairs.append((key.strip(), value.strip()))
+    for key, value in pairs:
+        if check_key is not None:
+            check_key(key)
         if not value:
             raise UsageProblem(f"--rdzv-conf: {key!r} has no value")
         if key in config:
@@ -167,27 +184,20 @@ def parse_signals(text: str) -> str:
 
 
 def parse_endpoint(text: str, default_port: int | None, option: str = "--rdzv-endpoint") -> tuple[str, int | None]:
-    """HOST[:PORT], [IPv6]:PORT or a bare IPv6 address; an optional scheme (http://) is dropped."""
-    spec = text.strip()
-    if "://" in spec:
-        spec = spec.split("://", 1)[1]
-    spec = spec.rstrip("/")
-    host, port_text = spec, None
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        if rest.startswith(":"):
-            port_text = rest[1:]
-        elif rest:
-            raise UsageProblem(f"{option}: cannot read {text!r} (expected HOST:PORT)")
-    elif spec.count(":") == 1:
-        host, port_text = spec.split(":")
-    if not host:
-        raise UsageProblem(f"{option}: no host in {text!r} (expected HOST:PORT)")
-    if port_text is None:
-        return host, default_port
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageProblem(f"{option}: {port_text!r} in {text!r} is not a port number")
-    return host, int(port_text)
+    """HOST[:PORT], [IPv6]:PORT, a bare IPv6 address or an http(s):// URL (the scheme is dropped)."""
+    try:
+        host, port, _ = split_endpoint(text, default_port)
+    except ConfigError as exc:
+        raise UsageProblem(f"{option}: {exc}") from None
+    return host, port
+
+
+def parse_endpoint_list(text: str, default_port: int | None, option: str = "--rdzv-endpoint") -> list[tuple[str, int | None]]:
+    """A comma-separated list of endpoints (etcd); an empty item is an error."""
+    try:
+        return [(host, port) for host, port, _ in split_endpoint_list(text, default_port)]
+    except ConfigError as exc:
+        raise UsageProblem(f"{option}: {exc}") from None
 
 
 def is_this_host(host: str) -> bool:
@@ -293,6 +303,9 @@ def resolve_entrypoint(
         return python, ["-u", "-m", script], script
     if not os.path.exists(script):
         raise UsageProblem(f"training script {script!r} not found")
+    if os.path.isdir(script) and not os.path.isfile(os.path.join(script, "__main__.py")):
+        # python runs a directory only through its __main__.py.
+        raise UsageProblem(f"training script {script!r} is a directory (with no __main__.py)")
     return python, ["-u", script], os.path.basename(script.rstrip(os.sep))
 
 
@@ -318,11 +331,17 @@ class _Rendezvous:
 def resolve_rendezvous(
     v: Mapping[str, Any], given: set[str], min_nodes: int, max_nodes: int, notices: list[Notice]
 ) -> _Rendezvous:
-    configs: dict[str, Any] = parse_rdzv_conf(v["rdzv_conf"])
+    configs = _checked_rdzv_conf(v["rdzv_conf"])
     configs.setdefault("timeout", DEFAULT_RDZV_TIMEOUT)
     backend: str | None = v["rdzv_backend"] or None
     endpoint: str = (v["rdzv_endpoint"] or "").strip()
     run_id: str | None = (v["rdzv_id"] or "").strip() or None
+    if run_id is not None:
+        # Also where --standalone ignores it: a bad id is bad input either way.
+        try:
+            check_run_id(run_id)
+        except ConfigError as exc:
+            raise UsageProblem(f"--rdzv-id: {exc}") from None
     if run_id is not None and run_id.lower() == "none":
         # torchrun's default id; as a shared key it would join unrelated jobs together.
         run_id = None
@@ -358,9 +377,10 @@ def resolve_rendezvous(
 
     timeout = float(v["endpoint_check_timeout"])
     if backend in ("etcd", "etcd-v2"):
-        targets = [parse_endpoint(e, DEFAULT_PORTS[backend]) for e in endpoint.split(",") if e.strip()]
+        targets = parse_endpoint_list(endpoint, DEFAULT_PORTS[backend])
         check_reachable([(h, p) for h, p in targets if p is not None], timeout, backend)
     elif backend == "c10d":
+        _one_endpoint(endpoint, backend)
         host, port = parse_endpoint(endpoint, DEFAULT_PORTS["c10d"])
         is_host = str(configs.get("is_host", "")).lower()
         hosting = is_host in ("1", "true", "t", "yes", "y") or (is_host == "" and (port == 0 or is_this_host(host)))
@@ -380,6 +400,21 @@ def resolve_rendezvous(
             Notice("run_id_generated", f"generated run id {run_id} (--rdzv-id={run_id})", fields={"run_id": run_id})
         )
     return _Rendezvous(backend, endpoint, run_id, configs)
+
+
+def _checked_rdzv_conf(text: str) -> dict[str, Any]:
+    """--rdzv-conf, checked as the handlers will check it (unknown keys, passwords, numbers)."""
+    try:
+        configs: dict[str, Any] = parse_rdzv_conf(text, check_key=check_config_key)
+        check_config(configs)
+    except ConfigError as exc:
+        raise UsageProblem(f"--rdzv-conf: {exc}") from None
+    return configs
+
+
+def _one_endpoint(endpoint: str, backend: str) -> None:
+    if "," in endpoint:
+        raise UsageProblem(f"--rdzv-endpoint: the {backend} backend takes one HOST:PORT endpoint, got {endpoint!r}")
 
 
 def _embedded(run_id: str | None, configs: dict[str, Any], notices: list[Notice]) -> _Rendezvous:
@@ -405,6 +440,7 @@ def _static(
 ) -> _Rendezvous:
     if not endpoint:
         endpoint = f"{v['master_addr']}:{v['master_port'] or DEFAULT_MASTER_PORT}"
+    _one_endpoint(endpoint, "static")
     _, port = parse_endpoint(endpoint, v["master_port"])
     if port is None:
         raise UsageProblem(f"static rendezvous needs a port: --rdzv-endpoint={endpoint}:PORT or --master-port")
@@ -462,6 +498,7 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         min_nodes=min_nodes,
         max_nodes=max_nodes,
         nproc_spec=nproc,
+        allow_oversubscribe=bool(v.get("allow_oversubscribe")),
         backend=rdzv.backend,
         endpoint=rdzv.endpoint,
         run_id=rdzv.run_id,

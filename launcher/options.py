@@ -54,6 +54,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--nproc-per-node", "--nproc_per_node"), "nproc_per_node", "Nodes and workers",
         "Workers per node: a number, 'gpu' (visible GPUs), 'cpu' (CPU cores) or 'auto' "
         "(visible GPUs, else CPU cores).", default="1", metavar=NPROC_VALUES),
+    Opt(("--allow-oversubscribe",), "allow_oversubscribe", "Nodes and workers",
+        "Allow a --nproc-per-node above 4x this machine's CPUs and above its accelerators "
+        "(refused without it).", default=False, flag=True, torchrun=False),
     Opt(("--node-rank", "--node_rank"), "node_rank", "Nodes and workers",
         "Rank of this node; only used by the static backend.", default=0, type=int, metavar="N"),
     Opt(("--role",), "role", "Nodes and workers", "User-defined role of the workers.",

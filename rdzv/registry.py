@@ -6,6 +6,8 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rdzv.rendezvous.settings import check_config, check_run_id
+
 if TYPE_CHECKING:  # annotations only: the launcher checks backend names before torch loads
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
@@ -46,11 +48,19 @@ def backend_names() -> list[str]:
 
 
 def create_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Create the rendezvous handler named by ``params.backend``."""
+    """Create the rendezvous handler named by ``params.backend``.
+
+    Raises ValueError (ConfigError for settings: run id, --rdzv-conf keys and values, endpoints)
+    before the backend loads or anything is written.
+    """
     try:
         creator = BACKENDS[params.backend]
     except KeyError:
         raise ValueError(
             f"unknown rendezvous backend {params.backend!r}; choose one of {', '.join(backend_names())}"
         ) from None
+    # Checked here for every entry point (library, torchrun plugins, rdzv-launch), before the
+    # backend's modules load; the backends check again through parse_settings.
+    check_run_id(params.run_id)
+    check_config(params.config)
     return creator(params)

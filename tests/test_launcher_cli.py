@@ -147,6 +147,33 @@ BAD_INPUT: list[tuple[list[str], dict[str, str], str]] = [
     ([], {"PET_MAX_RESTARTS": "-3"}, "--max-restarts must be 0 or more"),
     ([], {"PET_STANDALONE": "maybe"}, "PET_STANDALONE='maybe' must be 0 or 1"),
     ([], {"PET_NNODES": "3:1"}, "MIN (3) is greater than MAX (1)"),
+    # run ids: one rule for rdzv-launch, the library and the torchrun plugins
+    (["--rdzv-id=job/x"], {}, "--rdzv-id: run id 'job/x' contains '/'; a run id is 1 to 128 letters"),
+    (["--rdzv-id=../.."], {}, "run id '../..' contains '/'"),
+    (["--rdzv-id=.."], {}, "run id '..' starts with '.'"),
+    (["--rdzv-id=-job"], {}, "run id '-job' starts with '-'"),
+    (["--rdzv-id=" + "x" * 1000], {}, "is 1000 characters long"),
+    (["--standalone", "--rdzv-id=a b"], {}, "run id 'a b' contains ' '"),
+    (["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--rdzv-id=a/b"], {}, "contains '/'"),
+    ([], {"PET_RDZV_ID": "team/job"}, "run id 'team/job' contains '/'"),
+    # --rdzv-conf keys and values
+    (["--rdzv-conf=lease_tll=3"], {}, "--rdzv-conf: unknown rendezvous setting 'lease_tll'; did you mean 'lease_ttl'?"),
+    (["--rdzv-conf=read_timeout=inf"], {}, "read_timeout='inf' must be a finite number, 0 or more"),
+    (["--rdzv-conf=join_timeout=nan"], {}, "join_timeout='nan' must be a finite number"),
+    (["--rdzv-conf=last_call_timeout=-1"], {}, "last_call_timeout='-1' must be a finite number, 0 or more"),
+    (["--rdzv-conf=rank=-2"], {}, "rank='-2' must be 0 or more"),
+    (["--rdzv-conf=password="], {}, "'password': the etcd password is not accepted on the command line"),
+    (["--rdzv-conf=password=secret"], {}, "the etcd password is not accepted on the command line"),
+    (["--rdzv-conf=user=u,passwd=secret"], {}, "'passwd': the etcd password is not accepted"),
+    ([], {"PET_RDZV_CONF": "password=secret"}, "the etcd password is not accepted on the command line"),
+    # endpoints: answered at once, not after the reachability check
+    (["--rdzv-endpoint=127.0.0.1:2379:x", "--rdzv-id=j"], {}, "--rdzv-endpoint: cannot read endpoint '127.0.0.1:2379:x'"),
+    (["--rdzv-endpoint=,", "--rdzv-id=j"], {}, "--rdzv-endpoint: endpoint list ',' has an empty item"),
+    (["--rdzv-endpoint=127.0.0.1:1,,127.0.0.1:2", "--rdzv-id=j"], {}, "has an empty item"),
+    (["--rdzv-endpoint=127.0.0.1:1,", "--rdzv-id=j", "--rdzv-backend=etcd-v2"], {}, "has an empty item"),
+    (["--rdzv-endpoint=127.0.0.1:70000", "--rdzv-id=j"], {}, "'70000' in '127.0.0.1:70000' is not a port number"),
+    (["--rdzv-endpoint=ftp://127.0.0.1:1", "--rdzv-id=j"], {}, "the scheme must be http or https"),
+    (["--rdzv-backend=c10d", "--rdzv-endpoint=a:1,b:2", "--rdzv-id=j"], {}, "the c10d backend takes one HOST:PORT endpoint"),
 ]
 
 
@@ -177,6 +204,45 @@ def test_bad_input_is_one_line_exit_2(args: list[str], env: dict[str, str], expe
 
 def test_missing_script(tmp_path: Path) -> None:
     _assert_usage_error(_run_bad(["--standalone"], {}, tmp_path, "nope.py"), "training script 'nope.py' not found", tmp_path)
+
+
+def test_a_directory_is_not_a_script(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    _assert_usage_error(_run_bad(["--standalone"], {}, tmp_path, "d"), "training script 'd' is a directory", tmp_path)
+    # As python itself: a directory with a __main__.py runs.
+    (tmp_path / "d" / "__main__.py").write_text("")
+    assert config.resolve_entrypoint(str(tmp_path / "d"), False, False, False)[1][-1] == str(tmp_path / "d")
+
+
+def test_far_too_many_workers_need_a_confirmation(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = _run_bad(["--standalone", "--nproc-per-node=100000"], {}, tmp_path)
+    _assert_usage_error(proc, "--nproc-per-node=100000 is more than 4x this machine's", tmp_path)
+    assert "pass --allow-oversubscribe if you mean it" in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_oversubscription_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher import agent
+
+    monkeypatch.setattr(agent, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 0)
+    agent.check_oversubscription(8, "8", allowed=False)  # 4x the CPUs is fine
+    agent.check_oversubscription(2, "cpu", allowed=False)
+    with pytest.raises(UsageProblem, match=r"--nproc-per-node=9 is more than 4x this machine's 2 CPU\(s\) and more than its 0"):
+        agent.check_oversubscription(9, "9", allowed=False)
+    agent.check_oversubscription(9, "9", allowed=True)
+    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 16)
+    agent.check_oversubscription(16, "16", allowed=False)  # one worker per accelerator is fine
+    with pytest.raises(UsageProblem):
+        agent.check_oversubscription(17, "17", allowed=False)
+
+
+def test_allow_oversubscribe_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _settings(["--standalone", "--allow-oversubscribe"], tmp_path).allow_oversubscribe
+    assert not _settings(["--standalone"], tmp_path).allow_oversubscribe
+    monkeypatch.setenv("PET_ALLOW_OVERSUBSCRIBE", "1")
+    assert _settings(["--standalone"], tmp_path).allow_oversubscribe
 
 
 def test_missing_training_script_argument(tmp_path: Path) -> None:
@@ -345,6 +411,21 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     code = "import sys; from launcher import cli; cli.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bad_rendezvous_input_imports_no_torch(tmp_path: Path) -> None:
+    (tmp_path / "w.py").write_text(WORKER)
+    cases = [["--rdzv-id=a/b"], ["--rdzv-conf=lease_tll=3"], ["--rdzv-conf=password="],
+             ["--rdzv-endpoint=,", "--rdzv-id=j"], ["--rdzv-endpoint=h:1:x", "--rdzv-id=j"]]
+    code = (
+        "import sys; from launcher import cli\n"
+        f"for args in {cases!r}:\n"
+        "    assert cli.main([*args, 'w.py']) == 2, args\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stderr.splitlines()) == len(cases)
 
 
 def test_nproc_per_node_words() -> None:

@@ -1,13 +1,18 @@
 """Settings shared by every backend, parsed once from torch's `RendezvousParameters`.
 
 Key names follow `--rdzv-conf`; torch's spellings are accepted as aliases so a torchrun command
-line keeps working when only the backend name changes.
+line keeps working when only the backend name changes. Everything here is torch-free: the
+launcher checks run ids, `--rdzv-conf` and endpoints with it before torch loads.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import ipaddress
+import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +40,43 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "rank_hint": ("rank", "node_rank"),
 }
 
+# Every key --rdzv-conf may hold, and how its value is checked ("number": finite and >= 0,
+# "count": a whole number >= 0, "bool", "text"). Unknown keys are refused: a misspelt one would
+# silently run with the default.
+_NUMBER, _COUNT, _BOOL, _TEXT = "number", "count", "bool", "text"
+KNOWN_KEYS: dict[str, str] = {
+    # ours (with torch's spellings as aliases)
+    "join_timeout": _NUMBER, "timeout": _NUMBER, "last_call_timeout": _NUMBER,
+    "close_timeout": _NUMBER, "lease_ttl": _NUMBER, "read_timeout": _NUMBER,
+    "store_ttl": _NUMBER,  # etcd-v2: lifetime of the round store's keys
+    "prefix": _TEXT, "etcd_prefix": _TEXT, "rank": _COUNT, "node_rank": _COUNT,
+    "cacert": _TEXT, "ca_cert": _TEXT, "cert": _TEXT, "ssl_cert": _TEXT, "key": _TEXT,
+    "ssl_cert_key": _TEXT, "protocol": _TEXT, "user": _TEXT, "username": _TEXT,
+    "password_env": _TEXT, "password_file": _TEXT, "is_host": _BOOL,
+    # passed by launchers: rdzv-launch (shown by `rdzv status`)
+    "local_world_size": _COUNT,
+    # read only by torch's own handlers (c10d, etcd, etcd-v2, static, dynamic): accepted so a
+    # torchrun command line keeps working; ours ignore them
+    "heartbeat_timeout": _NUMBER, "keep_alive_interval": _NUMBER, "keep_alive_max_attempt": _COUNT,
+    "heartbeat": _NUMBER,  # the short name docs/migration.md has always accepted
+    "cas_backoff_max_seconds": _NUMBER, "store_type": _TEXT, "use_libuv": _BOOL,
+}
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+_FALSE = ("0", "false", "f", "no", "n", "off")
+_PASSWORD_MESSAGE = (
+    "the etcd password is not accepted on the command line; set RDZV_ETCD_PASSWORD "
+    "or pass password_env=NAME / password_file=PATH in --rdzv-conf"
+)
+
+# Run ids name etcd keys (`<prefix>/<run_id>/...`) and torch's log directories: no '/', no
+# leading '.' or '-', short enough for a file name with torch's suffix.
+RUN_ID_MAX_LEN = 128
+_RUN_ID_CHAR = re.compile(r"[A-Za-z0-9_.-]")
+RUN_ID_RULE = (
+    f"a run id is 1 to {RUN_ID_MAX_LEN} letters, digits, '_', '.' or '-', "
+    "and does not start with '.' or '-'"
+)
+
 
 @functools.cache
 def _fqdn() -> str:
@@ -44,6 +86,87 @@ def _fqdn() -> str:
 
 class ConfigError(ValueError):
     """A rendezvous setting is malformed; the message names the key."""
+
+
+def check_run_id(run_id: object) -> str:
+    """Return `run_id` if it follows RUN_ID_RULE, else raise ConfigError saying what is wrong.
+
+    The one check for the library, the torchrun plugins, rdzv-launch and `rdzv status/clean`:
+    with '/' refused, no run's keys can lie under another run's prefix.
+    """
+    if run_id is None or run_id == "":
+        raise ConfigError("a run id is required (--rdzv-id)")
+    if not isinstance(run_id, str):
+        raise ConfigError(f"run id {run_id!r} is not a string; {RUN_ID_RULE}")
+    shown = repr(run_id if len(run_id) <= 40 else run_id[:40] + "...")
+    if len(run_id) > RUN_ID_MAX_LEN:
+        raise ConfigError(f"run id {shown} is {len(run_id)} characters long; {RUN_ID_RULE}")
+    bad = next((c for c in run_id if not _RUN_ID_CHAR.fullmatch(c)), None)
+    if bad is not None:
+        raise ConfigError(f"run id {shown} contains {bad!r}; {RUN_ID_RULE}")
+    if run_id[0] in ".-":
+        raise ConfigError(f"run id {shown} starts with {run_id[0]!r}; {RUN_ID_RULE}")
+    return run_id
+
+
+def check_config_key(key: str) -> None:
+    """Raise ConfigError for a key --rdzv-conf must not hold: a password, or an unknown key
+    (named with the nearest known one)."""
+    if key in KNOWN_KEYS:
+        return
+    if "pass" in key.lower() or key.lower() in ("pwd", "secret"):
+        raise ConfigError(f"rendezvous setting {key!r}: {_PASSWORD_MESSAGE}")
+    near = difflib.get_close_matches(key.replace("-", "_").lower(), KNOWN_KEYS, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}?" if near else "see the settings table in docs/rendezvous.md"
+    raise ConfigError(f"unknown rendezvous setting {key!r}; {hint}")
+
+
+def check_config(config: Mapping[str, object]) -> None:
+    """Check every key and value of a rendezvous configuration (torch-free, fast); ConfigError
+    names the first bad one."""
+    for key, raw in config.items():
+        check_config_key(key)
+        if raw is None or raw == "":
+            continue
+        kind = KNOWN_KEYS[key]
+        if kind == _NUMBER:
+            _number(key, raw)
+        elif kind == _COUNT:
+            _count(key, raw)
+        elif kind == _BOOL:
+            _bool(key, raw)
+    protocol = str(config.get("protocol") or "").strip().lower()
+    if protocol not in ("", "http", "https"):
+        raise ConfigError(f"rendezvous setting protocol={protocol!r} must be http or https")
+
+
+def _number(key: str, raw: object) -> float:
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"rendezvous setting {key}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"rendezvous setting {key}={raw!r} must be a finite number, 0 or more")
+    return value
+
+
+def _count(key: str, raw: object) -> int:
+    try:
+        value = int(raw)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"rendezvous setting {key}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"rendezvous setting {key}={raw!r} must be 0 or more")
+    return value
+
+
+def _bool(key: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"rendezvous setting {key}={raw!r} is not a boolean (true/false, 1/0)")
 
 
 def _lookup(params: RendezvousParameters, name: str) -> object | None:
@@ -58,23 +181,10 @@ def _seconds(params: RendezvousParameters, name: str, default: float) -> float:
     raw = _lookup(params, name)
     if raw is None:
         return default
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"rendezvous setting {name}={raw!r} is not a number of seconds") from None
+    value = _number(name, raw)
     if value <= 0:
         raise ConfigError(f"rendezvous setting {name}={raw!r} must be > 0 seconds")
     return value
-
-
-def _read_password(params: RendezvousParameters) -> str | None:
-    """The password comes from the environment or a file, never from the command line."""
-    if params.config.get("password") not in (None, ""):
-        raise ConfigError(
-            "the etcd password is not accepted on the command line; set RDZV_ETCD_PASSWORD "
-            "or pass password_env=NAME / password_file=PATH in --rdzv-conf"
-        )
-    return password_from(params.config)
 
 
 def password_from(config: Mapping[str, object]) -> str | None:
@@ -120,70 +230,89 @@ class RendezvousSettings:
         return f"{self.prefix}/{self.run_id}"
 
 
-def parse_endpoints(endpoint: str, default_port: int) -> tuple[tuple[str, ...], bool]:
-    """`host:port[,host:port]` or URLs -> ("host:port", ...), and whether any URL asked for TLS."""
-    items = [item.strip() for item in (endpoint or "").split(",") if item.strip()]
-    if not items:
-        items = [f"localhost:{default_port}"]
+_ENDPOINT_FORMS = "expected HOST:PORT, [IPv6]:PORT or http(s)://HOST:PORT"
+_HOST_RE = re.compile(r"[\w.-]+")
+
+
+def split_endpoint(text: str, default_port: int | None) -> tuple[str, int | None, str]:
+    """One endpoint -> (host, port, scheme). HOST[:PORT], [IPv6][:PORT], a bare IPv6 address,
+    or an http:// or https:// URL of one of those; the port is `default_port` when absent and
+    the scheme "" when none is given. Shared by the handlers and rdzv-launch."""
+    item = text.strip()
+    rest, scheme = item, ""
+    if "://" in rest:
+        scheme, _, rest = rest.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"endpoint {item!r}: the scheme must be http or https")
+        rest = rest.rstrip("/")
+    port_text: str | None = None
+    ipv6 = False
+    if rest.startswith("["):
+        host, closed, after = rest[1:].partition("]")
+        if not closed or (after and not after.startswith(":")):
+            raise ConfigError(f"cannot read endpoint {item!r} ({_ENDPOINT_FORMS})")
+        port_text = after[1:] if after else None
+        ipv6 = _is_ipv6(host)
+        if not ipv6:
+            raise ConfigError(f"endpoint {item!r}: {host!r} in brackets is not an IPv6 address")
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+    elif ":" in rest:
+        host, ipv6 = rest, _is_ipv6(rest)  # a bare IPv6 address, or something like host:port:x
+        if not ipv6:
+            raise ConfigError(f"cannot read endpoint {item!r} ({_ENDPOINT_FORMS})")
+    else:
+        host = rest
+    if not host:
+        raise ConfigError(f"endpoint {item!r} names no host ({_ENDPOINT_FORMS})")
+    if not ipv6 and not _HOST_RE.fullmatch(host):
+        raise ConfigError(f"endpoint {item!r}: {host!r} is not a host name or address")
+    if port_text is None:
+        return host, default_port, scheme
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        raise ConfigError(f"{port_text!r} in {item!r} is not a port number")
+    return host, int(port_text), scheme
+
+
+def split_endpoint_list(text: str, default_port: int | None) -> list[tuple[str, int | None, str]]:
+    """`e1,e2,...` (each as split_endpoint reads it); an empty item is an error."""
+    items = text.split(",")
+    if not all(item.strip() for item in items):
+        raise ConfigError(f"endpoint list {text.strip()!r} has an empty item (expected HOST:PORT[,HOST:PORT...])")
+    return [split_endpoint(item, default_port) for item in items]
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def parse_endpoints(endpoint: str | None, default_port: int) -> tuple[tuple[str, ...], bool]:
+    """`host:port[,host:port]` or URLs -> ("host:port", ...), and whether any URL asked for TLS.
+    No endpoint at all means localhost, as in torch."""
+    if not (endpoint or "").strip():
+        return (f"localhost:{default_port}",), False
     out: list[str] = []
     tls = False
-    for item in items:
-        scheme, sep, rest = item.partition("://")
-        if sep:
-            if scheme not in ("http", "https"):
-                raise ConfigError(f"endpoint {item!r}: scheme must be http or https")
-            tls = tls or scheme == "https"
-            item = rest.rstrip("/")
-        host, port = _split_host_port(item, default_port)
+    for host, port, scheme in split_endpoint_list(str(endpoint), default_port):
+        tls = tls or scheme == "https"
         out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return tuple(out), tls
 
 
-def _split_host_port(item: str, default_port: int) -> tuple[str, int]:
-    if item.startswith("["):  # bracketed IPv6
-        host, _, rest = item[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif item.count(":") == 1:
-        host, _, port_text = item.partition(":")
-    else:
-        host, port_text = item, ""
-    if not port_text:
-        return host or "localhost", default_port
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"endpoint {item!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port < 65536:
-        raise ConfigError(f"endpoint {item!r}: port {port} out of range")
-    return host or "localhost", port
-
-
-def _optional_int(params: RendezvousParameters, name: str) -> int | None:
+def _optional_count(params: RendezvousParameters, name: str) -> int | None:
     raw = _lookup(params, name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"rendezvous setting {name}={raw!r} is not an integer") from None
+    return None if raw is None else _count(name, raw)
 
 
 def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> RendezvousSettings:
-    if not params.run_id:
-        raise ConfigError("a run id is required (--rdzv-id)")
+    run_id = check_run_id(params.run_id)
+    check_config(params.config)
     endpoints, url_tls = parse_endpoints(params.endpoint, default_port)
-    protocol = str(params.config.get("protocol") or "").lower()
-    if protocol not in ("", "http", "https"):
-        raise ConfigError(f"rendezvous setting protocol={protocol!r} must be http or https")
-    rank_raw = _lookup(params, "rank_hint")
-    rank_hint: int | None = None
-    if rank_raw is not None:
-        try:
-            rank_hint = int(rank_raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ConfigError(f"rank hint {rank_raw!r} is not an integer") from None
-        if rank_hint < 0:
-            rank_hint = None
+    protocol = str(params.config.get("protocol") or "").strip().lower()
     cacert = _lookup(params, "cacert")
     prefix = str(_lookup(params, "prefix") or DEFAULT_PREFIX).rstrip("/")
     if not prefix.startswith("/"):
@@ -194,7 +323,7 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         raise ConfigError(f"rendezvous setting lease_ttl={lease_ttl} must be at least 2 seconds")
     return RendezvousSettings(
         backend=params.backend,
-        run_id=params.run_id,
+        run_id=run_id,
         endpoints=endpoints,
         min_nodes=params.min_nodes,
         max_nodes=params.max_nodes,
@@ -206,13 +335,14 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         lease_ttl=lease_ttl,
         read_timeout=_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT),
         prefix=prefix,
-        rank_hint=rank_hint,
-        local_world_size=_optional_int(params, "local_world_size"),
+        rank_hint=_optional_count(params, "rank_hint"),
+        local_world_size=_optional_count(params, "local_world_size"),
         cacert=str(cacert) if cacert else None,
         cert=str(_lookup(params, "cert")) if _lookup(params, "cert") else None,
         key=str(_lookup(params, "key")) if _lookup(params, "key") else None,
         tls=url_tls or protocol == "https" or bool(cacert),
         user=str(user) if user else None,
-        password=_read_password(params) if user else None,
+        # From the environment or a file: check_config refused `password=` on the command line.
+        password=password_from(params.config) if user else None,
         extra=dict(params.config),
     )
