@@ -132,7 +132,7 @@ BAD_INPUT: list[tuple[list[str], dict[str, str], str]] = [
     (["--max-restarts=-1"], {}, "--max-restarts must be 0 or more"),
     (["--max-restarts=x"], {}, "not a valid integer"),
     (["--nproc-per-node=0"], {}, "--nproc-per-node must be at least 1"),
-    (["--nproc-per-node=many"], {}, "--nproc-per-node must be a number"),
+    (["--nproc-per-node=2.5"], {}, "--nproc-per-node must be a number"),
     (["--rdzv-conf=join_timeout"], {}, "is not KEY=VALUE"),
     (["--rdzv-conf=a=1,,b=2"], {}, "is not KEY=VALUE"),
     (["--rdzv-conf=join_timeout="], {}, "'join_timeout' has no value"),
@@ -212,6 +212,15 @@ def test_a_directory_is_not_a_script(tmp_path: Path) -> None:
     # As python itself: a directory with a __main__.py runs.
     (tmp_path / "d" / "__main__.py").write_text("")
     assert config.resolve_entrypoint(str(tmp_path / "d"), False, False, False)[1][-1] == str(tmp_path / "d")
+
+
+def test_unknown_device_word_is_one_line_exit_2(tmp_path: Path) -> None:
+    """A word may name a privateuse1 backend, so torch answers it (slower, still one line)."""
+    (tmp_path / "w.py").write_text("")
+    proc = subprocess.run([*LAUNCH, "--standalone", "--nproc-per-node=atuo", "w.py"], capture_output=True, text=True, env=clean_env(), timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--nproc-per-node must be a number, auto, cpu, gpu, xpu" in lines[0], proc.stderr
 
 
 def test_far_too_many_workers_need_a_confirmation(tmp_path: Path) -> None:
