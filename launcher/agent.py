@@ -222,7 +222,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
         # Same default and notice as torchrun; workers inherit it from here.
         os.environ["OMP_NUM_THREADS"] = "1"
-        reporter.warning("omp_num_threads", OMP_NOTICE)
+        # torchrun's words, but information, not a warning: nothing is wrong.
+        reporter.info("omp_num_threads", OMP_NOTICE)
     where = f"{s.backend} at {s.endpoint}"
     reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
 

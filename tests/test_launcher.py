@@ -276,6 +276,9 @@ def test_main_example_trains_to_the_end_and_resumes(tmp_path: Path) -> None:
     rc, out, err = run_launcher(["--standalone", "--nproc-per-node=2", train, "--checkpoint-dir", str(tmp_path / "a")], tmp_path)
     _ok(rc, out, err)
     assert re.findall(r"^epoch (\d+)/5 loss=", out, re.M) == ["1", "2", "3", "4", "5"]
+    # The README's main job: nothing on stderr reads as a warning (e.g. torch without numpy).
+    warnings = [line for line in (out + err).splitlines() if "warning" in line.lower()]
+    assert not warnings, warnings
     assert (tmp_path / "a" / "checkpoint.pt").exists()
     # Rank 0 dies in epoch 3 once; the restarted group resumes from epoch 2's checkpoint and
     # ends exactly where the uninterrupted run did.
