@@ -45,7 +45,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 
 from torch.distributed import PrefixStore, Store, TCPStore
@@ -67,7 +67,18 @@ from rdzv.backends.c10d_store import (
 from rdzv.backends.common import Change, PumpedFeed, Ticker, apply_state, encode_state
 from rdzv.rendezvous.backend import ELASTIC, LIVENESS, SPARES, NodeChange
 from rdzv.rendezvous.handler import RdzvHandler
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.model import (
+    Control,
+    NodeEntry,
+    NodeInfo,
+    RoundRecord,
+    guard,
+    node_entry,
+    not_a_node,
+    parse_node_id,
+    parse_number,
+    parse_round_no,
+)
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
 
 log = logging.getLogger("rdzv")
@@ -303,7 +314,9 @@ class C10dBackend:
         if raw:
             conn.set(keys.full(name), "")
             self._log(name, control=False)
-            self._release(NodeInfo.decode(raw.split(b" ", 1)[1]).want, node_id)
+            change = self.decode(name, raw)
+            if isinstance(change, NodeChange) and change.entry is not None:
+                self._release(change.entry.info.want, node_id)
 
     def _release(self, round_no: int, holder: str) -> None:
         """Free round `round_no`'s claim if `holder` holds it."""
@@ -312,25 +325,28 @@ class C10dBackend:
         if not conn.check([keys.full(name)]):
             return
         raw = conn.get(keys.full(name))
-        if raw.decode().split("\t")[0] == holder and conn.compare_set(keys.full(name), raw, "") == b"":
+        if _holder(raw) == holder and conn.compare_set(keys.full(name), raw, "") == b"":
             self._log(name, control=True)
 
     # ------------------------------------------------------------------ control state
     def decode(self, name: str, raw: bytes) -> Change:
-        """A changed key's current value as a feed change."""
+        """A changed key's current value as a feed change (never raises: a node record that
+        does not decode is not a node, a control record that does not is noted in control)."""
         if name.startswith("node/"):
             node_id = name[len("node/") :]
             if not raw:
                 return NodeChange(node_id, None)
             arrival, _, info = raw.partition(b" ")
-            return NodeChange(node_id, NodeEntry(NodeInfo.decode(info), int(arrival)))
+            if not arrival.isdigit():
+                not_a_node(self.keys.full(name), "no arrival number before the record")
+                return NodeChange(node_id, None)
+            return NodeChange(node_id, node_entry(self.keys.full(name), node_id, info, int(arrival)))
         if name.startswith("claim/"):
-            round_no = int(name[len("claim/") :])
-            return lambda control: _apply_claim(control, round_no, raw)
+            return lambda control: _apply_claim(control, self.keys.full(name), raw)
         return lambda control: self._apply_state(control, raw)
 
     def _apply_state(self, control: Control, raw: bytes) -> None:
-        apply_state(control, raw.decode())
+        apply_state(control, raw.decode(errors="replace"), self.keys.state)
         with self._lock:
             if control.sealed is not None and (self._sealed is None or control.sealed.round >= self._sealed.round):
                 self._sealed = control.sealed
@@ -342,7 +358,7 @@ class C10dBackend:
         # A forming round is always the one after the sealed one: its claim is all we need.
         claim = self.keys.full(self.keys.claim(control.round + 1))
         if self.conn.check([claim]):
-            _apply_claim(control, control.round + 1, self.conn.get(claim))
+            _apply_claim(control, claim, self.conn.get(claim))
         return control, cursor
 
     def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
@@ -358,14 +374,14 @@ class C10dBackend:
             self._registered = True
         self._log(keys.node(node.node_id), control=False)
         name = keys.claim(node.want)
-        holder = conn.compare_set(keys.full(name), "", node.node_id).decode().split("\t")[0]
+        holder = _holder(conn.compare_set(keys.full(name), "", node.node_id))
         claimed_now = holder == node.node_id and self._claim != node.want
         if claimed_now:
             self._log(name, control=True)
         cursor, (state,) = self._position(keys.state)
         now = Control()
-        apply_state(now, state.decode())
-        if now.closed or now.token != control.token:
+        self._apply_state(now, state)
+        if now.corrupt or now.closed or now.token != control.token:
             if claimed_now:  # made against a stale view: withdraw it
                 self._release(node.want, node.node_id)
             return None, cursor
@@ -389,7 +405,10 @@ class C10dBackend:
     def count_nodes(self) -> int:
         return len(self.read_nodes()[0])
 
-    def watch(self, after: int, control: Control, *, nodes: bool) -> PumpedFeed:
+    def watch(
+        self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
+    ) -> PumpedFeed:
+        # `known` is not needed: the change logs are never truncated, a reader never resyncs.
         keys = self.keys
         all_pos, ctl_pos = unpack_cursor(after)
         conn = self._borrow()
@@ -433,7 +452,7 @@ class C10dBackend:
         keys, conn = self.keys, self.conn
         # Members watch from just before the seal, so nothing after it can be missed.
         cursor, (claim,) = self._position(keys.full(keys.claim(record.round)))
-        if claim.decode().split("\t")[0] != coordinator:
+        if _holder(claim) != coordinator:
             return None
         sealed = RoundRecord.decode(record.encode(), cursor)
         doc = encode_state(sealed, closed=False)
@@ -449,7 +468,7 @@ class C10dBackend:
         keys, conn = self.keys, self.conn
         name = keys.claim(round_no)
         raw = conn.get(keys.full(name))
-        holder = raw.decode().split("\t")[0]
+        holder = _holder(raw)
         new = f"{holder}\t{deadline!r}"
         if holder and conn.compare_set(keys.full(name), raw, new) == new.encode():
             self._log(name, control=True)
@@ -473,8 +492,9 @@ class C10dBackend:
         while True:
             raw = conn.get(keys.state)
             control = Control()
-            apply_state(control, raw.decode())
-            if control.closed:
+            self._apply_state(control, raw)
+            # A document that does not decode is replaced by a closed one: the run is ending.
+            if control.closed and not control.corrupt:
                 return
             doc = encode_state(control.sealed, closed=True)
             if conn.compare_set(keys.state, raw, doc) == doc.encode():
@@ -506,6 +526,12 @@ class C10dBackend:
 
     def round_store(self, record: RoundRecord) -> Store:
         return RoundStore(lambda: PrefixStore(self.keys.store(record.round), self._agent_store()))
+
+    def clean_hint(self) -> str:
+        return f"restart the node that serves the store ({self.where}): the run's state lives only in that process"
+
+    def expiry(self) -> float | None:
+        return None  # the store's keys never expire; the last node out starts a new generation
 
     def _agent_store(self) -> TCPStore:
         # Its own connection: the agent blocks on it (barriers) without holding up ours.
@@ -571,15 +597,25 @@ class RoundStore(Store):
         return self._inner.num_keys()
 
 
-def _apply_claim(control: Control, round_no: int, raw: bytes) -> None:
-    holder, _, deadline = raw.decode().partition("\t")
-    if not holder:
-        control.coordinators.pop(round_no, None)
-        control.last_call.pop(round_no, None)
-        return
-    control.coordinators[round_no] = holder
-    if deadline:
-        control.last_call[round_no] = float(deadline)
+def _holder(raw: bytes) -> str:
+    """Who holds a claim ("" when released); a claim that is not text names nobody we know."""
+    return raw.decode(errors="replace").partition("\t")[0]
+
+
+def _apply_claim(control: Control, key: str, raw: bytes) -> None:
+    """A claim value "<holder>[\t<last call deadline>]" at `key` (".../claim/<round>")."""
+    with guard(control, key):
+        round_no = parse_round_no(key.rpartition("/")[2])
+        holder, _, deadline = raw.decode(errors="replace").partition("\t")
+        if not holder:
+            control.coordinators.pop(round_no, None)
+            control.last_call.pop(round_no, None)
+            return
+        holder = parse_node_id(holder)
+        when = parse_number(deadline, "last call deadline") if deadline else None
+        control.coordinators[round_no] = holder
+        if when is not None:
+            control.last_call[round_no] = when
 
 
 def _flag(settings: RendezvousSettings, name: str) -> bool | None:

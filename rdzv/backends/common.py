@@ -17,7 +17,7 @@ from collections.abc import Callable
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.rendezvous.backend import NodeChange
-from rdzv.rendezvous.model import Control, RoundRecord
+from rdzv.rendezvous.model import Control, RecordError, RoundRecord, guard
 
 log = logging.getLogger("rdzv")
 
@@ -49,18 +49,31 @@ def encode_state(sealed: RoundRecord | None, closed: bool) -> str:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
-def apply_state(control: Control, raw: str | bytes | None) -> None:
-    """Set `control` from a state document (None/empty: no round sealed, run open)."""
-    control.token = raw or None
-    if not raw:
-        control.sealed, control.closed = None, False
-        return
-    doc = json.loads(raw)
-    record = doc["sealed"]
-    control.sealed = (
-        RoundRecord.decode(json.dumps(record).encode(), int(doc["rev"])) if record else None
-    )
-    control.closed = bool(doc["closed"])
+def apply_state(control: Control, raw: str | bytes | None, key: str) -> None:
+    """Set `control` from the state document stored at `key` (None/empty: no round sealed, run
+    open). One that does not decode leaves `control` as it was, noted in `control.corrupt`."""
+    with guard(control, key):
+        if not raw:
+            control.sealed, control.closed, control.token = None, False, None
+            return
+        sealed, closed = _decode_state(raw)
+        control.sealed, control.closed, control.token = sealed, closed, raw
+
+
+def _decode_state(raw: str | bytes) -> tuple[RoundRecord | None, bool]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise RecordError(f"not JSON: {raw[:60]!r}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("closed"), bool):
+        raise RecordError("not a state document (no 'closed' flag)")
+    rev, record = doc.get("rev", 0), doc.get("sealed")
+    if not isinstance(rev, int) or isinstance(rev, bool) or rev < 0:
+        raise RecordError(f"'rev' must be an integer >= 0, not {rev!r}"[:120])
+    if record is not None and not isinstance(record, dict):
+        raise RecordError("'sealed' must be a round record or null")
+    sealed = RoundRecord.decode(json.dumps(record), rev) if record is not None else None
+    return sealed, doc["closed"]
 
 
 class Ticker:

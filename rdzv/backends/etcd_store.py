@@ -67,7 +67,14 @@ class EtcdStore(Store):
         try:
             while True:
                 kv = self._client.get(full)
-                current = int(kv.value) if kv is not None else 0
+                try:
+                    current = int(kv.value) if kv is not None else 0
+                except ValueError:
+                    # As TCPStore: a counter that is not a number is the caller's store error.
+                    raise DistStoreError(
+                        f"etcd store {self._prefix}: add({key!r}): the value is not an integer: "
+                        f"{kv.value[:60]!r}"
+                    ) from None
                 expected = kv.mod_revision if kv is not None else 0
                 new = current + amount
                 result = self._client.txn(

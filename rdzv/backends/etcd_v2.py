@@ -40,6 +40,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Collection
 
 import etcd
 from torch.distributed import Store
@@ -61,7 +62,17 @@ from rdzv.backends.etcd_v2_store import (
 )
 from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
 from rdzv.rendezvous.handler import RdzvHandler
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.model import (
+    Control,
+    NodeEntry,
+    NodeInfo,
+    RoundRecord,
+    guard,
+    node_entry,
+    parse_node_id,
+    parse_number,
+    parse_round_no,
+)
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
 
 log = logging.getLogger("rdzv")
@@ -178,22 +189,26 @@ class EtcdV2Backend:
 
     # ------------------------------------------------------------------ control state
     def apply_control(self, control: Control, key: str, value: str | None) -> None:
+        """One control key's change; a value that does not decode leaves `control` as it was,
+        noted in `control.corrupt` (model.guard)."""
         keys = self.keys
         if key == keys.state:
-            apply_state(control, value)
+            apply_state(control, value, key)
             self._follow(control.sealed)
-        elif key.startswith(keys.coord_dir):
-            round_no = int(key[len(keys.coord_dir) :])
-            if value is None:
-                control.coordinators.pop(round_no, None)
-            else:
-                control.coordinators[round_no] = value
-        elif key.startswith(keys.lastcall_dir):
-            round_no = int(key[len(keys.lastcall_dir) :])
-            if value is None:
-                control.last_call.pop(round_no, None)
-            else:
-                control.last_call[round_no] = float(value)
+            return
+        with guard(control, key):
+            if key.startswith(keys.coord_dir):
+                round_no = parse_round_no(key[len(keys.coord_dir) :])
+                if value is None:
+                    control.coordinators.pop(round_no, None)
+                else:
+                    control.coordinators[round_no] = parse_node_id(value)
+            elif key.startswith(keys.lastcall_dir):
+                round_no = parse_round_no(key[len(keys.lastcall_dir) :])
+                if value is None:
+                    control.last_call.pop(round_no, None)
+                else:
+                    control.last_call[round_no] = parse_number(value, "last call deadline")
 
     def _read_dir(self, path: str) -> tuple[list[etcd.EtcdResult], int]:
         with v2_errors(self.describe()):
@@ -226,7 +241,7 @@ class EtcdV2Backend:
             except etcd.EtcdAlreadyExist:
                 pass
         now, index = self.read_control()
-        if now.closed or now.token != control.token:
+        if now.corrupt or now.closed or now.token != control.token:
             # The sealed round or the closed flag moved on: a claim made against the old view
             # must not stand (v3 would not have made it).
             if claimed:
@@ -245,15 +260,20 @@ class EtcdV2Backend:
         leaves, index = self._read_dir(self.keys.nodes)
         nodes: dict[str, NodeEntry] = {}
         for leaf in leaves:
-            info = NodeInfo.decode(leaf.value)
-            nodes[info.node_id] = NodeEntry(info, leaf.createdIndex)
+            node_id = leaf.key[len(self.keys.nodes) + 1 :]
+            entry = node_entry(leaf.key, node_id, leaf.value or "", leaf.createdIndex)
+            if entry is not None:
+                nodes[node_id] = entry
         return nodes, index
 
     def count_nodes(self) -> int:
-        return len(self._read_dir(self.keys.nodes)[0])
+        # The directory read returns the values anyway: count only records that are nodes.
+        return len(self.read_nodes()[0])
 
-    def watch(self, after: int, control: Control, *, nodes: bool) -> PumpedFeed:
-        watcher = _Watcher(self, after, nodes=nodes)
+    def watch(
+        self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
+    ) -> PumpedFeed:
+        watcher = _Watcher(self, after, nodes=nodes, known=known)
         return PumpedFeed(
             control, watcher.fetch, wait=WATCH_WAIT, name=f"rdzv-v2-watch-{self.settings.run_id}"
         )
@@ -309,15 +329,17 @@ class EtcdV2Backend:
         keys = self.keys
         with v2_errors(self.describe()):
             while True:
-                control = Control()
+                control, raw = Control(), None
                 with contextlib.suppress(etcd.EtcdKeyNotFound):
-                    apply_state(control, self.client.read(keys.state).value)
-                if control.closed:
+                    raw = self.client.read(keys.state).value
+                apply_state(control, raw, keys.state)
+                # A document that does not decode is replaced by a closed one: the run is ending.
+                if control.closed and not control.corrupt:
                     return
                 doc = encode_state(control.sealed, closed=True)
-                guard = {"prevValue": control.token} if control.token else {"prevExist": False}
+                expect = {"prevValue": raw} if raw else {"prevExist": False}
                 try:
-                    self.client.write(keys.state, doc, ttl=self.run_ttl, **guard)
+                    self.client.write(keys.state, doc, ttl=self.run_ttl, **expect)
                     return
                 except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
                     continue  # a seal or another close won: read again
@@ -334,7 +356,8 @@ class EtcdV2Backend:
                 with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
                     self.client.delete(key)
             if self.count_nodes() == 0:
-                with contextlib.suppress(etcd.EtcdKeyNotFound), v2_errors(self.describe()):
+                # Converted only if not swallowed: another node may have removed it first.
+                with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
                     self.client.delete(self.keys.root, recursive=True, dir=True)
         finally:
             self.client.close()
@@ -342,17 +365,36 @@ class EtcdV2Backend:
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)
 
+    def clean_hint(self) -> str:
+        s = self.settings
+        scheme = "https" if s.tls else "http"
+        host = s.endpoints[0].split("://")[-1]
+        return (
+            "remove the run through etcd's v2 API with "
+            f"`curl -X DELETE '{scheme}://{host}/v2/keys{self.keys.root}?dir=true&recursive=true'`"
+        )
+
+    def expiry(self) -> float | None:
+        # The state document (sealed round, closed flag) is what blocks the id; it expires
+        # run_ttl after its last refresh.
+        try:
+            ttl = self.client.read(self.keys.state).ttl
+        except (EtcdV2Error, etcd.EtcdException):
+            return None  # only for a message
+        return float(ttl) if ttl is not None else None
+
 
 class _Watcher:
     """Fetches one event per long poll from a recursive watch of the control (and node) keys."""
 
-    def __init__(self, backend: EtcdV2Backend, after: int, *, nodes: bool) -> None:
+    def __init__(self, backend: EtcdV2Backend, after: int, *, nodes: bool, known: Collection[str] = ()) -> None:
         self.backend = backend
         self.keys = backend.keys
         self.nodes = nodes
         self.path = self.keys.watched if nodes else self.keys.ctl
         self.next = after + 1
-        self.known: set[str] = set()  # node ids seen present, to replay deletions on a resync
+        # Node ids held as present (by the consumer, or seen here), to replay deletions on a resync.
+        self.known: set[str] = set(known) if nodes else set()
         self._failing_since: float | None = None
 
     def fetch(self, wait: float) -> list[Change] | None:
@@ -372,11 +414,13 @@ class _Watcher:
         nodes_dir = self.keys.nodes + "/"
         if event.key.startswith(nodes_dir):
             node_id = event.key[len(nodes_dir) :]
-            if value is None:
+            entry = None if value is None else node_entry(event.key, node_id, value, event.createdIndex)
+            # A record that does not decode is not a node: as if the key were absent.
+            if entry is None:
                 self.known.discard(node_id)
-                return [NodeChange(node_id, None)]
-            self.known.add(node_id)
-            return [NodeChange(node_id, NodeEntry(NodeInfo.decode(value), event.createdIndex))]
+            else:
+                self.known.add(node_id)
+            return [NodeChange(node_id, entry)]
         key = event.key
         return [lambda control: self.backend.apply_control(control, key, value)]
 

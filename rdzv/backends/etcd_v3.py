@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
     RendezvousHandler,
     RendezvousParameters,
+    RendezvousStateError,
 )
 
 from rdzv.backends.etcd_store import EtcdStore
@@ -38,18 +39,32 @@ from rdzv.etcd import (
     EtcdError,
     EtcdLeaseNotFoundError,
     EtcdTLSError,
+    KeyValue,
     Op,
     Session,
     prefix_end,
 )
 from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
 from rdzv.rendezvous.handler import RdzvHandler
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
-from rdzv.rendezvous.settings import RendezvousSettings, parse_settings
+from rdzv.rendezvous.model import (
+    Control,
+    NodeEntry,
+    NodeInfo,
+    RecordError,
+    RoundRecord,
+    guard,
+    node_entry,
+    parse_lease_id,
+    parse_node_id,
+    parse_number,
+    parse_round_no,
+)
+from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings, parse_settings
 
 log = logging.getLogger("rdzv")
 
 ROUND_DIGITS = 12  # zero-padded so that key order is round order
+LEAVE_READ_LIMIT = 16  # node records a leaving node reads to decide whether it is the last
 
 
 def _round_key(round_no: int) -> str:
@@ -83,7 +98,12 @@ class EtcdKeys:
 
 @contextlib.contextmanager
 def _etcd_errors(where: str) -> Iterator[None]:
-    """Client errors become torch's rendezvous errors, naming the etcd endpoints."""
+    """Client errors become torch's rendezvous errors, naming the etcd endpoints.
+
+    The one conversion point: each public method of the backend (and of its feed) wraps its
+    whole body once, and handles the client errors it can recover from (compaction, a lapsed
+    lease, best-effort cleanup) inside, before they get here.
+    """
     try:
         yield
     except EtcdTLSError as exc:
@@ -97,49 +117,68 @@ def _etcd_errors(where: str) -> Iterator[None]:
 class EtcdChangeFeed:
     """Control and node changes from one etcd watch, decoded for the algorithm."""
 
-    def __init__(self, backend: EtcdBackend, after: int, control: Control, *, nodes: bool) -> None:
+    def __init__(
+        self,
+        backend: EtcdBackend,
+        after: int,
+        control: Control,
+        *,
+        nodes: bool,
+        known: Collection[str] = (),
+    ) -> None:
         self._backend = backend
         self._keys = backend.keys
         self.control = control
         end = prefix_end(self._keys.nodes.encode()) if nodes else prefix_end(self._keys.ctl.encode())
         self._range = (self._keys.ctl.encode(), end)
+        # Node ids the consumer holds as present: a resync reports the ones that are gone.
+        self._known: set[str] = set(known) if nodes else set()
         self._watch = backend.client.watch(self._range[0], range_end=end, start_revision=after + 1)
-        self._pending: list[NodeChange] = []
 
     def poll(self, timeout: float | None) -> list[NodeChange] | None:
-        try:
-            with _etcd_errors(self._backend.describe()):
+        with _etcd_errors(self._backend.describe()):
+            try:
                 events = self._watch.get(timeout)
-        except EtcdCompactedError:
-            return self._resync()
+            except EtcdCompactedError:
+                return self._resync()
         if events is None:
             return None
         out: list[NodeChange] = []
         for event in events:
             self.control.seen = max(self.control.seen, event.kv.mod_revision)
-            key = event.kv.key.decode()
+            key = event.kv.key.decode(errors="replace")
             if key.startswith(self._keys.nodes):
                 node_id = key[len(self._keys.nodes) :]
-                if event.type == "DELETE":
-                    out.append(NodeChange(node_id, None))
+                entry = None if event.type == "DELETE" else self._backend.node(key, event.kv)
+                # A record that does not decode is not a node: as if the key were absent.
+                out.append(NodeChange(node_id, entry))
+                if entry is None:
+                    self._known.discard(node_id)
                 else:
-                    info = NodeInfo.decode(event.kv.value)
-                    out.append(NodeChange(node_id, NodeEntry(info, event.kv.mod_revision)))
+                    self._known.add(node_id)
             else:
                 self._backend.apply_control(self.control, key, event.kv, event.type == "DELETE")
         # A round's events can arrive in several batches; drain whatever is already queued.
         return out
 
     def _resync(self) -> list[NodeChange]:
-        # History we needed was compacted away: start over from a fresh snapshot.
-        control, cursor = self._backend.read_control()
-        self.control.__dict__.update(control.__dict__)
-        nodes, cursor = self._backend.read_nodes()
+        # History we needed was compacted away: start over from one read of everything this
+        # feed covers (one revision, so control and nodes agree) and report the difference.
+        control, nodes, revision = self._backend.snapshot(*self._range)
         self._watch.cancel()
         self._watch = self._backend.client.watch(
-            self._range[0], range_end=self._range[1], start_revision=cursor + 1
+            self._range[0], range_end=self._range[1], start_revision=revision + 1
         )
-        return [NodeChange(nid, entry) for nid, entry in nodes.items()]
+        control.seen = revision
+        self.control.__dict__.update(control.__dict__)
+        gone, self._known = self._known - nodes.keys(), set(nodes)
+        log.info(
+            "rendezvous %s: watch history was compacted; resynchronised at revision %d",
+            self._backend.settings.run_id, revision,
+        )
+        return [NodeChange(nid, None) for nid in sorted(gone)] + [
+            NodeChange(nid, entry) for nid, entry in nodes.items()
+        ]
 
     def close(self) -> None:
         self._watch.cancel()
@@ -208,8 +247,16 @@ class EtcdBackend:
         with _etcd_errors(self.describe()):
             kv = self.client.get(self.keys.lease)
             if kv is not None:
-                self._adopt_run_lease(int(kv.value))
-                return int(kv.value)
+                try:
+                    lease_id = parse_lease_id(kv.value)
+                except RecordError as exc:
+                    raise RendezvousStateError(
+                        f"rendezvous '{self.settings.run_id}' on {self.describe()}: {self.keys.lease} "
+                        f"does not hold a valid rendezvous record ({exc}). Stop the job, "
+                        f"{self.clean_hint()}, and start it again."
+                    ) from None
+                self._adopt_run_lease(lease_id)
+                return lease_id
             lease = self.client.lease_grant(int(self.settings.lease_ttl), idempotent=True)
             result = self.client.txn(
                 [Compare.create_revision(self.keys.lease) == 0],
@@ -225,44 +272,70 @@ class EtcdBackend:
             return winner
 
     # ------------------------------------------------------------------ control state
-    def apply_control(self, control: Control, key: str, kv: object, deleted: bool) -> None:
+    def apply_control(self, control: Control, key: str, kv: KeyValue, deleted: bool) -> None:
+        """One control key's change. A value that does not decode leaves `control` as it was and
+        is noted in `control.corrupt` (model.guard): it must never stop running workers."""
         keys = self.keys
-        value: bytes = kv.value  # type: ignore[attr-defined]
-        if key == keys.current:
-            if not deleted:
-                control.sealed = RoundRecord.decode(value, kv.mod_revision)  # type: ignore[attr-defined]
-                control.token = kv.mod_revision  # type: ignore[attr-defined]
-        elif key == keys.closed:
-            control.closed = not deleted
-        elif key.startswith(keys.coord_dir):
-            round_no = int(key[len(keys.coord_dir) :])
-            if deleted:
-                control.coordinators.pop(round_no, None)
+        value = kv.value
+        with guard(control, key):
+            if key == keys.current:
+                if not deleted:
+                    control.sealed = RoundRecord.decode(value, kv.mod_revision)
+                    control.token = kv.mod_revision
+            elif key == keys.closed:
+                if not deleted and value != b"1":
+                    raise RecordError(f"a closed marker holds 1, not {value[:60]!r}")
+                control.closed = not deleted
+            elif key.startswith(keys.coord_dir):
+                round_no = parse_round_no(key[len(keys.coord_dir) :])
+                if deleted:
+                    control.coordinators.pop(round_no, None)
+                elif not kv.lease:
+                    # A claim lives on its holder's lease; one without would never expire.
+                    raise RecordError("a coordinator claim not bound to a node's lease")
+                else:
+                    control.coordinators[round_no] = parse_node_id(value)
+            elif key.startswith(keys.lastcall_dir):
+                round_no = parse_round_no(key[len(keys.lastcall_dir) :])
+                if deleted:
+                    control.last_call.pop(round_no, None)
+                else:
+                    control.last_call[round_no] = parse_number(value, "last call deadline")
+            elif key == keys.lease and not deleted:
+                self._adopt_run_lease(parse_lease_id(value))
+
+    def node(self, key: str, kv: KeyValue) -> NodeEntry | None:
+        """The node whose record is `kv`, or None when it is not a node record (warned once)."""
+        return node_entry(key, key[len(self.keys.nodes) :], kv.value, kv.mod_revision)
+
+    def snapshot(self, start: bytes, end: bytes) -> tuple[Control, dict[str, NodeEntry], int]:
+        """Control state and nodes among the keys in [start, end), read at one revision.
+        Raises client errors (callers convert them)."""
+        result = self.client.range(start, range_end=end)
+        control = Control(token=0)
+        nodes: dict[str, NodeEntry] = {}
+        for kv in result.kvs:
+            key = kv.key.decode(errors="replace")
+            if key.startswith(self.keys.nodes):
+                entry = self.node(key, kv)
+                if entry is not None:
+                    nodes[entry.info.node_id] = entry
             else:
-                control.coordinators[round_no] = value.decode()
-        elif key.startswith(keys.lastcall_dir):
-            round_no = int(key[len(keys.lastcall_dir) :])
-            if deleted:
-                control.last_call.pop(round_no, None)
-            else:
-                control.last_call[round_no] = float(value)
-        elif key == keys.lease and not deleted:
-            self._adopt_run_lease(int(value))
+                self.apply_control(control, key, kv, deleted=False)
+        return control, nodes, result.revision
 
     def read_control(self) -> tuple[Control, int]:
+        ctl = self.keys.ctl.encode()
         with _etcd_errors(self.describe()):
-            result = self.client.range(self.keys.ctl, prefix=True)
-        control = Control(token=0)
-        for kv in result.kvs:
-            self.apply_control(control, kv.key.decode(), kv, deleted=False)
-        return control, result.revision
+            control, _, revision = self.snapshot(ctl, prefix_end(ctl))
+        return control, revision
 
     def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
         keys = self.keys
         coord = keys.coord(node.want)
         node_put = Op.put(keys.node(node.node_id), node.encode(), lease=self._lease)
-        try:
-            with _etcd_errors(self.describe()):
+        with _etcd_errors(self.describe()):
+            try:
                 result = self.client.txn(
                     [
                         Compare.create_revision(coord) == 0,
@@ -278,11 +351,11 @@ class EtcdBackend:
                     ],
                     idempotent=True,
                 )
-        except RendezvousConnectionError as exc:
-            if isinstance(exc.__cause__, EtcdLeaseNotFoundError) and self._session:
+            except EtcdLeaseNotFoundError:
+                if self._session is None:
+                    raise
                 self._session.lost.set()  # expired under us: the caller re-opens and retries
                 return None, 0
-            raise
         if result.succeeded:
             return node.node_id, result.revision
         coord_kvs = result.responses[1].kvs
@@ -291,24 +364,26 @@ class EtcdBackend:
         current_rev = current_kvs[0].mod_revision if current_kvs else 0
         if closed_kvs or current_rev != int(control.token or 0) or not coord_kvs:
             return None, result.revision
-        return coord_kvs[0].value.decode(), result.revision
+        try:
+            return parse_node_id(coord_kvs[0].value), result.revision
+        except RecordError:
+            return None, result.revision  # a bad claim: re-reading control reports it
 
     def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
+        start = self.keys.nodes.encode()
         with _etcd_errors(self.describe()):
-            result = self.client.range(self.keys.nodes, prefix=True)
-        nodes = {}
-        for kv in result.kvs:
-            info = NodeInfo.decode(kv.value)
-            nodes[info.node_id] = NodeEntry(info, kv.mod_revision)
-        return nodes, result.revision
+            _, nodes, revision = self.snapshot(start, prefix_end(start))
+        return nodes, revision
 
     def count_nodes(self) -> int:
         with _etcd_errors(self.describe()):
             return self.client.range(self.keys.nodes, prefix=True, count_only=True).count
 
-    def watch(self, after: int, control: Control, *, nodes: bool) -> EtcdChangeFeed:
+    def watch(
+        self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
+    ) -> EtcdChangeFeed:
         with _etcd_errors(self.describe()):
-            return EtcdChangeFeed(self, after, control, nodes=nodes)
+            return EtcdChangeFeed(self, after, control, nodes=nodes, known=known)
 
     def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
         keys = self.keys
@@ -343,7 +418,9 @@ class EtcdBackend:
 
     def retract(self, node_id: str, round_no: int) -> None:
         keys = self.keys
-        with contextlib.suppress(EtcdError), _etcd_errors(self.describe()):
+        # Best effort, on the way to a timeout error: a failure here must not replace that
+        # error (our keys go with our lease anyway), so nothing is raised.
+        with contextlib.suppress(EtcdError):
             self.client.txn(
                 [Compare.value(keys.coord(round_no)) == node_id.encode()],
                 [Op.delete(keys.coord(round_no)), Op.delete(keys.node(node_id))],
@@ -363,7 +440,7 @@ class EtcdBackend:
             with _etcd_errors(self.describe()):
                 if session is not None:
                     session.close()
-                if self.client.range(self.keys.nodes, prefix=True, count_only=True).count == 0:
+                if not self._nodes_left():
                     self.client.delete(self.keys.root, prefix=True, idempotent=True)
                     if self._run_lease is not None:
                         with contextlib.suppress(EtcdError):
@@ -371,6 +448,17 @@ class EtcdBackend:
         finally:
             self._drop_run_lease()
             self.client.close()  # shared per process: only the last user closes the channel
+
+    def _nodes_left(self) -> bool:
+        """Whether a node of the run is still there. Records that are no node (garbage, or not
+        on a lease: written by hand) must not keep the run's keys forever; reading at most a
+        few values keeps this one small request when many nodes leave at once."""
+        result = self.client.range(self.keys.nodes, prefix=True, limit=LEAVE_READ_LIMIT)
+        if result.count > len(result.kvs):
+            return True
+        return any(
+            kv.lease and self.node(kv.key.decode(errors="replace"), kv) is not None for kv in result.kvs
+        )
 
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdStore(
@@ -380,6 +468,27 @@ class EtcdBackend:
             timeout=300.0,
             op_timeout=self.settings.read_timeout,
         )
+
+    def clean_hint(self) -> str:
+        s = self.settings
+        prefix = "" if s.prefix == DEFAULT_PREFIX else f" --prefix={s.prefix}"
+        conf = " (with the job's --rdzv-conf for TLS and auth)" if s.tls or s.user else ""
+        return (
+            f"remove the run with `rdzv clean --rdzv-endpoint={','.join(s.endpoints)}{prefix} "
+            f"--rdzv-id={s.run_id}`{conf}"
+        )
+
+    def expiry(self) -> float | None:
+        # Everything of an abandoned run that blocks its id (ctl/closed, ctl/current) lives on
+        # the run lease: its time left is when the id is free again by itself.
+        try:
+            kv = self.client.get(self.keys.lease)
+            if kv is None:
+                return None
+            ttl = self.client.lease_time_to_live(parse_lease_id(kv.value))
+        except (EtcdError, RecordError):
+            return None  # only for a message
+        return float(ttl) if ttl >= 0 else None
 
 
 def connect(settings: RendezvousSettings) -> EtcdClient:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -32,6 +33,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousError,
     RendezvousGracefulExitError,
+    RendezvousStateError,
     RendezvousTimeoutError,
 )
 
@@ -64,7 +66,10 @@ class _Membership:
         # Opened on first use, off the formation path: it replays from the seal anyway.
         if self._feed is None:
             self._feed = self.backend.watch(
-                self.record.watch_from, Control(sealed=self.record), nodes=self.watch_nodes
+                self.record.watch_from,
+                Control(sealed=self.record),
+                nodes=self.watch_nodes,
+                known=self.record.ids,
             )
         return self._feed
 
@@ -135,10 +140,14 @@ class Rendezvous:
         s = self.settings
         deadline = time.monotonic() + s.join_timeout
         control, cursor = self.backend.read_control()
+        if control.corrupt:
+            raise self._state_error(control)
         if control.closed:
             raise RendezvousClosedError(self._closed_message(stale=not self._joined_before))
         target = control.round + 1
         while True:
+            if control.corrupt:
+                raise self._state_error(control)
             if control.closed:
                 raise self._closed_error(control)
             sealed = control.sealed
@@ -235,7 +244,7 @@ class Rendezvous:
         try:
             while True:
                 control = feed.control
-                if control.closed or control.round >= target:
+                if control.corrupt or control.closed or control.round >= target:
                     return control
                 if control.coordinators.get(target) is None:
                     return control  # the coordinator is gone: re-announce and maybe take over
@@ -253,7 +262,7 @@ class Rendezvous:
         nodes, nodes_cursor = self.backend.read_nodes()
         # Watch from the announce: events between it and the snapshot replay to the same state,
         # and control changes in that window are not missed.
-        feed = self.backend.watch(cursor, control, nodes=True)
+        feed = self.backend.watch(cursor, control, nodes=True, known=set(nodes))
         previous = control.sealed if control.round == target - 1 else None
         prev_ids = set(previous.ids) if previous else set()
         last_call: float | None = None
@@ -261,10 +270,12 @@ class Rendezvous:
         try:
             while True:
                 control = feed.control
-                if control.closed or control.round >= target:
+                if control.corrupt or control.closed or control.round >= target:
                     return control
                 if control.coordinators.get(target) != self.node_id:
                     return control  # our claim lapsed with our lease
+                if self.node_id not in nodes:
+                    return control  # our own record was overwritten: announce it again
                 eligible = [
                     e for e in nodes.values() if e.info.want >= target or e.info.node_id not in prev_ids
                 ]
@@ -391,13 +402,29 @@ class Rendezvous:
     def _closed_message(self, stale: bool) -> str:
         s = self.settings
         if stale:
+            # The old run's own expiry (its lease), not ours: the two may differ.
+            expiry = self.backend.expiry()
+            by_itself = (
+                f" (its keys also expire by themselves within {math.ceil(expiry)} s if none of "
+                "its nodes still runs)"
+                if expiry is not None
+                else ""
+            )
             return (
                 f"rendezvous '{s.run_id}' on {self.backend.describe()} is closed: a job with this "
-                f"run id has finished. Use a new --rdzv-id, or remove the old run with "
-                f"`rdzv clean --rdzv-id {s.run_id}` (its keys also expire within "
-                f"{s.lease_ttl:g} s of its last node)."
+                f"run id has finished. Use a new --rdzv-id, or {self.backend.clean_hint()}{by_itself}."
             )
         return f"rendezvous '{s.run_id}' was closed (the job is ending)"
+
+    def _state_error(self, control: Control) -> RendezvousStateError:
+        # Running members were left alone (their view is the one before the bad write); a new
+        # round cannot be formed on a state nobody can read.
+        key, why = next(iter(sorted(control.corrupt.items())))
+        return RendezvousStateError(
+            f"rendezvous '{self.settings.run_id}' on {self.backend.describe()}: {key} does not "
+            f"hold a valid rendezvous record ({why}), so no new round can form. Stop the job, "
+            f"{self.backend.clean_hint()}, and start it again."
+        )
 
     def _closed_watch(self) -> ChangeFeed:
         if self._closed_feed is None:

@@ -16,6 +16,7 @@ switch on it instead of assuming every store can do everything.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,9 +86,13 @@ class RendezvousBackend(Protocol):
 
     def count_nodes(self) -> int: ...
 
-    def watch(self, after: int, control: Control, *, nodes: bool) -> ChangeFeed:
+    def watch(
+        self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
+    ) -> ChangeFeed:
         """Feed of control changes (and node changes when `nodes`) after cursor `after`,
-        starting from `control` as read at that cursor."""
+        starting from `control` as read at that cursor. `known`: node ids the caller holds as
+        present; a feed that must start over from a fresh read (history compacted away)
+        reports those that are gone as removed."""
         ...
 
     def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
@@ -111,4 +116,13 @@ class RendezvousBackend(Protocol):
 
     def round_store(self, record: RoundRecord) -> Store:
         """A torch Store scoped to one round, for the agent and bootstrap."""
+        ...
+
+    def clean_hint(self) -> str:
+        """How an operator removes this run's state by hand, for messages: a phrase such as
+        "remove the run with `rdzv clean ...`", naming a command that works as quoted."""
+        ...
+
+    def expiry(self) -> float | None:
+        """Seconds until an abandoned run's state goes by itself (None: unknown or never)."""
         ...

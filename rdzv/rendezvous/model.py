@@ -1,12 +1,107 @@
 """What the rendezvous stores: a record per node and a record per completed ("sealed") round.
 
-Both are small JSON documents so that every backend can keep them as plain values.
+Both are small JSON documents so that every backend can keep them as plain values. Anything
+under a run's prefix may have been written by someone else (a person with etcdctl, another
+tool, a future version), so decoding checks every field and raises `RecordError` instead of
+whatever `json` or a constructor would raise; `node_entry` and `guard` turn that into the one
+policy every backend follows: a node record that does not decode is not a node, a control
+record that does not decode is noted in `Control.corrupt` and leaves the state as it was.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger("rdzv")
+
+FORMAT = 1  # "v" of the records; a record without it is read as version 1
+MAX_NODE_RECORD = 16 * 1024  # a node record is ~200 bytes
+MAX_ROUND_RECORD = 1024 * 1024  # ~14 bytes per node: room for tens of thousands
+MAX_NODE_ID = 128
+
+
+class RecordError(ValueError):
+    """A stored value that does not decode: not JSON, a missing or mistyped field, an unknown
+    version, too big. The message says what is wrong; the caller knows (and names) the key."""
+
+
+def _document(raw: bytes | str, limit: int) -> dict[str, object]:
+    if len(raw) > limit:
+        raise RecordError(f"{len(raw)} bytes, more than the {limit} a record may have")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise RecordError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RecordError(f"not a JSON object but {type(doc).__name__}")
+    version = doc.pop("v", FORMAT)
+    if version != FORMAT:
+        raise RecordError(f"unknown record version {version!r} (this rdzv reads version {FORMAT})")
+    return doc
+
+
+def _int(doc: dict[str, object], name: str, low: int = 0, high: int | None = None) -> int:
+    value = doc.get(name)
+    # bool is an int to Python, never to us
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise RecordError(f"field {name!r} must be an integer {bound}, not {value!r}"[:200])
+    return value
+
+
+def _optional_int(doc: dict[str, object], name: str) -> int | None:
+    return None if doc.get(name) is None else _int(doc, name)
+
+
+def _str(doc: dict[str, object], name: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise RecordError(f"field {name!r} must be a string, not {value!r}"[:200])
+    return value
+
+
+def parse_node_id(raw: bytes | str) -> str:
+    """A node id as stored in a coordinator claim: short, printable, no separators."""
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise RecordError("node id is not UTF-8") from None
+    if not text or len(text) > MAX_NODE_ID or not text.isprintable() or any(c in text for c in " /\t"):
+        raise RecordError(f"not a node id: {text[:60]!r}")
+    return text
+
+
+def parse_round_no(text: str) -> int:
+    """A round number from a key name (zero-padded digits)."""
+    if not text.isdigit() or not text.isascii():
+        raise RecordError(f"not a round number: {text[:60]!r}")
+    return int(text)
+
+
+def parse_number(raw: bytes | str, what: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise RecordError(f"{what} is not a number: {raw[:60]!r}") from None
+    if not math.isfinite(value):
+        raise RecordError(f"{what} is not finite: {value!r}")
+    return value
+
+
+def parse_lease_id(raw: bytes | str) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise RecordError(f"lease id is not an integer: {raw[:60]!r}") from None
+    if value <= 0 or value >= 1 << 63:
+        raise RecordError(f"lease id out of range: {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -23,11 +118,22 @@ class NodeInfo:
     local_world_size: int | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps({"v": FORMAT, **asdict(self)}, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> NodeInfo:
-        return cls(**json.loads(raw))
+    def decode(cls, raw: bytes | str) -> NodeInfo:
+        """Raises RecordError unless `raw` is a node record this version writes."""
+        doc = _document(raw, MAX_NODE_RECORD)
+        return cls(
+            node_id=parse_node_id(_str(doc, "node_id")),
+            host=_str(doc, "host"),
+            addr=_str(doc, "addr"),
+            pid=_int(doc, "pid"),
+            port=_int(doc, "port", 0, 65535),
+            want=_int(doc, "want"),
+            rank_hint=_optional_int(doc, "rank_hint"),
+            local_world_size=_optional_int(doc, "local_world_size"),
+        )
 
 
 @dataclass(frozen=True)
@@ -75,13 +181,29 @@ class RoundRecord:
     def encode(self) -> bytes:
         doc = asdict(self)
         doc.pop("revision")
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return json.dumps({"v": FORMAT, **doc}, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes, revision: int = 0) -> RoundRecord:
-        doc = json.loads(raw)
-        doc["ids"] = tuple(doc["ids"])
-        return cls(**doc, revision=revision)
+    def decode(cls, raw: bytes | str, revision: int = 0) -> RoundRecord:
+        """Raises RecordError unless `raw` is a round record this version writes."""
+        doc = _document(raw, MAX_ROUND_RECORD)
+        listed = doc.get("ids")
+        if not isinstance(listed, list) or not listed or not all(isinstance(i, str) for i in listed):
+            raise RecordError("field 'ids' must be a non-empty list of node ids")
+        ids = tuple(parse_node_id(i) for i in listed)
+        if len(set(ids)) != len(ids):
+            raise RecordError("field 'ids' names a node twice")
+        min_nodes = _int(doc, "min_nodes", 1)
+        return cls(
+            round=_int(doc, "round", 1),
+            ids=ids,
+            master_addr=_str(doc, "master_addr"),
+            master_port=_int(doc, "master_port", 0, 65535),
+            min_nodes=min_nodes,
+            max_nodes=_int(doc, "max_nodes", min_nodes),
+            since=_int(doc, "since"),
+            revision=revision,
+        )
 
 
 @dataclass
@@ -96,8 +218,74 @@ class Control:
     token: object = None
     # The latest change a feed delivered (etcd: revision; 0 where the backend has no cursor).
     seen: int = 0
+    # Control records that do not decode: key -> what is wrong. The fields above stay as they
+    # were before such a write, so running members keep working; the next join refuses.
+    corrupt: dict[str, str] = field(default_factory=dict)
 
     @property
     def round(self) -> int:
         """Number of the latest sealed round (0 before the first)."""
         return self.sealed.round if self.sealed else 0
+
+
+# Keys already warned about, per process: a bad record is seen by every feed and every read,
+# and one line naming it is enough. Bounded so a flood of bad keys cannot grow it forever.
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+_WARNED_MAX = 1024
+
+
+def _first_time(key: str) -> bool:
+    with _warned_lock:
+        if key in _warned:
+            return False
+        if len(_warned) >= _WARNED_MAX:
+            _warned.clear()
+        _warned.add(key)
+        return True
+
+
+def _forget(key: str) -> None:
+    with _warned_lock:
+        _warned.discard(key)  # valid again: warn anew if it breaks again
+
+
+@contextmanager
+def guard(control: Control, key: str) -> Iterator[None]:
+    """Apply one control record inside: if it does not decode (RecordError, raised before the
+    body changed `control`), note it in `control.corrupt` and warn once; if it does, clear any
+    old note."""
+    try:
+        yield
+    except RecordError as exc:
+        control.corrupt[key] = str(exc)
+        if _first_time(key):
+            log.warning(
+                "rendezvous: %s does not hold a valid record (%s); running workers go on, but "
+                "no new round can form until it is removed",
+                key, exc,
+            )
+    else:
+        if control.corrupt.pop(key, None) is not None:
+            _forget(key)
+
+
+def not_a_node(key: str, why: str) -> None:
+    """Say (once per key and process) that the record at `key` is ignored, and why."""
+    if _first_time(key):
+        log.warning("rendezvous: ignoring %s: not a node record (%s)", key, why)
+
+
+def node_entry(key: str, node_id: str, raw: bytes | str, arrival: int) -> NodeEntry | None:
+    """The node announced at `key` (whose name ends in `node_id`), or None when the record
+    there does not decode or names another node: such a record is not a node (for the
+    algorithm it is as if the key were absent). Warns once per key."""
+    try:
+        info = NodeInfo.decode(raw)
+        if info.node_id != node_id:
+            raise RecordError(f"it names node {info.node_id!r}")
+    except RecordError as exc:
+        not_a_node(key, str(exc))
+        return None
+    _forget(key)
+    return NodeEntry(info, arrival)

@@ -1,0 +1,126 @@
+"""etcd compaction in the middle of a rendezvous, and the cleanup calls that must not raise.
+
+A watch that needs history etcd compacted away is cancelled with a compact revision; the v3
+change feed must start over from one fresh read (and report what changed meanwhile, departures
+included) instead of failing the node. `retract` (on the way to a timeout error) and `leave`
+swallow the failures they are meant to.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from etcd_harness import EtcdServer
+from rdzv_testlib import NodeProcess, new_run_id, node_group, wait_until
+
+from rdzv.etcd import EtcdClient, EtcdConnectionError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _compact(endpoint: str) -> int:
+    """Write a little (so there is history after every watch's start) and compact it all."""
+    with EtcdClient(endpoint) as client:
+        for i in range(3):
+            client.put("/compaction-noise", str(i))
+        revision = client.range("/compaction-noise").revision
+        client.compact(revision)
+        return revision
+
+
+def _node_keys(endpoint: str, run_id: str) -> list[str]:
+    with EtcdClient(endpoint) as client:
+        prefix = f"/rdzv/{run_id}/node/"
+        return [kv.key.decode() for kv in client.range(prefix, prefix=True, keys_only=True).kvs]
+
+
+def _resynced(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("history was compacted; resynchronised" in r.getMessage() for r in caplog.records)
+
+
+def test_coordinator_waiting_for_nodes_survives_compaction(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="rdzv")
+    with node_group("etcd", etcd.endpoint, new_run_id("compact")) as g:
+        a = g.node(2, 2)
+        backend: Any = a.backend  # type: ignore[attr-defined]
+        read_nodes = backend.read_nodes
+        compacted = threading.Event()
+
+        def read_then_compact() -> Any:
+            # The coordinator watches from its announce, after this read: compact in between,
+            # so the watch it opens needs history that is gone.
+            result = read_nodes()
+            if not compacted.is_set():
+                _compact(etcd.endpoint)
+                compacted.set()
+            return result
+
+        backend.read_nodes = read_then_compact
+        first = g.join(a)
+        wait_until(compacted.is_set, 30, "the coordinator's snapshot and the compaction")
+        wait_until(lambda: _resynced(caplog), 30, "the coordinator's feed to resynchronise")
+        assert not first.done(), "the coordinator waits on (it used to fail with a connection error)"
+        b = g.node(2, 2)
+        infos = [g.join(b).result(timeout=60), first.result(timeout=60)]
+        assert sorted(i.rank for i in infos) == [0, 1]
+
+
+def test_membership_watch_survives_compaction(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A member whose membership watch starts after a compaction (the agent polls it first only
+    once workers are up) still sees the member that died meanwhile, and later newcomers."""
+    caplog.set_level(logging.INFO, logger="rdzv")
+    run_id = new_run_id("compact")
+    with node_group("etcd", etcd.endpoint, run_id) as g:
+        a = g.node(2, 3)
+        future = g.join(a)
+        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
+        try:
+            b.wait_rounds(1)
+            future.result(timeout=60)
+            b.kill()  # no goodbye: its record goes when its lease (2 s) expires
+            wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
+            _compact(etcd.endpoint)
+            # The watch opens from a compacted revision; etcd cancels it just after creating it.
+            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, seen after the resync")
+            assert _resynced(caplog)
+            late = g.node(2, 3)
+            late_future = g.join(late)
+            wait_until(lambda: a.num_nodes_waiting() == 2, 20, "the newcomer, through the new watch")
+            infos = [g.join(a).result(timeout=60), late_future.result(timeout=60)]
+            assert sorted(i.rank for i in infos) == [0, 1] and {i.world_size for i in infos} == {2}
+        finally:
+            b.kill()
+
+
+def test_retract_swallows_etcd_failures(etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """retract runs on the way to a timeout error: an etcd failure must not replace that error."""
+    with node_group("etcd", etcd.endpoint) as g:
+        a = g.node(1, 1)
+        backend: Any = a.backend  # type: ignore[attr-defined]
+
+        def down(*args: object, **kwargs: object) -> None:
+            raise EtcdConnectionError("etcd 127.0.0.1:1: connection refused")
+
+        monkeypatch.setattr(backend.client, "txn", down)
+        backend.retract(a.node_id, 1)  # type: ignore[attr-defined]
+
+
+def test_etcd_v2_leave_when_the_run_is_already_gone(etcd_v2: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The last node out removes the run's directory; if someone removed it first (another node,
+    `rdzv clean`), leaving is still clean: shutdown() says True and warns nothing."""
+    with node_group("etcd-v2", etcd_v2.endpoint) as g:
+        a = g.node(1, 1)
+        g.join_all([a])
+        backend: Any = a.backend  # type: ignore[attr-defined]
+        close_run = backend.close_run
+
+        def close_then_vanish() -> None:
+            close_run()
+            backend.client.delete(backend.keys.root, recursive=True, dir=True)
+
+        backend.close_run = close_then_vanish
+        assert a.shutdown() is True
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
