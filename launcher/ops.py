@@ -26,8 +26,8 @@ from launcher.config import UsageProblem, parse_rdzv_conf
 PROG = "rdzv"
 # Columns first in `rdzv status`, when present; any other keys follow in their own order.
 PREFERRED_COLUMNS = (
-    "run_id", "round", "world_size", "min_nodes", "max_nodes", "closed", "members", "waiting", "spares",
-    "lost_members", "master",
+    "run_id", "round", "world_size", "min_nodes", "max_nodes", "closed", "corrupt", "members", "waiting",
+    "spares", "lost_members", "master",
 )
 
 
@@ -176,8 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: aborted\n")
         return 1
     except Exception as exc:
-        # Connection and etcd errors from rdzv.inspect: one line, not a traceback.
-        sys.stderr.write(f"{PROG}: error: {type(exc).__name__}: {exc}\n")
+        # Connection and etcd errors from rdzv.inspect: one line, not a traceback. Its "no such
+        # run" (a LookupError that is not a KeyError) says it all without a type name.
+        plain = isinstance(exc, LookupError) and not isinstance(exc, KeyError)
+        sys.stderr.write(f"{PROG}: error: {exc if plain else f'{type(exc).__name__}: {exc}'}\n")
         return 1
     return 0
 
