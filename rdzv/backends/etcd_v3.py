@@ -39,6 +39,7 @@ from rdzv.etcd import (
     EtcdError,
     EtcdLeaseNotFoundError,
     EtcdTLSError,
+    Event,
     KeyValue,
     Op,
     Session,
@@ -141,8 +142,11 @@ class EtcdChangeFeed:
                 events = self._watch.get(timeout)
             except EtcdCompactedError:
                 return self._resync()
-        if events is None:
-            return None
+            if events is None:
+                return None
+            return self._changes(events)
+
+    def _changes(self, events: list[Event]) -> list[NodeChange]:
         out: list[NodeChange] = []
         for event in events:
             self.control.seen = max(self.control.seen, event.kv.mod_revision)

@@ -201,7 +201,7 @@ class RoundRecord:
             master_port=_int(doc, "master_port", 0, 65535),
             min_nodes=min_nodes,
             max_nodes=_int(doc, "max_nodes", min_nodes),
-            since=_int(doc, "since"),
+            since=_int(doc, "since") if "since" in doc else 0,  # older records lack it
             revision=revision,
         )
 
