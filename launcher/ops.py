@@ -124,6 +124,18 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _valid_run_id(_ctx: click.Context, _param: click.Parameter, run_id: str | None) -> str | None:
+    """The run-id rule of the handlers and rdzv-launch: a bad id is a usage error (exit 2)."""
+    if run_id is None:
+        return None
+    from rdzv.rendezvous.settings import ConfigError, check_run_id
+
+    try:
+        return check_run_id(run_id)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Inspect and clean up rendezvous runs stored in etcd."""
@@ -132,7 +144,7 @@ def cli() -> None:
 @cli.command()
 @_common
 @click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", default=None, metavar="ID",
-              help="Describe this run instead of listing all.")
+              callback=_valid_run_id, help="Describe this run instead of listing all.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_json: bool) -> None:
     """List the runs under the prefix, or describe one run."""
@@ -148,7 +160,7 @@ def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_
 @cli.command()
 @_common
 @click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", required=True, metavar="ID",
-              help="The run to remove.")
+              callback=_valid_run_id, help="The run to remove.")
 @click.option("--force", is_flag=True, help="Remove the run even while nodes still hold it.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

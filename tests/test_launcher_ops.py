@@ -70,6 +70,15 @@ def test_clean(fake_inspect: list, capsys: pytest.CaptureFixture[str]) -> None:
     assert fake_inspect[-1] == ("clean_run", ("e", "old"), {"force": True})
 
 
+@pytest.mark.parametrize("run_id", ["../..", "job/x", "a" * 129, ".hidden", ""])
+def test_bad_run_ids_are_one_line_exit_2(run_id: str, fake_inspect: list, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["status"], ["clean", "--yes"]):
+        assert ops.main([*command, "--rdzv-endpoint", "e", "--rdzv-id", run_id]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run id" in err, err
+    assert not fake_inspect, "nothing asked of etcd"
+
+
 def test_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     module = types.ModuleType("rdzv.inspect")
 
