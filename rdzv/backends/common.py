@@ -9,6 +9,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -86,13 +87,20 @@ class Ticker:
 
     _instance: Ticker | None = None
     _instance_lock = threading.Lock()
+    _ids = itertools.count(1)  # per process, not per instance: tokens stay unique across a fork
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int]] = []
         self._tasks: dict[int, tuple[float, Callable[[], None]]] = {}
-        self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def _forget_after_fork(cls) -> None:
+        # A fork()ed child has no ticker thread. The parent's tasks (its handlers' keep-alives,
+        # on the parent's connections) must not run here once a child handler restarts it.
+        cls._instance = None
+        cls._instance_lock = threading.Lock()
 
     @classmethod
     def shared(cls) -> Ticker:
@@ -140,6 +148,8 @@ class Ticker:
                 if token in self._tasks:
                     heapq.heappush(self._heap, (started + interval, token))
 
+
+os.register_at_fork(after_in_child=Ticker._forget_after_fork)
 
 CLOSE_JOIN_TIMEOUT = 5.0
 

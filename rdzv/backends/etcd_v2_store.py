@@ -19,8 +19,10 @@ import base64
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, ClassVar, TypeVar
@@ -87,6 +89,9 @@ class EtcdV2Client:
 
     _shared: ClassVar[dict[tuple[Any, ...], EtcdV2Client]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+    _live: ClassVar[weakref.WeakSet[EtcdV2Client]] = weakref.WeakSet()
+    # A fork()ed child's inherited clients, kept so that their sockets are never closed here.
+    _inherited: ClassVar[list[EtcdV2Client]] = []
 
     def __init__(self, settings: RendezvousSettings) -> None:
         self.endpoints = settings.endpoints
@@ -111,6 +116,8 @@ class EtcdV2Client:
         self._current = 0
         self._key: tuple[Any, ...] | None = None
         self._refs = 0
+        self._forked = False  # inherited across fork(): see _disown_after_fork
+        EtcdV2Client._live.add(self)
 
     @classmethod
     def shared(cls, settings: RendezvousSettings) -> EtcdV2Client:
@@ -124,7 +131,26 @@ class EtcdV2Client:
             client._refs += 1
             return client
 
+    @classmethod
+    def _disown_after_fork(cls) -> None:
+        """In a fork()ed child: forget the parent's clients, so the child opens its own.
+
+        Their pooled keep-alive connections are sockets the parent still uses: two processes
+        writing requests and reading answers on one connection garble both (etcd answers
+        "400 Bad Request", or one reads the other's answer). Inherited clients refuse every
+        request and ``close()`` leaves their sockets alone.
+        """
+        cls._shared_lock = threading.Lock()
+        cls._shared = {}
+        inherited = list(cls._live)
+        for client in inherited:
+            client._forked = True
+        cls._inherited.extend(inherited)
+        cls._live = weakref.WeakSet()
+
     def close(self) -> None:
+        if self._forked:
+            return  # the parent's sockets: closing them here is not ours to do
         with self._shared_lock:
             self._refs -= 1
             if self._refs > 0 or self._key is None:
@@ -139,6 +165,11 @@ class EtcdV2Client:
 
     def call(self, op: Callable[[etcd.Client], T]) -> T:
         """Run `op` on the current endpoint, moving on to the others on connection failures."""
+        if self._forked:
+            raise EtcdV2Error(
+                "this etcd v2 client belongs to the parent process (created before fork()); "
+                "create a new handler in this process"
+            )
         failures: list[str] = []
         start = self._current
         for step in range(len(self._clients)):
@@ -177,6 +208,10 @@ class EtcdV2Client:
         quick = min(self.timeout, 5.0)
         with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
             self.call(lambda c: c.read(path, timeout=quick))
+
+
+# fork() copies the clients and their open sockets: a child starts with none.
+os.register_at_fork(after_in_child=EtcdV2Client._disown_after_fork)
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:

@@ -16,9 +16,11 @@ Design (see docs/etcd-client.md):
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -458,6 +460,11 @@ class EtcdClient:
 
     _shared: ClassVar[dict[tuple[Any, ...], EtcdClient]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+    # Every live client, so that a fork()ed child can disown them (see _disown_after_fork).
+    _live: ClassVar[weakref.WeakSet[EtcdClient]] = weakref.WeakSet()
+    # A child's inherited clients, kept referenced: freeing one would run gRPC's channel
+    # teardown on sockets that are still the parent's.
+    _inherited: ClassVar[list[EtcdClient]] = []
 
     def __init__(
         self,
@@ -512,10 +519,12 @@ class EtcdClient:
         self._token: str | None = None
         self._auth_lock = threading.Lock()
         self._closed = False
+        self._forked = False  # inherited across fork(): unusable here, see _disown_after_fork
         self._shared_key: tuple[Any, ...] | None = None
         self._refs = 0
         self._keeper = LeaseKeeper(self)
         self._hub = WatchHub(self)
+        EtcdClient._live.add(self)
 
     # -- sharing -----------------------------------------------------------------------------
 
@@ -538,6 +547,31 @@ class EtcdClient:
             client._refs += 1
             return client
 
+    @classmethod
+    def _disown_after_fork(cls) -> None:
+        """In a fork()ed child: forget the parent's clients, so the child opens its own.
+
+        The parent's channels are gRPC state whose threads (ours and gRPC's) do not exist here
+        and whose sockets the parent still uses; its locks may have been held at fork time. A
+        child that used or even closed them would hang or corrupt the parent's streams, so the
+        inherited clients are only marked: every call raises, ``close()`` does nothing.
+        """
+        cls._shared_lock = threading.Lock()
+        cls._shared = {}
+        inherited = list(cls._live)
+        for client in inherited:
+            client._forked = client._closed = True
+        cls._inherited.extend(inherited)
+        cls._live = weakref.WeakSet()
+
+    def _closed_error(self) -> EtcdError:
+        if self._forked:
+            return EtcdError(
+                "etcd client belongs to the parent process (created before fork()); "
+                "create a new client or handler in this process"
+            )
+        return EtcdError("etcd client is closed")
+
     @property
     def is_shared(self) -> bool:
         return self._shared_key is not None
@@ -549,6 +583,8 @@ class EtcdClient:
 
     def close(self) -> None:
         """Release the client (one reference, for a shared one). Idempotent."""
+        if self._forked:
+            return  # the parent's channels and threads: not ours to tear down
         if self._shared_key is not None:
             with self._shared_lock:
                 if self._refs > 0:
@@ -595,11 +631,13 @@ class EtcdClient:
         return self._specs[self._cur].address
 
     def _ep(self, idx: int) -> _Endpoint:
+        if self._forked:
+            raise self._closed_error()
         ep = self._eps[idx]
         if ep is None:
             with self._lock:
                 if self._closed:
-                    raise EtcdError("etcd client is closed")
+                    raise self._closed_error()
                 ep = self._eps[idx]
                 if ep is None:
                     ep = _Endpoint(self._specs[idx], self._creds, self._options)
@@ -659,7 +697,7 @@ class EtcdClient:
         backoff = 0.05
         while True:
             if self._closed:
-                raise EtcdError("etcd client is closed")
+                raise self._closed_error()
             idx = self._cur
             ep = self._ep(idx)
             md = self._metadata() if auth else _BASE_MD
@@ -913,10 +951,14 @@ class EtcdClient:
         Returns a registration id; pass it to :meth:`stop_keep_alive` when several owners keep
         the same lease. ``on_lost(lease_id)`` fires once if the lease expires or is revoked.
         """
+        if self._forked:
+            raise self._closed_error()
         return self._keeper.register(lease_id, ttl, interval=interval, on_lost=on_lost)
 
     def stop_keep_alive(self, lease_id: int, registration: int | None = None) -> None:
         """Stop one registration (the given one, else the latest) of :meth:`keep_alive`."""
+        if self._forked:
+            return  # the parent's keeper: its lock may be held by a thread that is not here
         self._keeper.unregister(lease_id, registration)
 
     @property
@@ -941,6 +983,8 @@ class EtcdClient:
         Returns once etcd has confirmed the watch, so later writes are never missed. All
         watches of a client share one stream; ``filters`` may contain "noput"/"nodelete".
         """
+        if self._forked:
+            raise self._closed_error()
         k = _b(key)
         end = _range_end(k, range_end, prefix)
         t = self.timeout if timeout is None else timeout
@@ -1002,3 +1046,7 @@ class EtcdClient:
         if self._user is not None and self._token is None:
             self._authenticate()
         return st
+
+
+# fork() copies the clients but not the threads serving them: a child starts afresh.
+os.register_at_fork(after_in_child=EtcdClient._disown_after_fork)
