@@ -115,6 +115,13 @@ MATRIX = [
     ("9-torchrun-rdzv-etcd-v2", "d"),
     ("9-torchrun-rdzv-c10d", "e"),
     ("9-torchrun-rdzv-static", "d"),
+    # torchrun's canonical worker (LOCAL_RANK, env://) through every other backend as well.
+    ("5-static-2nodes", "c"),
+    ("8-etcd-v2", "c"),
+    ("8-c10d", "c"),
+    ("9-torchrun-rdzv-etcd-v2", "c"),
+    ("9-torchrun-rdzv-c10d", "c"),
+    ("9-torchrun-rdzv-static", "c"),
 ]
 
 
