@@ -170,7 +170,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
     from torch.distributed.elastic.utils import macros
 
-    from launcher.exit_barrier import ExitBarrierAgent
+    from launcher.elastic_agent import RdzvAgent
     from launcher.progress import ReportingHandler
     from rdzv.registry import create_handler
 
@@ -245,7 +245,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         duplicate_stderr_filters=s.duplicate_stderr_filters or None,
         virtual_local_rank=s.virtual_local_rank,
     )
-    agent = ExitBarrierAgent(
+    agent = RdzvAgent(
         spec=spec,
         logs_specs=logs_specs,
         start_method=s.start_method,
@@ -268,7 +268,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     )
 
     # As torch's launch_agent: close the rendezvous when done, except after a signal, which
-    # would close this run id for good and stop the remaining nodes from re-forming.
+    # would close this run id for good and stop the remaining nodes from re-forming. Then the
+    # node only leaves (ours: it withdrew already; the last node out still removes the keys).
     shutdown_rdzv = True
     try:
         metrics.initialize_metrics(metrics.MetricsConfig())
@@ -284,15 +285,20 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     except ChildFailedError:
         raise
     except SignalException:
-        shutdown_rdzv = False
+        # Stopped while waiting for the others to finish, the node is done: it closes the run
+        # as a finished node does (the run ends, the others' finishing workers are not restarted).
+        shutdown_rdzv = agent.workers_succeeded
         events.record(agent.get_event_failed(), s.event_log_handler)
         raise
     except Exception:
         events.record(agent.get_event_failed(), s.event_log_handler)
         raise
     finally:
-        if shutdown_rdzv:
-            try:
+        leave = getattr(handler, "leave", None)
+        try:
+            if shutdown_rdzv:
                 handler.shutdown()
-            except Exception as exc:  # as torch 2.14+: the job's outcome stands
-                reporter.warning("shutdown_failed", f"could not close the rendezvous: {type(exc).__name__}: {exc}")
+            elif callable(leave):
+                leave()
+        except Exception as exc:  # as torch 2.14+: the job's outcome stands
+            reporter.warning("shutdown_failed", f"could not close the rendezvous: {type(exc).__name__}: {exc}")

@@ -37,6 +37,7 @@ EPILOG = """Examples:
 """
 
 USAGE_EXIT = 2
+SIGNAL_EXIT = 1
 
 
 def _collect(**values: Any) -> tuple[dict[str, Any], set[str]]:
@@ -96,7 +97,9 @@ def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
         return 1
     except SignalException as exc:
         reporter.error("signal", f"stopped by {signal.Signals(exc.sigval).name}; workers were stopped", signal=int(exc.sigval))
-        return 128 + int(exc.sigval)
+        # torchrun's exit code for a handled signal (2.13-2.15): its SignalException ends
+        # the program like any uncaught exception, with 1.
+        return SIGNAL_EXIT
     except RendezvousError as exc:
         reporter.error("rendezvous_failed", f"rendezvous {settings.run_id} failed: {type(exc).__name__}: {exc}")
         return 1

@@ -105,7 +105,8 @@ class ReportingHandler(RendezvousHandler):
         with self._lock:
             progress = self._progress or {}
         run_id = self._inner.get_run_id()
-        round_ = progress.get("round")
+        # A round that formed at once reported no progress: ask the handler (ours know it).
+        round_ = progress.get("round", getattr(self._inner, "round", None))
         head = f"rendezvous {run_id}" + (f" round {round_}" if round_ is not None else "")
         self._reporter.info(
             "rendezvous_complete",

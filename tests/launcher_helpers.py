@@ -119,6 +119,12 @@ class Launcher:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, sig)
 
+    def signal_node(self, sig: int) -> None:
+        """`sig` to the launcher and every worker it started (e.g. SIGSTOP: a frozen machine)."""
+        for pid in {self.proc.pid, *_tagged_pids(self.tag)}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout=timeout)
@@ -193,3 +199,52 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, on_fail: 
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
+
+
+# A training loop in miniature: gloo all_reduce steps until <out>/stop exists (all ranks agree
+# through the all_reduce, so they stop at the same step). Every worker start is appended to
+# <out>/starts (a restart of the group shows as more lines); <out>/progress-<rank> holds the
+# latest step as "<pid> <step>".
+ALLREDUCE_LOOP = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+out = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+with open(os.path.join(out, "starts"), "a") as f:
+    f.write(f"{rank} {os.getpid()} {time.time()}\\n")
+step = 0
+while True:
+    flag = torch.tensor([1.0 if os.path.exists(os.path.join(out, "stop")) else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        break
+    step += 1
+    tmp = os.path.join(out, f"progress-{rank}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {step}")
+    os.replace(tmp, os.path.join(out, f"progress-{rank}"))
+    time.sleep(0.05)
+dist.destroy_process_group()
+"""
+
+
+def progress(out: Path, ranks: int) -> list[tuple[int, int]] | None:
+    """(pid, step) of each rank of an ALLREDUCE_LOOP job, None until every rank reported."""
+    found = []
+    for rank in range(ranks):
+        try:
+            pid, step = (out / f"progress-{rank}").read_text().split()
+        except (OSError, ValueError):
+            return None
+        found.append((int(pid), int(step)))
+    return found
+
+
+def starts(out: Path) -> list[str]:
+    """One line per worker start of an ALLREDUCE_LOOP job."""
+    try:
+        return (out / "starts").read_text().splitlines()
+    except OSError:
+        return []

@@ -56,7 +56,7 @@ def test_standalone_two_workers(tmp_path: Path) -> None:
     assert int(recs[0]["MASTER_PORT"]) > 0
     assert "worker 0 ok" in out and "worker 1 ok" in out
     assert "Setting OMP_NUM_THREADS environment variable for each process to be 1" in err
-    assert re.search(rf"rendezvous {run_id} complete: node rank 0 of 1 nodes, took \d+\.\d s", err), err
+    assert re.search(rf"rendezvous {run_id} round 1 complete: node rank 0 of 1 nodes, took \d+\.\d s", err), err
 
 
 def test_user_settings_win(tmp_path: Path) -> None:
@@ -249,7 +249,7 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
         pids = [r["pid"] for r in records(tmp_path, 0).values()]
         started = time.monotonic()
         node.signal(signal.SIGTERM)
-        assert node.wait(30) == 128 + signal.SIGTERM, node.describe()
+        assert node.wait(30) == 1, node.describe()  # torchrun's exit code after a handled signal
         assert time.monotonic() - started < 20
         assert "stopped by SIGTERM" in node.stderr
         for pid in pids:

@@ -501,21 +501,26 @@ class C10dBackend:
                 self._log("state", control=True)
                 return
 
-    def leave(self) -> None:
-        """Stop beating, remove our record; the last node out starts a new generation."""
+    def withdraw(self) -> None:
+        """Stop beating, remove our record and claim: the others see us gone now."""
         with self._lock:
             Ticker.shared().remove(self._pulse)
             self._pulse = None
             node_id, claim = self._node_id, self._claim
             self._claim = None
+            self._lost = True  # no heartbeats from here on: we are no member any more
         if self._conn is None or node_id is None:
             return
+        if claim is not None:
+            self._release(claim, node_id)
+        self._tombstone(node_id)
+        self.conn.set(self.keys.hb(node_id), "0")  # so that checkers skip us
+
+    def leave(self) -> None:
+        """Stop beating, remove our record; the last node out starts a new generation."""
         try:
-            if claim is not None:
-                self._release(claim, node_id)
-            self._tombstone(node_id)
-            self.conn.set(self.keys.hb(node_id), "0")  # so that checkers skip us
-            if not self.read_nodes()[0]:
+            self.withdraw()
+            if self._conn is not None and self._node_id is not None and not self.read_nodes()[0]:
                 self.conn.add(self.keys.gen_counter, 1)
         except RendezvousConnectionError as exc:
             # Typically the hosting node is gone already: nothing left to clean up.
@@ -523,6 +528,13 @@ class C10dBackend:
         finally:
             with self._lock:
                 self._spare_conns.clear()
+
+    def notice_time(self) -> float:
+        if LIVENESS not in self.capabilities:
+            return 0.0
+        # A counter is checked every lease_ttl/3 and declared dead once it has not moved for
+        # lease_ttl: up to 5/3 lease_ttl after the last beat, plus the feed's delivery.
+        return self.settings.lease_ttl * 5 / 3 + 1.0
 
     def round_store(self, record: RoundRecord) -> Store:
         return RoundStore(lambda: PrefixStore(self.keys.store(record.round), self._agent_store()))

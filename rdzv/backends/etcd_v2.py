@@ -82,6 +82,7 @@ RUN_TTL_LEASES = 3  # the state document outlives its last refresher by this man
 DEFAULT_STORE_TTL = 7200.0
 LEADER_RANKS = 2  # ranks of the running round that keep the state document alive
 WATCH_WAIT = 10.0  # longest long poll; a closed feed's thread ends within this
+EXPIRY_SLACK = 1.0  # beyond the node key's TTL: etcd's expiry tick and the watch event
 
 
 def _round_key(round_no: int) -> str:
@@ -344,23 +345,32 @@ class EtcdV2Backend:
                 except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
                     continue  # a seal or another close won: read again
 
-    def leave(self) -> None:
-        """Stop refreshing, delete our keys; if no node is left, remove the run's keys."""
+    def withdraw(self) -> None:
+        """Stop refreshing and delete our keys (record, claims): the others see us gone now."""
         with self._lock:
             Ticker.shared().remove(self._keeper)
             self._keeper = None
             owned, self._owned = self._owned, set()
             self._leading.clear()
+        for key in owned:
+            # Best effort: a key we cannot delete expires on its TTL.
+            with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
+                self.client.delete(key)
+
+    def leave(self) -> None:
+        """Stop refreshing, delete our keys; if no node is left, remove the run's keys."""
         try:
-            for key in owned:
-                with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
-                    self.client.delete(key)
+            self.withdraw()
             if self.count_nodes() == 0:
                 # Converted only if not swallowed: another node may have removed it first.
                 with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
                     self.client.delete(self.keys.root, recursive=True, dir=True)
         finally:
             self.client.close()
+
+    def notice_time(self) -> float:
+        # Keys expire on etcd's 500 ms sync tick; the delete then ends a long poll.
+        return self.lease_ttl + EXPIRY_SLACK
 
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)

@@ -45,7 +45,7 @@ from rdzv.etcd import (
     Session,
     prefix_end,
 )
-from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
+from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange, StoreUnreachableError
 from rdzv.rendezvous.handler import RdzvHandler
 from rdzv.rendezvous.model import (
     Control,
@@ -66,6 +66,7 @@ log = logging.getLogger("rdzv")
 
 ROUND_DIGITS = 12  # zero-padded so that key order is round order
 LEAVE_READ_LIMIT = 16  # node records a leaving node reads to decide whether it is the last
+EXPIRY_SLACK = 1.0  # beyond lease_ttl: etcd's lease expiry tick (500 ms) and the watch event
 
 
 def _round_key(round_no: int) -> str:
@@ -111,7 +112,10 @@ def _etcd_errors(where: str) -> Iterator[None]:
         raise RendezvousConnectionError(f"{where}: TLS handshake failed: {exc}") from exc
     except EtcdAuthError as exc:
         raise RendezvousConnectionError(f"{where}: authentication/authorization failed: {exc}") from exc
-    except (EtcdConnectionError, EtcdError) as exc:
+    except EtcdConnectionError as exc:
+        # No answer in time (stalled, restarting, no quorum): worth retrying within deadlines.
+        raise StoreUnreachableError(f"{where}: {exc}") from exc
+    except EtcdError as exc:
         raise RendezvousConnectionError(f"{where}: {exc}") from exc
 
 
@@ -437,13 +441,19 @@ class EtcdBackend:
         with _etcd_errors(self.describe()):
             self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
 
+    def withdraw(self) -> None:
+        """Revoke our lease: our record and any claim vanish at once, watches keep running."""
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            with _etcd_errors(self.describe()):
+                session.close()
+
     def leave(self) -> None:
         """Revoke our lease; if no node is left, remove the run's keys and its lease."""
-        session, self._session = self._session, None
         try:
+            self.withdraw()
             with _etcd_errors(self.describe()):
-                if session is not None:
-                    session.close()
                 if not self._nodes_left():
                     self.client.delete(self.keys.root, prefix=True, idempotent=True)
                     if self._run_lease is not None:
@@ -472,6 +482,10 @@ class EtcdBackend:
             timeout=300.0,
             op_timeout=self.settings.read_timeout,
         )
+
+    def notice_time(self) -> float:
+        # etcd revokes expired leases on a 500 ms tick; the delete then reaches every watch.
+        return self.settings.lease_ttl + EXPIRY_SLACK
 
     def clean_hint(self) -> str:
         s = self.settings

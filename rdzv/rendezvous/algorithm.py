@@ -16,6 +16,12 @@ until the members notice them (`num_nodes_waiting()`) and rejoin, spares wait un
 leaves. After formation each member watches the node records: a member whose record vanished
 (lease expired), a member asking for a new round, or a newcomer when the round has room makes
 `num_nodes_waiting()` positive, which is what makes torch's agent restart the group.
+
+Restarts after worker failures are counted once for the whole job, in the sealed round: a node
+whose workers failed with every member still there says so in its record (`failed`), and the
+coordinator charges one restart when such a node asks for the next round, unless a member of
+the previous round is gone by then (the failure is then the departure's, a membership change).
+Every node reads the count from the same sealed record, so every node agrees on it.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from rdzv.ports import free_port
-from rdzv.rendezvous.backend import ELASTIC, SPARES, ChangeFeed, RendezvousBackend
+from rdzv.rendezvous.backend import ELASTIC, LIVENESS, SPARES, ChangeFeed, RendezvousBackend
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -102,6 +109,30 @@ class _Membership:
         room = 0 if self.record.full else len(self.newcomers)
         return len(self.lost) + len(self.rejoining) + room
 
+    def moved_on(self, me: str) -> bool:
+        """Every other member asked for a new round, left, or formed one already."""
+        others = set(self.record.ids) - {me}
+        return self.feed.control.round > self.record.round or others <= self.lost | self.rejoining
+
+
+@dataclass(frozen=True)
+class Departures:
+    """Members of this node's round that left or were lost (by name), and whether this node
+    itself was dropped (its liveness lapsed, so the group goes on without it)."""
+
+    nodes: tuple[str, ...] = ()
+    dropped: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes) or self.dropped
+
+    def describe(self) -> str:
+        """'node host7 left', 'nodes a, b left', 'this node was dropped from the group'."""
+        if self.nodes:
+            noun = "node" if len(self.nodes) == 1 else "nodes"
+            return f"{noun} {', '.join(self.nodes)} left"
+        return "this node was dropped from the group (its lease lapsed)"
+
 
 class Rendezvous:
     """One node's side of the rendezvous over a `RendezvousBackend`."""
@@ -128,23 +159,49 @@ class Rendezvous:
         self._last_progress = 0.0
         self._joined_before = False
         self._shut = False
+        self._join_deadline = 0.0  # of the join in progress (monotonic)
+        self._last_round = 0  # the latest round this node was a member of
+        self._withdrawn = False
+        # The round in which our workers failed with no member gone, until the next join
+        # reports it (the coordinator charges the job's restart budget for it).
+        self._failed_round = 0
 
     # ----------------------------------------------------------------- public operations
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
         self._progress = callback
 
     def join(self) -> RoundRecord:
-        """Block until this node is a member of a sealed round; return that round."""
+        """Block until this node is a member of a sealed round; return that round.
+
+        A store that does not answer is retried with backoff until join_timeout: an outage must
+        not end a job that can go on once the store is back."""
+        s = self.settings
+        self._join_deadline = time.monotonic() + s.join_timeout
+        record = ride_out(
+            self._join_once, lambda: self._join_deadline,
+            run_id=s.run_id, where=self.backend.describe(), join_timeout=s.join_timeout,
+        )
+        self._last_round = record.round
+        return record
+
+    def _join_once(self) -> RoundRecord:
+        if self._withdrawn:
+            raise RendezvousError(
+                f"rendezvous '{self.settings.run_id}': this node has left the run; a new handler "
+                "is needed to join it again"
+            )
         self._end_membership()
         self.backend.open_session()
         s = self.settings
-        deadline = time.monotonic() + s.join_timeout
+        deadline = self._join_deadline  # moved on while this node waits as a spare
         control, cursor = self.backend.read_control()
         if control.corrupt:
             raise self._state_error(control)
         if control.closed:
             raise RendezvousClosedError(self._closed_message(stale=not self._joined_before))
-        target = control.round + 1
+        # Never a round number this node was in already: when the run's records lapsed (etcd
+        # down past the run lease), the next round must not reuse one.
+        target = max(control.round, self._last_round) + 1
         while True:
             if control.corrupt:
                 raise self._state_error(control)
@@ -154,6 +211,7 @@ class Rendezvous:
             if sealed is not None and sealed.round >= target:
                 if sealed.rank_of(self.node_id) is not None:
                     self._joined_before = True
+                    self._failed_round = 0
                     return sealed
                 target = sealed.round + 1
             if SPARES not in self.backend.capabilities and self._spare(control, target):
@@ -170,6 +228,7 @@ class Rendezvous:
                 want=target,
                 rank_hint=s.rank_hint,
                 local_world_size=s.local_world_size,
+                failed=self._failed_round,
             )
             coordinator, cursor = self.backend.announce(info, control)
             if coordinator is None:  # control moved on (sealed, closed): look again
@@ -181,7 +240,7 @@ class Rendezvous:
             else:
                 control = self._await_seal(target, control, cursor, deadline)
             if self._spare(control, target):
-                deadline = max(deadline, time.monotonic() + s.join_timeout)
+                deadline = self._join_deadline = max(deadline, time.monotonic() + s.join_timeout)
 
     def begin_membership(self, record: RoundRecord) -> None:
         """Start watching for departures and newcomers after joining `record`."""
@@ -205,7 +264,58 @@ class Rendezvous:
             return 0
         return membership.waiting()
 
+    def departures(self) -> Departures:
+        """Who of this node's round left or was lost, as seen so far (answered from local
+        state). Empty when the run is closed: finishing peers leave, that is no departure."""
+        caps = self.backend.capabilities
+        membership = self._membership
+        if ELASTIC not in caps or LIVENESS not in caps or membership is None:
+            return Departures()
+        membership.drain()
+        if membership.feed.control.closed:
+            return Departures()
+        record = membership.record
+        gone = tuple(record.name_of(n) for n in sorted(membership.lost) if n != self.node_id)
+        dropped = self.node_id in membership.lost or self.backend.session_lost()
+        return Departures(gone, dropped)
+
+    def notice_time(self) -> float:
+        """Seconds within which a member that stopped without leaving is seen as lost (0:
+        never, the backend has no liveness)."""
+        if ELASTIC not in self.backend.capabilities:
+            return 0.0
+        return self.backend.notice_time()
+
+    def count_failure(self) -> None:
+        """Our workers failed with every member of the round still there: the next round we
+        ask for charges the job one restart (unless a member is gone by the time it forms)."""
+        membership = self._membership
+        self._failed_round = membership.record.round if membership is not None else 0
+
+    def withdraw(self) -> None:
+        """Leave the group now, without closing the run: this node's records go at once, so
+        the others restart without it instead of noticing at lease expiry. The membership
+        watch stays open (see `peers_moved_on`); `leave()` or `shutdown()` ends the rest."""
+        self._withdrawn = True
+        self.backend.withdraw()
+
+    def peers_moved_on(self) -> bool:
+        """Whether every other member of our round has asked for a new round (so its workers
+        are stopped) or is gone. True when there is no round to wait for."""
+        membership = self._membership
+        if membership is None:
+            return True
+        membership.drain()
+        return membership.feed.control.closed or membership.moved_on(self.node_id)
+
     def is_closed(self) -> bool:
+        try:
+            return self._is_closed()
+        except StoreUnreachableError:
+            # Not known to be closed: a store outage must not end anything (asked again later).
+            return False
+
+    def _is_closed(self) -> bool:
         if self._membership is not None:
             # Drain through the membership so node changes read here still count as lost/new.
             self._membership.drain()
@@ -221,7 +331,6 @@ class Rendezvous:
     def shutdown(self) -> bool:
         if self._shut:
             return True
-        self._shut = True
         try:
             # Only a member closes the run on its way out. A node that never got into a round
             # (timed out, refused, misconfigured) must not end a run that others are running:
@@ -229,12 +338,19 @@ class Rendezvous:
             if self._joined_before:
                 self.backend.close_run()
         finally:
-            self._end_membership()
-            if self._closed_feed is not None:
-                self._closed_feed.close()
-                self._closed_feed = None
-            self.backend.leave()
+            self.leave()
         return True
+
+    def leave(self) -> None:
+        """Leave the run without closing it (a node stopped by a signal): the others go on."""
+        if self._shut:
+            return
+        self._shut = True
+        self._end_membership()
+        if self._closed_feed is not None:
+            self._closed_feed.close()
+            self._closed_feed = None
+        self.backend.leave()
 
     # ----------------------------------------------------------------- waiting (non-coordinator)
     def _await_seal(
@@ -298,7 +414,8 @@ class Rendezvous:
                 else:
                     last_call = None
                 if seal_now:
-                    record = self._make_record(target, eligible, previous, live_prev)
+                    departed = bool(prev_ids - nodes.keys())
+                    record = self._make_record(target, eligible, previous, live_prev, departed)
                     # Our view ends at the snapshot or the last change seen, whichever is later
                     # (only backends with comparable cursors set `seen`).
                     since = max(control.seen, nodes_cursor) if control.seen else 0
@@ -334,6 +451,7 @@ class Rendezvous:
         eligible: list[NodeEntry],
         previous: RoundRecord | None,
         live_prev: set[str],
+        departed: bool,
     ) -> RoundRecord:
         s = self.settings
         # Previous members first (they keep the job's state warm), then by arrival.
@@ -349,6 +467,15 @@ class Rendezvous:
         )
         by_id = {e.info.node_id: e.info for e in chosen}
         master = by_id[ids[0]]
+        restarts = previous.restarts if previous else 0
+        # One restart for the job when a member's workers failed in the previous round, unless
+        # a member of that round is gone: then the failure was the departure's (a collective
+        # with a node that left), a membership change that costs no restart.
+        failed = previous is not None and any(
+            e.info.failed == previous.round and e.info.node_id in live_prev for e in chosen
+        )
+        if failed and not departed:
+            restarts += 1
         return RoundRecord(
             round=target,
             ids=tuple(ids),
@@ -356,6 +483,8 @@ class Rendezvous:
             master_port=master.port,
             min_nodes=s.min_nodes,
             max_nodes=s.max_nodes,
+            restarts=restarts,
+            hosts=tuple(by_id[i].host for i in ids),
         )
 
     # ----------------------------------------------------------------- helpers

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from torch.distributed import Store
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+
+
+class StoreUnreachableError(RendezvousConnectionError):
+    """The store did not answer in time (timed out, refused, no leader, overloaded): the same
+    request may well succeed later, so the algorithm retries it within its own deadlines.
+    Credential, TLS and protocol errors are plain `RendezvousConnectionError`s: retrying them
+    would only delay the message."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,19 @@ class RendezvousBackend(Protocol):
         """Mark the run closed for everyone."""
         ...
 
+    def withdraw(self) -> None:
+        """End this node's liveness now (a graceful leave): its records go at once, so the
+        others see it gone without waiting for it to lapse. Feeds keep working. Idempotent;
+        `leave()` does it too."""
+        ...
+
     def leave(self) -> None:
         """End this node's liveness; the last node out removes the run's keys."""
+        ...
+
+    def notice_time(self) -> float:
+        """The longest time from a node's death (its liveness no longer renewed) until the
+        others' feeds report its record gone: lease TTL plus the store's expiry granularity."""
         ...
 
     def round_store(self, record: RoundRecord) -> Store:

@@ -13,7 +13,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from rdzv.rendezvous.algorithm import ProgressCallback, Rendezvous
+from rdzv.rendezvous.algorithm import Departures, ProgressCallback, Rendezvous
 from rdzv.rendezvous.backend import RendezvousBackend
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -29,6 +29,7 @@ class RdzvHandler(RendezvousHandler):
         self.rendezvous = Rendezvous(settings, backend)
         self._round: int | None = None
         self._rank: int | None = None
+        self._restarts = 0
         self._last_warning = 0.0
 
     def get_backend(self) -> str:
@@ -45,7 +46,7 @@ class RdzvHandler(RendezvousHandler):
         rank = record.rank_of(self.rendezvous.node_id)
         assert rank is not None
         self.rendezvous.begin_membership(record)
-        self._round, self._rank = record.round, rank
+        self._round, self._rank, self._restarts = record.round, rank, record.restarts
         log.info(
             "rendezvous %s: joined round %d as node rank %d of %d (master %s:%d)",
             self.settings.run_id, record.round, rank, record.world_size,
@@ -70,11 +71,62 @@ class RdzvHandler(RendezvousHandler):
         except RendezvousConnectionError as exc:
             # The agent polls this while workers train: a store outage must not kill a healthy
             # group. Lost members still surface once the store is back.
-            now = time.monotonic()
-            if now - self._last_warning > 30:
-                self._last_warning = now
-                log.warning("rendezvous %s: cannot check membership: %s", self.settings.run_id, exc)
+            self._cannot_check(exc)
             return 0
+
+    def _cannot_check(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 30:
+            self._last_warning = now
+            log.warning("rendezvous %s: cannot check membership: %s", self.settings.run_id, exc)
+
+    # ------------------------------------------------------------ beyond torch's interface
+    # rdzv-launch's agent uses these to tell a peer's departure from a worker failure and to
+    # leave gracefully on a signal; torch's agent (torchrun) does not know them.
+
+    def departures(self) -> Departures:
+        """Members of the current round that left or were lost, seen so far (no request).
+        Always present when `num_nodes_waiting()` counts them; empty once the run is closed."""
+        try:
+            return self.rendezvous.departures()
+        except RendezvousConnectionError as exc:
+            self._cannot_check(exc)
+            return Departures()
+
+    @property
+    def notice_time(self) -> float:
+        """Seconds within which a member that died is seen as gone (0: never seen)."""
+        return self.rendezvous.notice_time()
+
+    def count_failure(self) -> None:
+        """This node restarts after a worker failure that no departure explains: the next
+        round charges the job one restart, unless a member is gone by the time it forms."""
+        self.rendezvous.count_failure()
+
+    @property
+    def restarts(self) -> int:
+        """Worker-failure restarts the job has used, as of the round this node last joined
+        (the same number on every node of that round)."""
+        return self._restarts
+
+    def withdraw(self) -> None:
+        """Leave the group at once without closing the run (a node being stopped): this
+        node's record goes now, and the others restart without it."""
+        self.rendezvous.withdraw()
+
+    def peers_moved_on(self) -> bool:
+        """Whether every other member of the round has asked for a new round or is gone."""
+        try:
+            return self.rendezvous.peers_moved_on()
+        except RendezvousConnectionError:
+            return True  # nothing more to learn: do not hold the node up
+
+    def leave(self) -> None:
+        """End this node's part without closing the run (after `withdraw`, on a signal)."""
+        try:
+            self.rendezvous.leave()
+        except RendezvousError as exc:
+            log.warning("rendezvous %s: could not leave cleanly: %s", self.settings.run_id, exc)
 
     def get_run_id(self) -> str:
         return self.settings.run_id

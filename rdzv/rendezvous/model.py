@@ -116,6 +116,9 @@ class NodeInfo:
     want: int  # the round this node asks to join
     rank_hint: int | None = None
     local_world_size: int | None = None
+    # The round in which this node's workers failed with no member of it gone (0: none): what
+    # the coordinator charges against the job's restart budget when it seals the next round.
+    failed: int = 0
 
     def encode(self) -> bytes:
         return json.dumps({"v": FORMAT, **asdict(self)}, separators=(",", ":")).encode()
@@ -133,6 +136,7 @@ class NodeInfo:
             want=_int(doc, "want"),
             rank_hint=_optional_int(doc, "rank_hint"),
             local_world_size=_optional_int(doc, "local_world_size"),
+            failed=_int(doc, "failed") if "failed" in doc else 0,  # older records lack it
         )
 
 
@@ -154,6 +158,10 @@ class RoundRecord:
     master_port: int
     min_nodes: int
     max_nodes: int
+    # Worker-failure restarts the job has used up to this round: one count for every node.
+    restarts: int = 0
+    # The members' host names, in rank order (empty in records of older versions).
+    hosts: tuple[str, ...] = ()
     # Where the coordinator's view of the nodes ended (0: unknown). Members watch from there,
     # so a node that vanished between that view and the seal is still seen as lost.
     since: int = field(default=0, compare=False)
@@ -178,6 +186,14 @@ class RoundRecord:
         except ValueError:
             return None
 
+    def name_of(self, node_id: str) -> str:
+        """How messages name a member: its host, with its id where hosts are not unique."""
+        rank = self.rank_of(node_id)
+        host = self.hosts[rank] if rank is not None and len(self.hosts) == len(self.ids) else None
+        if host is None:
+            return node_id
+        return host if self.hosts.count(host) == 1 else f"{host}[{node_id}]"
+
     def encode(self) -> bytes:
         doc = asdict(self)
         doc.pop("revision")
@@ -194,6 +210,11 @@ class RoundRecord:
         if len(set(ids)) != len(ids):
             raise RecordError("field 'ids' names a node twice")
         min_nodes = _int(doc, "min_nodes", 1)
+        hosts = doc.get("hosts", [])
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise RecordError("field 'hosts' must be a list of host names")
+        if hosts and len(hosts) != len(ids):
+            raise RecordError("field 'hosts' must name as many hosts as 'ids' names nodes")
         return cls(
             round=_int(doc, "round", 1),
             ids=ids,
@@ -201,6 +222,8 @@ class RoundRecord:
             master_port=_int(doc, "master_port", 0, 65535),
             min_nodes=min_nodes,
             max_nodes=_int(doc, "max_nodes", min_nodes),
+            restarts=_int(doc, "restarts") if "restarts" in doc else 0,  # older records lack it
+            hosts=tuple(hosts),
             since=_int(doc, "since") if "since" in doc else 0,  # older records lack it
             revision=revision,
         )

@@ -1,0 +1,86 @@
+"""rdzv-launch's agent: torch's LocalElasticAgent (with our exit barrier) and three hooks.
+
+* `_monitor_workers`: a failure that a peer's departure explains is reported to torch's loop as
+  a membership change (HEALTHY while the handler counts nodes waiting, which a departure always
+  makes it do), so torch restarts the group without counting it (launcher.membership).
+* `_rendezvous`: after each round the agent's remaining restarts come from the round's
+  job-wide count, and workers get RDZV_ROUND, so every node's workers see the same
+  TORCHELASTIC_RESTART_COUNT and round.
+* `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
+  (launcher.leave).
+
+With a handler that is not ours, the agent is torch's (plus the exit barrier).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch.distributed.elastic.agent.server.api import (
+    DEFAULT_ROLE,
+    RunResult,
+    WorkerGroup,
+    WorkerState,
+)
+from torch.distributed.elastic.multiprocessing import SignalException
+
+from launcher.exit_barrier import ExitBarrierAgent
+from launcher.leave import leave_gracefully
+from launcher.membership import FailureAttribution, membership_of
+
+ROUND_VAR = "RDZV_ROUND"
+
+
+class RdzvAgent(ExitBarrierAgent):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        spec = self._worker_group.spec
+        self._membership = membership_of(spec.rdzv_handler)
+        self._attribution = (
+            FailureAttribution(self._membership, self._reporter, spec.max_restarts, spec.monitor_interval)
+            if self._membership is not None
+            else None
+        )
+        # Workers inherit the agent's environment: no stale value from an outer launcher.
+        os.environ.pop(ROUND_VAR, None)
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        attribution = self._attribution
+        if attribution is None:
+            return result
+        if result.state == WorkerState.FAILED and attribution.decide(self._remaining_restarts):
+            # torch's loop then sees nodes waiting (the departure) and restarts uncounted.
+            return RunResult(state=WorkerState.HEALTHY)
+        if result.state == WorkerState.HEALTHY:
+            attribution.healthy()
+        return result
+
+    def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        super()._rendezvous(worker_group)
+        if self._attribution is None or self._membership is None:
+            return
+        self._remaining_restarts = self._attribution.joined()
+        round_no = self._membership.round
+        if round_no is not None:
+            os.environ[ROUND_VAR] = str(round_no)
+
+    def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
+        try:
+            return super()._invoke_run(role)
+        except SignalException as exc:
+            state = self._worker_group.state
+            # A node whose workers succeeded (stopped in the exit barrier) ends as a finished
+            # node does (launcher.agent closes the run): a departure would restart the others'
+            # finishing workers.
+            if self._membership is not None and state != WorkerState.SUCCEEDED:
+                # Restarting (STOPPED, INIT): nobody to wait for.
+                running = state == WorkerState.HEALTHY
+                leave_gracefully(self._membership, self._reporter, exc.sigval, workers_running=running)
+            raise
+
+    @property
+    def workers_succeeded(self) -> bool:
+        """Whether this node's workers all finished successfully (even if a signal came later)."""
+        return self._worker_group.state == WorkerState.SUCCEEDED
