@@ -1,0 +1,68 @@
+"""Riding out a store outage while a node joins: retry with backoff until the join's deadline.
+
+A store that stalls, restarts or loses its quorum for a while must not end a job that can go on
+once it is back: the join is simply tried again. Only `StoreUnreachableError` (the backend's
+"no answer in time") is retried; credential, TLS, protocol and state errors end the join at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+from rdzv.rendezvous.backend import StoreUnreachableError
+
+log = logging.getLogger("rdzv")
+
+T = TypeVar("T")
+
+# The pause before a retry starts at RETRY_FIRST s and doubles up to RETRY_MAX; the warning
+# repeats at most every WARN_EVERY s (one line per node, not one per request).
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
+WARN_EVERY = 30.0
+
+
+def ride_out(
+    attempt: Callable[[], T],
+    deadline: Callable[[], float],
+    *,
+    run_id: str,
+    where: str,
+    join_timeout: float,
+) -> T:
+    """`attempt()` until it returns, retrying it while the store is unreachable and the
+    monotonic `deadline()` (read again before each retry: a spare's moves on) is ahead."""
+    since: float | None = None  # when the first failed attempt began
+    warned: float | None = None
+    delay = RETRY_FIRST
+    while True:
+        started = time.monotonic()
+        try:
+            result = attempt()
+        except StoreUnreachableError as exc:
+            since = started if since is None else since
+            now = time.monotonic()
+            end = deadline()
+            if now >= end:
+                raise RendezvousConnectionError(
+                    f"rendezvous '{run_id}': {where} unreachable for {now - since:.0f} s, past "
+                    f"join_timeout ({join_timeout:g} s); last error: {exc}"
+                ) from exc
+            if warned is None or now - warned >= WARN_EVERY:
+                warned = now
+                until = time.strftime("%H:%M:%S", time.localtime(time.time() + end - now))
+                log.warning(
+                    "rendezvous %s: %s unreachable for %.0f s, retrying until %s (join_timeout): %s",
+                    run_id, where, now - since, until, exc,
+                )
+            time.sleep(min(delay, end - now))
+            delay = min(delay * 2, RETRY_MAX)
+            continue
+        if warned is not None and since is not None:
+            log.warning("rendezvous %s: %s answers again after %.0f s", run_id, where, time.monotonic() - since)
+        return result
