@@ -407,11 +407,24 @@ class EtcdMember:
         self.proc.wait(timeout=10)
         self._reap()
 
+    def pause(self) -> None:
+        """SIGSTOP this member: a stalled etcd (its sockets stay open, nothing answers)."""
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause` (harmless on a running member)."""
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.resume()  # a paused member would sit on SIGTERM until the grace ran out
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
             try:

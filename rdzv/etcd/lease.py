@@ -1,9 +1,12 @@
 """Lease keep-alives for many leases over ONE LeaseKeepAlive stream per client.
 
 A scheduler thread sends each registered lease's keep-alive when due; a reader thread per
-stream applies the answers. Each lease tracks a conservative local expiry (send time of the
-request that was answered + TTL), so a lease is reported lost either when etcd answers
-TTL <= 0 or when no answer arrived before that expiry (partition, dead members, stuck stream).
+stream applies the answers. A lease is reported lost when etcd says so: a keep-alive answered
+with TTL <= 0 (expired or revoked). Each lease also tracks a conservative local expiry (send
+time of the request that was answered + TTL); when it passes without an answer (etcd stalled,
+without quorum, or out of reach), the lease is only noted as unconfirmed and refreshed on: an
+etcd that is down for everyone cannot have handed our place to anyone, and it keeps leases
+across a restart or a quorum loss (a new leader renews them). The first answer decides.
 A broken or stalled stream is re-opened on the client's next endpoint.
 """
 
@@ -50,6 +53,7 @@ class _Kept:
     # registration id -> (interval, on_lost); several owners may keep one lease.
     owners: dict[int, tuple[float, OnLost | None]] = field(default_factory=dict)
     pending_since: float | None = None  # send time of the oldest unanswered keep-alive
+    unconfirmed_since: float | None = None  # when `expires` passed with etcd silent
 
     @property
     def interval(self) -> float:
@@ -91,7 +95,7 @@ class LeaseKeeper(StreamOwner):
         """Start refreshing ``lease_id``; returns a registration id for :meth:`unregister`.
 
         ``interval`` defaults to ttl/3. ``on_lost(lease_id)`` is called once, from a keeper
-        thread, when the lease is gone or could not be refreshed in time; it must be quick.
+        thread, when etcd answers that the lease is gone (expired or revoked); it must be quick.
         Without ``ttl`` a keep-alive is sent at once and its answer supplies the TTL.
         """
         now = time.monotonic()
@@ -207,6 +211,12 @@ class LeaseKeeper(StreamOwner):
                 k.ttl = float(resp.TTL)
                 k.expires = sent + resp.TTL
                 k.pending_since = None
+                if k.unconfirmed_since is not None:
+                    log.warning(
+                        "etcd lease %x is still alive: etcd answered again after %.0f s past its "
+                        "local expiry", k.lease_id, now - k.unconfirmed_since,
+                    )
+                    k.unconfirmed_since = None
         self._fire(lost)
 
     def _pop_lost_locked(self, k: _Kept) -> tuple[int, list[OnLost]]:
@@ -249,13 +259,13 @@ class LeaseKeeper(StreamOwner):
                     self._open_stream()
                 except EtcdAuthError as e:
                     log.error("etcd keep-alive cannot authenticate: %s", e)
-                    self._expire_only()
+                    self._note_unconfirmed()
                     self._sleep(1.0)
                     continue
                 except EtcdError as e:
                     log.debug("etcd keep-alive stream: %s", e)
                     self._client._stream_failed(-1, None, "keep-alive")
-                    self._expire_only()
+                    self._note_unconfirmed()
                     self._sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
@@ -266,27 +276,28 @@ class LeaseKeeper(StreamOwner):
             if not self._closed:
                 self._cond.wait(seconds)
 
-    def _expire_only(self) -> None:
-        # No stream: still report leases whose local expiry passed.
+    def _note_unconfirmed(self) -> None:
+        """Say once per lease that its local expiry passed with etcd silent (not a loss: only
+        etcd's answer is; see the module docstring)."""
         now = time.monotonic()
         with self._cond:
-            lost = [
-                self._pop_lost_locked(k) for k in list(self._leases.values()) if now >= k.expires
-            ]
-        self._fire(lost)
+            for k in self._leases.values():
+                if now >= k.expires and k.unconfirmed_since is None:
+                    k.unconfirmed_since = now
+                    log.warning(
+                        "etcd lease %x: no answer from etcd for %.0f s, past its TTL; kept as "
+                        "live until etcd answers", k.lease_id, now - k.expires + k.ttl,
+                    )
 
     def _tick(self) -> None:
-        """Send due keep-alives, report expired leases, detect a stalled stream, then wait."""
+        """Send due keep-alives, detect a stalled stream, then wait."""
+        self._note_unconfirmed()
         now = time.monotonic()
-        lost: list[tuple[int, list[OnLost]]] = []
         with self._cond:
             q = self._queue
             stalled = False
             wake = now + 1.0
             for k in list(self._leases.values()):
-                if now >= k.expires:
-                    lost.append(self._pop_lost_locked(k))
-                    continue
                 # Refresh a little early when another lease is due anyway: with hundreds of
                 # leases this batches their keep-alives into a few wake-ups per second.
                 slack = min(0.2, k.interval * 0.1)
@@ -301,13 +312,14 @@ class LeaseKeeper(StreamOwner):
                     if now - k.pending_since > stall:
                         stalled = True
                     wake = min(wake, k.pending_since + stall + 0.01)
-                wake = min(wake, k.next_due, k.expires)
+                wake = min(wake, k.next_due)
+                if k.unconfirmed_since is None:
+                    wake = min(wake, k.expires)
             if stalled and self._broken is None and self._queue is not None:
                 log.info("etcd keep-alive stream stalled; switching endpoint")
                 self._broken = (self._endpoint_idx, None)
-            elif not lost and not self._closed and self._broken is None:
+            elif not self._closed and self._broken is None:
                 self._cond.wait(max(wake - time.monotonic(), 0.0))
-        self._fire(lost)
 
 
 @contextlib.contextmanager
