@@ -1,6 +1,9 @@
 """`rdzv`: look at and clean up rendezvous runs in etcd.
 
-The etcd key layout belongs to `rdzv.inspect`; this module only calls it and formats the answer:
+The etcd key layout belongs to `rdzv.inspect`; this module only calls it and formats the answer
+(the watch-driven commands live in their own modules: `rdzv status --watch` in
+`launcher.live_status`, `rdzv events` in `launcher.event_feed`, `rdzv exporter` in
+`launcher.exporter`):
 
     list_runs(endpoint, prefix=..., **conn) -> list[dict]             # one dict per run
     describe_run(endpoint, run_id, prefix=..., **conn) -> dict        # one run in detail
@@ -138,7 +141,7 @@ def _valid_run_id(_ctx: click.Context, _param: click.Parameter, run_id: str | No
 
 @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Inspect and clean up rendezvous runs stored in etcd."""
+    """Inspect, follow, export and clean up rendezvous runs stored in etcd."""
 
 
 @cli.command()
@@ -146,15 +149,65 @@ def cli() -> None:
 @click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", default=None, metavar="ID",
               callback=_valid_run_id, help="Describe this run instead of listing all.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True,
+              help="With --rdzv-id: keep the run's state on screen, updated as it changes (Ctrl-C ends).")
+def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_json: bool, watch: bool) -> int:
     """List the runs under the prefix, or describe one run."""
     conn = _conn(conf)
+    if watch:
+        if run_id is None or as_json:
+            raise click.UsageError("--watch needs --rdzv-id and does not go with --json")
+        from launcher.live_status import watch_status
+
+        return _interruptible(watch_status, endpoint, run_id, _prefix(prefix), conn)
     if run_id is None:
         runs = _call("list_runs", endpoint, prefix=prefix, **conn)
         _dump(runs) if as_json else click.echo(format_table(runs))
     else:
         run = _call("describe_run", endpoint, run_id, prefix=prefix, **conn)
         _dump(run) if as_json else click.echo(format_run(run))
+    return 0
+
+
+def _prefix(prefix: str | None) -> str:
+    return prefix if prefix is not None else _inspect().DEFAULT_PREFIX
+
+
+def _interruptible(fn: Callable[..., int], *args: Any, **kwargs: Any) -> int:
+    """Run a command that goes on until stopped: Ctrl-C ends it with exit code 130."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
+
+
+@cli.command()
+@_common
+@click.option("--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", required=True, metavar="ID",
+              callback=_valid_run_id, help="The run whose events to show.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep watching until the run is closed and its keys are gone (Ctrl-C ends).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line (torch's RdzvEvent fields and more).")
+def events(endpoint: str, prefix: str | None, conf: str, run_id: str, follow: bool, as_json: bool) -> int:
+    """A run's rendezvous events: nodes joined, lost and left, last calls, rounds sealed, close."""
+    from launcher.event_feed import run_events
+
+    return _interruptible(run_events, endpoint, run_id, _prefix(prefix), follow=follow, as_json=as_json,
+                          conn=_conn(conf))
+
+
+@cli.command()
+@_common
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="Port to serve /metrics and /healthz on (0: any free one).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+def exporter(endpoint: str, prefix: str | None, conf: str, port: int, host: str) -> int:
+    """Serve Prometheus metrics of every run under the prefix, from one watch of it."""
+    try:
+        from launcher.exporter import serve
+    except ModuleNotFoundError as exc:
+        raise NotAvailable(f"rdzv exporter needs {exc.name} (pip install prometheus_client)") from None
+    return _interruptible(serve, endpoint, _prefix(prefix), host, port, _conn(conf))
 
 
 @cli.command()
@@ -164,7 +217,7 @@ def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_
 @click.option("--force", is_flag=True, help="Remove the run even while nodes still hold it.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def clean(endpoint: str, prefix: str | None, conf: str, run_id: str, force: bool, yes: bool, as_json: bool) -> None:
+def clean(endpoint: str, prefix: str | None, conf: str, run_id: str, force: bool, yes: bool, as_json: bool) -> int:
     """Remove every key of one run (for a run that will not come back)."""
     conn = _conn(conf)
     if not yes:
@@ -176,11 +229,12 @@ def clean(endpoint: str, prefix: str | None, conf: str, run_id: str, force: bool
         _dump({"run_id": run_id, "removed": removed})
     else:
         click.echo(f"cleaned run {run_id}: {removed} key(s) removed")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name=PROG, standalone_mode=False)
+        code = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name=PROG, standalone_mode=False)
     except click.ClickException as exc:
         sys.stderr.write(f"{PROG}: error: {exc.format_message()}\n")
         return exc.exit_code
@@ -193,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain = isinstance(exc, LookupError) and not isinstance(exc, KeyError)
         sys.stderr.write(f"{PROG}: error: {exc if plain else f'{type(exc).__name__}: {exc}'}\n")
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

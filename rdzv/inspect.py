@@ -3,11 +3,16 @@
 Works on the etcd v3 key layout of `rdzv.backends.etcd_v3` and needs no torch. Keys that do not
 decode (written by hand, by another tool) never make a command fail: the run is shown with them
 listed under `corrupt`, and a node record among them is not counted as a node.
+
+The decoding of one key (`decode_key`) and the summary of a run's decoded keys (`summarize`)
+are shared with the watch-driven views of `rdzv.view`, so a snapshot and a watch read alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from rdzv.etcd import EtcdClient, EtcdError, KeyValue
@@ -24,13 +29,19 @@ from rdzv.rendezvous.settings import password_from
 
 DEFAULT_PREFIX = "/rdzv"
 
+# What a key of a run is, by its name under `<prefix>/<run_id>/`.
+CURRENT, CLOSED, LEASE, COORD, LASTCALL, NODE, STORE, OTHER = (
+    "current", "closed", "lease", "coord", "lastcall", "node", "store", "other",
+)
+
 
 def _password(conn: dict[str, Any]) -> str | None:
     # Ops commands also take `password=` (e.g. from PET_RDZV_CONF, never argv); else as the handler.
     return str(conn["password"]) if conn.get("password") else password_from(conn)
 
 
-def _client(endpoint: str, conn: dict[str, Any]) -> EtcdClient:
+def connect(endpoint: str, **conn: Any) -> EtcdClient:
+    """A client for the ops commands, from --rdzv-conf style settings (TLS files, user, timeout)."""
     user = conn.get("user")
     return EtcdClient(
         endpoint,
@@ -45,89 +56,110 @@ def _client(endpoint: str, conn: dict[str, Any]) -> EtcdClient:
     )
 
 
-def _norm(prefix: str) -> str:
-    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-    return prefix
+def norm_prefix(prefix: str) -> str:
+    """`/rdzv/` and `rdzv` are `/rdzv`; the root prefix is ``""``."""
+    return "/" + prefix.strip("/") if prefix.strip("/") else ""
+
+
+def run_root(prefix: str, run_id: str) -> str:
+    """Where a run's keys live: `<prefix>/<run_id>/`."""
+    return f"{norm_prefix(prefix)}/{run_id}/"
 
 
 class RunNotFound(LookupError):
     """No key of the run exists under the prefix."""
 
 
-def list_runs(endpoint: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> list[dict[str, Any]]:
-    """Every run under `prefix`, each described as by `describe_run`."""
-    root = _norm(prefix) + "/"
-    with _client(endpoint, conn) as client:
-        keys = client.range(root, prefix=True, keys_only=True).kvs
-        # A run is a directory: a stray key right under the prefix is not one.
-        rels = (kv.key.decode(errors="replace")[len(root) :] for kv in keys)
-        run_ids = sorted({rel.split("/", 1)[0] for rel in rels if "/" in rel})
-        return [_describe_or_flag(client, prefix, run_id) for run_id in run_ids if run_id]
+@dataclass(frozen=True)
+class RunKey:
+    """One key of a run, decoded. `error` says what is wrong when it does not hold what the
+    handler writes there; the decoded fields are then left unset."""
+
+    key: str  # the full key
+    rel: str  # the key below the run's root
+    kind: str  # CURRENT, CLOSED, LEASE, COORD, LASTCALL, NODE, STORE or OTHER
+    kv: KeyValue
+    round_no: int | None = None  # COORD, LASTCALL: the round named by the key
+    sealed: RoundRecord | None = None  # CURRENT
+    node: NodeInfo | None = None  # NODE
+    coordinator: str | None = None  # COORD: the claiming node's id
+    deadline: float | None = None  # LASTCALL: wall-clock end of the last call
+    error: str | None = None
 
 
-def describe_run(endpoint: str, run_id: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> dict[str, Any]:
-    """Round, members (host, pid, node rank, lease time left), waiting nodes, spares, closed.
-    Raises RunNotFound when the run has no keys."""
-    with _client(endpoint, conn) as client:
-        run = _describe(client, prefix, run_id)
-    if not run["keys"]:
-        raise RunNotFound(f"no run {run_id!r} under {_norm(prefix) or '/'} at {endpoint}")
-    return run
-
-
-def _describe_or_flag(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
-    # One run that cannot be described must not hide the others.
-    try:
-        return _describe(client, prefix, run_id)
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"run_id": run_id, "corrupt": [f"cannot describe the run: {exc}"]}
-
-
-def _check(rel: str, kv: KeyValue) -> None:
-    """Raise RecordError if a control key the description does not use is not what the handler
-    writes there (the ones it uses are decoded where they are used)."""
-    if rel == "ctl/closed" and kv.value != b"1":
-        raise RecordError(f"a closed marker holds 1, not {kv.value[:60]!r}")
+def _kind(rel: str) -> str:
+    if rel == "ctl/current":
+        return CURRENT
+    if rel == "ctl/closed":
+        return CLOSED
+    if rel == "ctl/lease":
+        return LEASE
+    if rel.startswith("ctl/coord/"):
+        return COORD
     if rel.startswith("ctl/lastcall/"):
-        parse_round_no(rel[len("ctl/lastcall/") :])
-        parse_number(kv.value, "last call deadline")
-    elif rel == "ctl/lease":
-        parse_lease_id(kv.value)
+        return LASTCALL
+    if rel.startswith("node/"):
+        return NODE
+    if rel.startswith("store/"):
+        return STORE
+    return OTHER
 
 
-def _describe(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
-    run = f"{_norm(prefix)}/{run_id}/"
-    kvs = client.range(run, prefix=True).kvs
+def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
+    """Decode the key `key` (`rel` below its run's root); never raises for a bad value."""
+    kind = _kind(rel)
+    try:
+        if kind == CURRENT:
+            return RunKey(key, rel, kind, kv, sealed=RoundRecord.decode(kv.value, kv.mod_revision))
+        if kind == CLOSED and kv.value != b"1":
+            raise RecordError(f"a closed marker holds 1, not {kv.value[:60]!r}")
+        if kind == LEASE:
+            parse_lease_id(kv.value)
+        if kind == COORD:
+            round_no = parse_round_no(rel[len("ctl/coord/") :])
+            return RunKey(key, rel, kind, kv, round_no=round_no, coordinator=parse_node_id(kv.value))
+        if kind == LASTCALL:
+            round_no = parse_round_no(rel[len("ctl/lastcall/") :])
+            deadline = parse_number(kv.value, "last call deadline")
+            return RunKey(key, rel, kind, kv, round_no=round_no, deadline=deadline)
+        if kind == NODE:
+            return RunKey(key, rel, kind, kv, node=_node(rel, kv))
+    except RecordError as exc:
+        return RunKey(key, rel, kind, kv, error=str(exc))
+    return RunKey(key, rel, kind, kv)
+
+
+def _node(rel: str, kv: KeyValue) -> NodeInfo:
+    info = NodeInfo.decode(kv.value)
+    if info.node_id != rel[len("node/") :]:
+        raise RecordError(f"it names node {info.node_id!r}")
+    return info
+
+
+def summarize(
+    run_id: str, keys: Iterable[RunKey], ttl_of: Callable[[int], int | None] | None = None
+) -> dict[str, Any]:
+    """What `rdzv status --rdzv-id` shows of a run, from its decoded keys. `ttl_of(lease)` gives
+    a node's lease time left (None: not asked)."""
+    keys = list(keys)
     sealed: RoundRecord | None = None
     closed = False
     coordinators: dict[int, str] = {}
     nodes: list[tuple[NodeInfo, int]] = []
-    store_keys = 0
-    corrupt: list[str] = []
-    for kv in kvs:
-        key = kv.key.decode(errors="replace")
-        rel = key[len(run) :]
-        try:
-            _check(rel, kv)
-            if rel == "ctl/current":
-                sealed = RoundRecord.decode(kv.value, kv.mod_revision)
-            elif rel == "ctl/closed":
-                closed = True
-            elif rel.startswith("ctl/coord/"):
-                coordinators[parse_round_no(rel[len("ctl/coord/") :])] = parse_node_id(kv.value)
-            elif rel.startswith("node/"):
-                nodes.append((_node(rel, kv), kv.lease))
-            elif rel.startswith("store/"):
-                store_keys += 1
-        except RecordError as exc:
-            corrupt.append(f"{key} ({exc})")
+    for rk in keys:
+        if rk.error is not None:
+            continue
+        if rk.sealed is not None:
+            sealed = rk.sealed
+        elif rk.kind == CLOSED:
+            closed = True
+        elif rk.coordinator is not None and rk.round_no is not None:
+            coordinators[rk.round_no] = rk.coordinator
+        elif rk.node is not None:
+            nodes.append((rk.node, rk.kv.lease))
     ranks = {nid: r for r, nid in enumerate(sealed.ids)} if sealed else {}
     members, waiting, spares = [], [], []
     for info, lease in sorted(nodes, key=lambda n: ranks.get(n[0].node_id, 1 << 30)):
-        ttl: int | None = None
-        if lease:
-            with contextlib.suppress(EtcdError):
-                ttl = client.lease_time_to_live(lease)
         row = {
             "node_id": info.node_id,
             "host": info.host,
@@ -136,7 +168,7 @@ def _describe(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
             "node_rank": ranks.get(info.node_id),
             "local_world_size": info.local_world_size,
             "wants_round": info.want,
-            "lease_ttl_left": ttl,
+            "lease_ttl_left": ttl_of(lease) if ttl_of is not None and lease else None,
         }
         if info.node_id in ranks:
             members.append(row)
@@ -158,17 +190,54 @@ def _describe(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
         "waiting": waiting,
         "spares": spares,
         "coordinators": {str(r): nid for r, nid in sorted(coordinators.items())},
-        "store_keys": store_keys,
-        "keys": len(kvs),
-        "corrupt": corrupt,
+        "store_keys": sum(rk.kind == STORE for rk in keys),
+        "keys": len(keys),
+        "corrupt": [f"{rk.key} ({rk.error})" for rk in keys if rk.error is not None],
     }
 
 
-def _node(rel: str, kv: KeyValue) -> NodeInfo:
-    info = NodeInfo.decode(kv.value)
-    if info.node_id != rel[len("node/") :]:
-        raise RecordError(f"it names node {info.node_id!r}")
-    return info
+def list_runs(endpoint: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> list[dict[str, Any]]:
+    """Every run under `prefix`, each described as by `describe_run`."""
+    root = norm_prefix(prefix) + "/"
+    with connect(endpoint, **conn) as client:
+        keys = client.range(root, prefix=True, keys_only=True).kvs
+        # A run is a directory: a stray key right under the prefix is not one.
+        rels = (kv.key.decode(errors="replace")[len(root) :] for kv in keys)
+        run_ids = sorted({rel.split("/", 1)[0] for rel in rels if "/" in rel})
+        return [_describe_or_flag(client, prefix, run_id) for run_id in run_ids if run_id]
+
+
+def describe_run(endpoint: str, run_id: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> dict[str, Any]:
+    """Round, members (host, pid, node rank, lease time left), waiting nodes, spares, closed.
+    Raises RunNotFound when the run has no keys."""
+    with connect(endpoint, **conn) as client:
+        run = _describe(client, prefix, run_id)
+    if not run["keys"]:
+        raise RunNotFound(f"no run {run_id!r} under {norm_prefix(prefix) or '/'} at {endpoint}")
+    return run
+
+
+def _describe_or_flag(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
+    # One run that cannot be described must not hide the others.
+    try:
+        return _describe(client, prefix, run_id)
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"run_id": run_id, "corrupt": [f"cannot describe the run: {exc}"]}
+
+
+def _describe(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
+    run = run_root(prefix, run_id)
+    keys = []
+    for kv in client.range(run, prefix=True).kvs:
+        key = kv.key.decode(errors="replace")
+        keys.append(decode_key(key, key[len(run) :], kv))
+
+    def ttl_of(lease: int) -> int | None:
+        with contextlib.suppress(EtcdError):
+            return client.lease_time_to_live(lease)
+        return None
+
+    return summarize(run_id, keys, ttl_of)
 
 
 def _live_nodes(client: EtcdClient, run: str) -> int:
@@ -191,8 +260,8 @@ def clean_run(
     """Delete a run's keys; returns how many. Refuses while nodes are alive unless `force`."""
     if not run_id or "/" in run_id:
         raise ValueError(f"invalid run id {run_id!r}")
-    run = f"{_norm(prefix)}/{run_id}/"
-    with _client(endpoint, conn) as client:
+    run = run_root(prefix, run_id)
+    with connect(endpoint, **conn) as client:
         # A closed run forms no more rounds: its nodes are leaving, or dead with records that
         # only wait for their leases to expire; removing its keys harms none of them.
         marker = client.get(run + "ctl/closed")
