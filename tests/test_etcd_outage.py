@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,10 @@ from launcher_helpers import (
     write_script,
 )
 from rdzv_testlib import new_run_id, node_group, wait_until
+from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.etcd_store import EtcdStore
 from rdzv.etcd import EtcdClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -175,6 +178,29 @@ def test_a_keep_alive_waits_for_etcd_to_say_the_lease_is_gone(server: EtcdServer
         # etcd's clock ran on while it was stopped: it expires the lease once it runs again.
         assert lost.wait(10)
     finally:
+        client.close()
+
+
+def test_the_round_store_waits_out_a_stall(server: EtcdServer) -> None:
+    """The agent's store (rank assignment, exit barrier) retries within its own timeout."""
+    client = EtcdClient(server.endpoint, timeout=1)
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        patient = EtcdStore(client, "/stall-store/a/", timeout=60)
+        hasty = EtcdStore(client, "/stall-store/b/", timeout=2)
+        server.member.pause()
+        try:
+            wrote = pool.submit(patient.set, "k", "v")
+            with pytest.raises(DistStoreError, match="unreachable"):
+                hasty.set("k", "v")
+            time.sleep(2)  # the rest of the outage
+            assert not wrote.done()
+        finally:
+            server.member.resume()
+        wrote.result(timeout=30)
+        assert patient.get("k") == b"v"
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         client.close()
 
 

@@ -2,21 +2,31 @@
 
 torch's agent runs on it unchanged: rank assignment (set, multi_get, multi_set, get) and the
 exit barrier (add, set, wait). Blocking reads wait on a watch of exactly the missing keys, never
-by polling, and every wait is bounded by the store's timeout.
+by polling, and every wait is bounded by the store's timeout. A request that finds etcd
+unreachable (stalled, restarting, without quorum) is tried again within that same timeout: the
+agent would have waited that long for a slow peer anyway. `add` is the exception: a lost answer
+leaves unknown whether it counted, so it is not repeated.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from torch.distributed import DistStoreError, Store
 
 from rdzv.backends.common import to_bytes as _to_bytes
-from rdzv.etcd import Compare, EtcdClient, EtcdError, Op
+from rdzv.etcd import Compare, EtcdClient, EtcdConnectionError, EtcdError, EtcdTLSError, Op
+
+T = TypeVar("T")
 
 # etcd rejects transactions with more than --max-txn-ops (default 128) operations.
 TXN_BATCH = 64
+# Pauses between attempts while etcd is unreachable: doubling from RETRY_FIRST to RETRY_MAX s.
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
 
 
 class EtcdStore(Store):
@@ -42,24 +52,41 @@ class EtcdStore(Store):
     def _fail(self, what: str, exc: Exception) -> DistStoreError:
         return DistStoreError(f"etcd store {self._prefix}: {what} failed: {exc}")
 
+    def _patiently(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
+        """`call()`, tried again while etcd is unreachable until `deadline` (monotonic; default:
+        the store's timeout from now). Errors become DistStoreError, as TCPStore's."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout.total_seconds()
+        delay = RETRY_FIRST
+        while True:
+            try:
+                return call()
+            except EtcdTLSError as exc:
+                raise self._fail(what, exc) from exc
+            except EtcdConnectionError as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise self._fail(what, exc) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+            except EtcdError as exc:
+                raise self._fail(what, exc) from exc
+
     # ------------------------------------------------------------------ writes
     def set(self, key: str, value: str | bytes) -> None:
-        try:
-            self._client.put(self._key(key), _to_bytes(value), lease=self._lease, idempotent=True)
-        except EtcdError as exc:
-            raise self._fail(f"set({key!r})", exc) from exc
+        data = _to_bytes(value)
+        self._patiently(
+            f"set({key!r})",
+            lambda: self._client.put(self._key(key), data, lease=self._lease, idempotent=True),
+        )
 
     def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
         pairs = list(zip(keys, values, strict=True))
-        try:
-            for start in range(0, len(pairs), TXN_BATCH):
-                ops = [
-                    Op.put(self._key(k), _to_bytes(v), lease=self._lease)
-                    for k, v in pairs[start : start + TXN_BATCH]
-                ]
-                self._client.txn([], ops, [], idempotent=True)
-        except EtcdError as exc:
-            raise self._fail("multi_set", exc) from exc
+        for start in range(0, len(pairs), TXN_BATCH):
+            ops = [
+                Op.put(self._key(k), _to_bytes(v), lease=self._lease)
+                for k, v in pairs[start : start + TXN_BATCH]
+            ]
+            self._patiently("multi_set", lambda ops=ops: self._client.txn([], ops, [], idempotent=True))
 
     def add(self, key: str, amount: int) -> int:
         """Atomic counter: read, then compare-and-put on the key's mod revision."""
@@ -91,23 +118,22 @@ class EtcdStore(Store):
         full = self._key(key)
         want, new = _to_bytes(expected), _to_bytes(desired)
         guard = Compare.create_revision(full) == 0 if want == b"" else Compare.value(full) == want
-        try:
-            # Safe to repeat: if a lost first attempt applied, the retry reads back `desired`.
-            result = self._client.txn(
+        # Safe to repeat: if a lost first attempt applied, the retry reads back `desired`.
+        result = self._patiently(
+            f"compare_set({key!r})",
+            lambda: self._client.txn(
                 [guard], [Op.put(full, new, lease=self._lease)], [Op.get(full)], idempotent=True
-            )
-        except EtcdError as exc:
-            raise self._fail(f"compare_set({key!r})", exc) from exc
+            ),
+        )
         if result.succeeded:
             return new
         kvs = result.responses[0].kvs
         return kvs[0].value if kvs else want
 
     def delete_key(self, key: str) -> bool:
-        try:
-            return self._client.delete(self._key(key), idempotent=True) > 0
-        except EtcdError as exc:
-            raise self._fail(f"delete_key({key!r})", exc) from exc
+        return self._patiently(
+            f"delete_key({key!r})", lambda: self._client.delete(self._key(key), idempotent=True) > 0
+        )
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str) -> bytes:
@@ -118,26 +144,24 @@ class EtcdStore(Store):
         return [values[k] for k in keys]
 
     def check(self, keys: list[str]) -> bool:
-        try:
-            return all(self._read(keys)[0].get(k) is not None for k in keys)
-        except EtcdError as exc:
-            raise self._fail("check", exc) from exc
+        return self._patiently("check", lambda: all(self._read(keys)[0].get(k) is not None for k in keys))
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
         self._wait_for(keys, timeout if timeout is not None else self.timeout)
 
     def num_keys(self) -> int:
-        try:
-            return self._client.range(self._prefix.encode(), prefix=True, count_only=True).count
-        except EtcdError as exc:
-            raise self._fail("num_keys", exc) from exc
+        return self._patiently(
+            "num_keys",
+            lambda: self._client.range(self._prefix.encode(), prefix=True, count_only=True).count,
+        )
 
     def _read(self, keys: list[str]) -> tuple[dict[str, bytes], int]:
         found: dict[str, bytes] = {}
         revision = 0
         for start in range(0, len(keys), TXN_BATCH):
             batch = keys[start : start + TXN_BATCH]
-            result = self._client.txn([], [Op.get(self._key(k)) for k in batch], [])
+            # Read-only: safe to repeat on another member.
+            result = self._client.txn([], [Op.get(self._key(k)) for k in batch], [], idempotent=True)
             revision = revision or result.revision
             for k, response in zip(batch, result.responses, strict=True):
                 if response.kvs:
@@ -146,31 +170,31 @@ class EtcdStore(Store):
 
     def _wait_for(self, keys: list[str], timeout: timedelta) -> dict[str, bytes]:
         deadline = time.monotonic() + timeout.total_seconds()
-        try:
-            found, revision = self._read(keys)
-            missing = {self._key(k): k for k in keys if k not in found}
-            if not missing:
-                return found
-            # One watch over the span of the missing keys, from just after our read.
-            low, high = min(missing), max(missing)
-            watch = self._client.watch(low, range_end=high + b"\0", start_revision=revision + 1)
-            try:
-                while missing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        shown = ", ".join(sorted(missing.values())[:5])
-                        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                        raise DistStoreError(
-                            f"etcd store {self._prefix}: timed out after "
-                            f"{timeout.total_seconds():g} s waiting for key(s) {shown}{more}"
-                        )
-                    for event in watch.get(left) or ():
-                        name = missing.get(event.kv.key)
-                        if name is not None and event.type == "PUT":
-                            found[name] = event.kv.value
-                            del missing[event.kv.key]
-            finally:
-                watch.cancel()
+        return self._patiently("wait", lambda: self._wait_once(keys, timeout, deadline), deadline)
+
+    def _wait_once(self, keys: list[str], timeout: timedelta, deadline: float) -> dict[str, bytes]:
+        found, revision = self._read(keys)
+        missing = {self._key(k): k for k in keys if k not in found}
+        if not missing:
             return found
-        except EtcdError as exc:
-            raise self._fail("wait", exc) from exc
+        # One watch over the span of the missing keys, from just after our read.
+        low, high = min(missing), max(missing)
+        watch = self._client.watch(low, range_end=high + b"\0", start_revision=revision + 1)
+        try:
+            while missing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    shown = ", ".join(sorted(missing.values())[:5])
+                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                    raise DistStoreError(
+                        f"etcd store {self._prefix}: timed out after "
+                        f"{timeout.total_seconds():g} s waiting for key(s) {shown}{more}"
+                    )
+                for event in watch.get(left) or ():
+                    name = missing.get(event.kv.key)
+                    if name is not None and event.type == "PUT":
+                        found[name] = event.kv.value
+                        del missing[event.kv.key]
+        finally:
+            watch.cancel()
+        return found
