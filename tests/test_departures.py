@@ -277,10 +277,13 @@ def test_killed_node_is_a_membership_change(
     args = job.args("2:3", f"--max-restarts={max_restarts}")
     three = [nodes(args) for _ in range(3)]
     _, round_no = _agree(_await_group(job.out, three))
+    killed = time.time()
     three[2].kill()
     survivors = three[:2]
     after = _await_group(job.out, survivors, after=round_no)
     assert _agree(after)[0] == 0, "a departure costs no restart"
+    running = max(r["running_at"] for r in after.values()) - killed
+    _figure(f"SIGKILL, --max-restarts {max_restarts}: kill to the survivors' workers running again", running)
     _stop_and_finish(job.out, survivors)
     logs = "".join(n.stderr for n in survivors)
     if max_restarts == 0:
