@@ -56,6 +56,7 @@ from rdzv.backends.etcd_v2_store import (
     EtcdV2Client,
     EtcdV2Error,
     EtcdV2Store,
+    EtcdV2UnreachableError,
     index_of,
     v2_errors,
     whole_seconds,
@@ -435,13 +436,16 @@ class _Watcher:
         return [lambda control: self.backend.apply_control(control, key, value)]
 
     def _failed(self, exc: Exception) -> list[Change] | None:
-        # Ride out a short outage (leader change, restart); give up after read_timeout.
+        # An unreachable etcd is waited out for as long as it lasts: a member's feed must
+        # still work afterwards, and a join has its own deadline. Anything else (refused
+        # credentials, no v2 API) ends the feed after read_timeout.
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
-        if now - self._failing_since > self.backend.settings.read_timeout:
+        down = now - self._failing_since
+        if not isinstance(exc, EtcdV2UnreachableError) and down > self.backend.settings.read_timeout:
             raise RendezvousConnectionError(f"{self.backend.describe()}: watch failed: {exc}") from exc
-        time.sleep(0.2)
+        time.sleep(0.2 if down < 2 else 1.0)
         return None
 
     def _resync(self) -> list[Change]:

@@ -28,10 +28,13 @@ from datetime import timedelta
 from typing import Any, ClassVar, TypeVar
 
 import etcd
+import urllib3
 from torch.distributed import DistStoreError, Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.common import to_bytes
+from rdzv.etcd.probe import mismatch_hint
+from rdzv.rendezvous.backend import StoreUnreachableError
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -42,11 +45,25 @@ logging.getLogger("etcd.client").setLevel(logging.CRITICAL)
 T = TypeVar("T")
 
 POOL_SIZE = 64  # pooled HTTP connections per endpoint: concurrent long polls + requests
+# urllib3 repeats a request that timed out reading (3 times by default), so one request to an
+# endpoint that accepts but never answers took 4 x read_timeout. One try per endpoint; failover
+# and the rendezvous's own retries do the rest.
+RETRIES = urllib3.util.Retry(total=2, connect=2, read=False, redirect=2, other=0)
+# How long a protocol probe's verdict on an endpoint holds, and its bound (as the v3 client's).
+PROBE_HOLDS = 30.0
+PROBE_TIMEOUT = 1.0
+# What a hang-up looks like when only one side speaks TLS (client side TLS, plain).
+_TLS_HANGUP = ("eof occurred", "unexpected_eof", "wrong version number")
+_PLAIN_HANGUP = ("remote end closed", "connection aborted", "connection reset")
 REMOVED = ("delete", "expire", "compareAndDelete")
 
 
 class EtcdV2Error(Exception):
     """An etcd v2 request failed in a way callers do not handle (translated for messages)."""
+
+
+class EtcdV2UnreachableError(EtcdV2Error):
+    """No endpoint answered (refused, timed out): may well work later."""
 
 
 def whole_seconds(seconds: float) -> int:
@@ -96,6 +113,8 @@ class EtcdV2Client:
     def __init__(self, settings: RendezvousSettings) -> None:
         self.endpoints = settings.endpoints
         self.timeout = settings.read_timeout
+        self._tls = settings.tls
+        self._probed: dict[int, tuple[float, str | None]] = {}  # index -> (valid until, hint)
         cert: str | tuple[str, str] | None = settings.cert
         if settings.cert and settings.key:
             cert = (settings.cert, settings.key)
@@ -113,6 +132,9 @@ class EtcdV2Client:
             )
             for host, port in map(_host_port, settings.endpoints)
         ]
+        for client in self._clients:
+            # Read by urllib3 when it creates a connection pool, i.e. before the first request.
+            client.http.connection_pool_kw["retries"] = RETRIES
         self._current = 0
         self._key: tuple[Any, ...] | None = None
         self._refs = 0
@@ -171,6 +193,7 @@ class EtcdV2Client:
                 "create a new handler in this process"
             )
         failures: list[str] = []
+        mismatched: list[str] = []
         start = self._current
         for step in range(len(self._clients)):
             index = (start + step) % len(self._clients)
@@ -179,11 +202,30 @@ class EtcdV2Client:
             except etcd.EtcdWatchTimedOut:
                 raise
             except etcd.EtcdConnectionFailed as exc:
-                failures.append(f"{self.endpoints[index]}: {_reason(exc)}")
+                reason = _reason(exc)
+                hint = self._mismatch(index, reason)
+                if hint is not None:
+                    mismatched.append(hint)
+                failures.append(f"{self.endpoints[index]}: {reason}")
                 continue
             self._current = index
             return result
-        raise EtcdV2Error("cannot reach etcd: " + "; ".join(failures))
+        if len(mismatched) == len(self._clients):
+            raise EtcdV2Error("; ".join(mismatched))  # a setting to change, not an outage
+        raise EtcdV2UnreachableError("cannot reach etcd: " + "; ".join(failures))
+
+    def _mismatch(self, index: int, reason: str) -> str | None:
+        """What to change when endpoint `index` hung up because one side speaks TLS and the
+        other does not (asked with one probe, rdzv/etcd/probe.py; the verdict holds a while)."""
+        low = reason.lower()
+        if not any(word in low for word in (_TLS_HANGUP if self._tls else _PLAIN_HANGUP)):
+            return None
+        now = time.monotonic()
+        held = self._probed.get(index)
+        if held is None or now >= held[0]:
+            hint = mismatch_hint(self.endpoints[index], self._tls, min(self.timeout, PROBE_TIMEOUT))
+            held = self._probed[index] = (now + PROBE_HOLDS, hint)
+        return held[1]
 
     # Thin wrappers (python-etcd's names), each one request with failover.
     def read(self, key: str, **kwargs: Any) -> etcd.EtcdResult:
@@ -234,6 +276,8 @@ def explain(where: str, exc: Exception) -> RendezvousConnectionError:
         detail = ("the server has no v2 API (HTTP 404 on /v2/keys). Start etcd with --enable-v2 "
                   "(etcd 3.4/3.5; the v2 API is gone in 3.6), or use --rdzv-backend=etcd, which "
                   "speaks the v3 API.")
+    elif isinstance(exc, EtcdV2UnreachableError):
+        return StoreUnreachableError(f"{where}: {exc}")  # worth retrying within deadlines
     elif isinstance(exc, EtcdV2Error):
         detail = str(exc)
     else:

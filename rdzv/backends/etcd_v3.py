@@ -39,6 +39,7 @@ from rdzv.etcd import (
     EtcdError,
     EtcdLeaseNotFoundError,
     EtcdTLSError,
+    EtcdTLSMismatchError,
     Event,
     KeyValue,
     Op,
@@ -108,6 +109,8 @@ def _etcd_errors(where: str) -> Iterator[None]:
     """
     try:
         yield
+    except EtcdTLSMismatchError as exc:
+        raise RendezvousConnectionError(f"{where}: {exc}") from exc  # says what to change
     except EtcdTLSError as exc:
         raise RendezvousConnectionError(f"{where}: TLS handshake failed: {exc}") from exc
     except EtcdAuthError as exc:

@@ -7,7 +7,21 @@ with EtcdClient("127.0.0.1:2379") as c:
     c.txn([Compare.create_revision("/k") == 0], [Op.put("/k", "v")], [Op.get("/k")])
 """
 
-from rdzv.etcd.client import (
+import os
+
+# gRPC's C core writes its own log lines to stderr (e.g. "E1128 ... Decryption error:
+# TSI_DATA_CORRUPTED" around a rejected TLS session, or "I1128 ... Handshake failed"), next to
+# the one-line error we give. It reads GRPC_VERBOSITY once, when grpc is first imported: quiet
+# it for that import, unless the user chose a level, and put the environment back, so that
+# workers started later see the user's own setting. Our messages go through Python logging.
+if "GRPC_VERBOSITY" not in os.environ:
+    os.environ["GRPC_VERBOSITY"] = "NONE"
+    try:
+        import grpc  # noqa: F401 - imported here for the side effect above
+    finally:
+        del os.environ["GRPC_VERBOSITY"]
+
+from rdzv.etcd.client import (  # noqa: E402 - after the gRPC set-up above
     Compare,
     CompareTarget,
     EtcdClient,
@@ -17,17 +31,18 @@ from rdzv.etcd.client import (
     TxnResult,
     prefix_end,
 )
-from rdzv.etcd.errors import (
+from rdzv.etcd.errors import (  # noqa: E402
     EtcdAuthError,
     EtcdCompactedError,
     EtcdConnectionError,
     EtcdError,
     EtcdLeaseNotFoundError,
     EtcdTLSError,
+    EtcdTLSMismatchError,
 )
-from rdzv.etcd.lease import Lease, LeaseKeeper
-from rdzv.etcd.session import Session
-from rdzv.etcd.watch import Event, KeyValue, Watch, WatchHub
+from rdzv.etcd.lease import Lease, LeaseKeeper  # noqa: E402
+from rdzv.etcd.session import Session  # noqa: E402
+from rdzv.etcd.watch import Event, KeyValue, Watch, WatchHub  # noqa: E402
 
 __all__ = [
     "Compare",
@@ -39,6 +54,7 @@ __all__ = [
     "EtcdError",
     "EtcdLeaseNotFoundError",
     "EtcdTLSError",
+    "EtcdTLSMismatchError",
     "Event",
     "KeyValue",
     "Lease",

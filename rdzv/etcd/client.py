@@ -34,6 +34,7 @@ from rdzv.etcd.errors import (
     EtcdError,
     EtcdLeaseNotFoundError,
     EtcdTLSError,
+    EtcdTLSMismatchError,
     cause_of,
     is_connect_failure,
     is_tls_failure,
@@ -41,6 +42,7 @@ from rdzv.etcd.errors import (
     token_expired,
 )
 from rdzv.etcd.lease import Lease, LeaseKeeper, OnLost
+from rdzv.etcd.probe import mismatch_hint
 from rdzv.etcd.proto import etcd_min_pb2 as pb
 from rdzv.etcd.proto import etcd_min_pb2_grpc as pbg
 from rdzv.etcd.watch import KeyValue, Watch, WatchHub
@@ -430,6 +432,9 @@ class _Endpoint:
 
 
 _BASE_MD: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
+# How long a protocol probe's verdict on an endpoint holds (no probe per retry), and its bound.
+PROBE_HOLDS = 30.0
+PROBE_TIMEOUT = 1.0
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -522,6 +527,8 @@ class EtcdClient:
         self._forked = False  # inherited across fork(): unusable here, see _disown_after_fork
         self._shared_key: tuple[Any, ...] | None = None
         self._refs = 0
+        # endpoint index -> (verdict valid until, TLS/plain mismatch hint or None)
+        self._probed: dict[int, tuple[float, str | None]] = {}
         self._keeper = LeaseKeeper(self)
         self._hub = WatchHub(self)
         EtcdClient._live.add(self)
@@ -690,6 +697,7 @@ class EtcdClient:
         deadline = start + total
         n = len(self._specs)
         failures: dict[str, str] = {}
+        mismatched: dict[str, str] = {}  # endpoint -> what to change (TLS on one side only)
         connect_failed: set[int] = set()
         tls_failed: set[int] = set()
         reauthed = False
@@ -718,9 +726,16 @@ class EtcdClient:
                 if code == _UNAVAILABLE:
                     failures[ep.address] = cause_of(details)
                     self._rotate(idx)
-                    if is_tls_failure(details):
+                    mismatch = self._protocol_mismatch(idx, details)
+                    if mismatch is not None:
+                        mismatched[ep.address] = failures[ep.address] = mismatch
+                    if is_tls_failure(details) or mismatch is not None:
                         tls_failed.add(idx)
                         if len(tls_failed) == n:
+                            if len(mismatched) == n:
+                                raise EtcdTLSMismatchError(
+                                    "; ".join(mismatched.values()), code="UNAVAILABLE"
+                                ) from None
                             raise EtcdTLSError(
                                 self._describe(failures), code="UNAVAILABLE"
                             ) from None
@@ -767,6 +782,25 @@ class EtcdClient:
                 if self._closed:
                     raise EtcdError("etcd client is closed") from None
                 raise EtcdError(f"etcd at {ep.address}: {e}") from None
+
+    def _protocol_mismatch(self, idx: int, details: str) -> str | None:
+        """What to change when endpoint `idx` speaks TLS and we do not, or the reverse.
+
+        gRPC words a mismatch like a server hanging up ("Socket closed", "Handshake read
+        failed"); a probe of the endpoint (rdzv/etcd/probe.py) settles it, so the user hears
+        which side is wrong at once instead of after connect_timeout of retries."""
+        spec = self._specs[idx]
+        low = details.lower()
+        hung_up = "handshake read failed" in low or "wrong version number" in low
+        if not (hung_up if spec.secure else "socket closed" in low):
+            return None
+        now = time.monotonic()
+        held = self._probed.get(idx)
+        if held is not None and now < held[0]:
+            return held[1]
+        hint = mismatch_hint(spec.address, spec.secure, min(self.connect_timeout, PROBE_TIMEOUT))
+        self._probed[idx] = (now + PROBE_HOLDS, hint)
+        return hint
 
     def _describe(self, failures: dict[str, str]) -> str:
         if len(self._specs) == 1:

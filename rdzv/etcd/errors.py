@@ -34,6 +34,10 @@ class EtcdTLSError(EtcdAuthError, EtcdConnectionError):
     """
 
 
+class EtcdTLSMismatchError(EtcdTLSError):
+    """One side speaks TLS and the other does not; the message says which setting to change."""
+
+
 class EtcdCompactedError(EtcdError):
     """The requested revision was compacted away; re-read the current state and watch again."""
 
@@ -72,6 +76,10 @@ def cause_of(details: str) -> str:
             )
         tail = d[low.index("handshake failed") + len("handshake failed") :].strip(" :")
         return f"TLS handshake failed: {tail}" if tail else "TLS handshake failed"
+    if "handshake read failed" in low:
+        # A TLS client whose server hung up mid-handshake (the client's probe tells whether
+        # the server speaks TLS at all).
+        return "TLS handshake failed: the server closed the connection"
     if "unwrap failed" in low or "tsi_data_corrupted" in low:
         # TLS 1.3: the server checks our certificate after the handshake and answers with an
         # alert, which gRPC reports as a record it cannot decrypt.
