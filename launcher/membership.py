@@ -110,11 +110,12 @@ class FailureAttribution:
                 self._used + 1,
             )
             return False
-        why = (
-            "the run was closed by another node"
-            if _closed(self._handler)
-            else f"no node of round {round_no} left within {waited or 0:.1f} s"
-        )
+        if _closed(self._handler):
+            why = "the run was closed by another node"
+        elif waited:
+            why = f"no node of round {round_no} left within {waited:.1f} s"
+        else:  # the backend cannot see departures (static): nothing to wait for
+            why = f"no node of round {round_no} left"
         self._report(
             "no_restarts_left",
             f"workers failed and {why}: no restarts left ({self._used} of {self._max} used); stopping",

@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,8 +357,6 @@ def test_withdraw_is_seen_at_once_and_seals_without_a_charge(etcd35: EtcdServer)
     params = RendezvousParameters("etcd", etcd35.endpoint, run_id, 1, 3, **conf)
     a, b, c = (create_handler(params) for _ in range(3))
     try:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda h: h.next_rendezvous(), (a, b, c)))
         assert a.restarts == 0 and a.round == b.round == c.round
@@ -379,3 +378,20 @@ def test_withdraw_is_seen_at_once_and_seals_without_a_charge(etcd35: EtcdServer)
     finally:
         for handler in (c, b, a):
             handler.shutdown()
+
+
+def test_a_fixed_group_does_not_wait_for_peers_to_move_on() -> None:
+    """static: members are never told of a departure, so a leaving node does not wait for them."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    run_id = new_run_id("static")
+    conf = {**FAST_CONF, "read_timeout": "15"}
+    a, b = (create_handler(RendezvousParameters("static", endpoint, run_id, 2, 2, rank=str(r), **conf)) for r in (0, 1))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda h: h.next_rendezvous(), (a, b)))
+        assert a.notice_time == 0 and not b.departures()
+        b.withdraw()
+        assert b.peers_moved_on()
+    finally:
+        b.shutdown()
+        a.shutdown()

@@ -303,8 +303,8 @@ class Rendezvous:
         """Whether every other member of our round has asked for a new round (so its workers
         are stopped) or is gone. True when there is no round to wait for."""
         membership = self._membership
-        if membership is None:
-            return True
+        if membership is None or ELASTIC not in self.backend.capabilities:
+            return True  # a fixed group is never told of a departure: nobody to wait for
         membership.drain()
         return membership.feed.control.closed or membership.moved_on(self.node_id)
 
