@@ -239,7 +239,7 @@ def _neighbours_stay_apart(
             before = neighbour_keys()
             assert all(before.values()) and list_keys(endpoint, f"/rdzv/{base}/")
         # Every node of job has shut down: the last one deleted its run's prefix, and only that.
-        wait_until(lambda: not list_keys(endpoint, f"/rdzv/{base}/"), 30, "run job's keys to go")
+        wait_until(lambda: not list_keys(endpoint, f"/rdzv/{base}/"), 30, f"run job's keys to go: {list_keys(endpoint, f'/rdzv/{base}/')}")
         assert neighbour_keys() == before
 
         if clean:

@@ -203,6 +203,12 @@ class Rendezvous:
         # down past the run lease), the next round must not reuse one.
         target = max(control.round, self._last_round) + 1
         while True:
+            if self._shut:
+                # Shut down while a join was still waiting (another thread): never announce
+                # again, or a run the last node out just deleted would be written anew.
+                raise RendezvousClosedError(
+                    f"rendezvous '{s.run_id}': this node's handler was shut down while it waited"
+                )
             if control.corrupt:
                 raise self._state_error(control)
             if control.closed:
