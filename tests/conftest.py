@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +85,26 @@ def etcd_auth(request: pytest.FixtureRequest) -> AuthInfo:
         return srv.enable_auth()
     except EtcdHarnessError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def etcd_servers() -> Iterator[Callable[[str], EtcdServer]]:
+    """One etcd per version with the v2 API enabled, serving both etcd backends."""
+    servers: dict[str, EtcdServer] = {}
+
+    def get(version: str) -> EtcdServer:
+        if version not in servers:
+            try:
+                servers[version] = EtcdServer(version, enable_v2=True).start()
+            except EtcdHarnessError as e:
+                pytest.fail(str(e), pytrace=False)
+        return servers[version]
+
+    try:
+        yield get
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")

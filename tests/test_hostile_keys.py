@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from etcd_harness import EtcdHarnessError, EtcdServer, free_port
+from etcd_harness import EtcdServer, free_port
 from launcher_helpers import WAIT_FOR_STOP, launchers, records, wait_for, write_script
 from rdzv_testlib import NodeGroup, new_run_id, wait_until
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousStateError
@@ -137,25 +137,6 @@ def _c10d_write(handler: RendezvousHandler, kind: str, value: bytes) -> str:
     conn.append(keys.ids, "zzzzzz\n")
     keys.all.append(conn, "node/zzzzzz")
     return keys.full("node/zzzzzz")
-
-
-@pytest.fixture(scope="module")
-def etcd_servers() -> Iterator[Callable[[str], EtcdServer]]:
-    servers: dict[str, EtcdServer] = {}
-
-    def get(version: str) -> EtcdServer:
-        if version not in servers:
-            try:
-                servers[version] = EtcdServer(version, enable_v2=True).start()
-            except EtcdHarnessError as e:
-                pytest.fail(str(e), pytrace=False)
-        return servers[version]
-
-    try:
-        yield get
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 @pytest.fixture(params=BACKENDS)

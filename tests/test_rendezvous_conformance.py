@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from etcd_harness import EtcdHarnessError, EtcdServer, free_port
+from etcd_harness import EtcdServer, free_port
 from rdzv_testlib import NodeGroup, NodeProcess, new_run_id, wait_until
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
@@ -83,26 +83,6 @@ class Group(NodeGroup):
     def node(self, min_nodes: int, max_nodes: int, **extra: str):
         extra = self.backend_info.node_conf(self.run_id, max_nodes, extra)
         return super().node(min_nodes, max_nodes, **extra)
-
-
-@pytest.fixture(scope="module")
-def etcd_servers() -> Iterator[Callable[[str], EtcdServer]]:
-    """One etcd per version with the v2 API enabled, serving both etcd backends."""
-    servers: dict[str, EtcdServer] = {}
-
-    def get(version: str) -> EtcdServer:
-        if version not in servers:
-            try:
-                servers[version] = EtcdServer(version, enable_v2=True).start()
-            except EtcdHarnessError as e:
-                pytest.fail(str(e), pytrace=False)
-        return servers[version]
-
-    try:
-        yield get
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 @pytest.fixture(params=BACKENDS)
