@@ -3,7 +3,8 @@
 * `_monitor_workers`: a failure that a peer's departure explains is reported to torch's loop as
   a membership change (HEALTHY while the handler counts nodes waiting, which a departure always
   makes it do), so torch restarts the group without counting it (launcher.membership).
-* `_rendezvous`: after each round the agent's remaining restarts come from the round's
+* `_rendezvous`: a round that lost a member before ranks were assigned is abandoned for a new
+  one (rdzv.rendezvous.round_store); after each round the agent's remaining restarts come from the round's
   job-wide count, and workers get RDZV_ROUND, so every node's workers see the same
   TORCHELASTIC_RESTART_COUNT and round.
 * `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
@@ -28,6 +29,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from launcher.exit_barrier import ExitBarrierAgent
 from launcher.leave import leave_gracefully
 from launcher.membership import FailureAttribution, membership_of
+from rdzv.rendezvous.round_store import RoundMemberGoneError
 
 ROUND_VAR = "RDZV_ROUND"
 
@@ -58,7 +60,14 @@ class RdzvAgent(ExitBarrierAgent):
         return result
 
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
-        super()._rendezvous(worker_group)
+        while True:
+            try:
+                super()._rendezvous(worker_group)
+                break
+            except RoundMemberGoneError as exc:
+                # A member died between the seal and rank assignment: no worker started, so
+                # nothing to count; the next round forms without it.
+                self._reporter.emit("round_abandoned", f"{exc}; rendezvous again", "warning")
         if self._attribution is None or self._membership is None:
             return
         self._remaining_restarts = self._attribution.joined()

@@ -24,7 +24,7 @@ import etcd
 import pytest
 from etcd_harness import EtcdServer
 from launcher_helpers import Launcher, free_port, launchers, wait_for, write_script
-from rdzv_testlib import FAST_CONF, new_run_id
+from rdzv_testlib import FAST_CONF, NodeProcess, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from rdzv import create_handler
@@ -291,6 +291,35 @@ def test_killed_node_is_a_membership_change(
         assert "membership restart; 0 of 0 restarts used" in logs, _describe(job.out, survivors)
     else:
         assert re.search(r"membership restart|restart not counted after all", logs), _describe(job.out, survivors)
+
+
+@pytest.mark.parametrize("backend", ["etcd", "etcd-v2", "c10d"])
+def test_node_lost_before_ranks_are_assigned(
+    backend: str, job_for: Callable[[str], Job], nodes: Callable[[list[str]], Launcher]
+) -> None:
+    """A node killed between the seal of a round and rank assignment (the ~100 ms in which
+    torch's agent posts its role info to the round's store): the survivor's wait there ends
+    when the loss is seen, instead of at the store's 300 s timeout, and it forms a new round
+    alone. The lost node is a bare handler that joins rounds and never posts, which holds the
+    window open."""
+    job = job_for(backend)
+    survivor = nodes(job.args("1:2", "--max-restarts=0"))
+    wait_for(lambda: "rdzv-launch: 1 worker(s)" in survivor.stderr, 60, "the first node to start", survivor.describe)
+    conf = {"lease_ttl": str(LEASE_TTL), "last_call_timeout": "3", "join_timeout": "60", "read_timeout": "15"}
+    victim = NodeProcess(backend, job.endpoint, job.run_id, 1, 2, **conf)
+    try:
+        wait_for(lambda: any(r["world_size"] == 2 for r in victim.rounds), 90, "a round of both nodes",
+                 survivor.describe)
+        pair = next(r for r in victim.rounds if r["world_size"] == 2)
+        victim.kill()
+        wait_for(lambda: "rendezvous again" in survivor.stderr, 60, "the survivor to give the round up",
+                 survivor.describe)
+        alone = _await_group(job.out, [survivor], after=pair["round"])
+    finally:
+        victim.stop()
+    assert _agree(alone)[0] == 0, "nothing counted: no worker had started"
+    assert f"round {pair['round']} cannot complete: node" in survivor.stderr, survivor.describe()
+    _stop_and_finish(job.out, [survivor])
 
 
 def test_frozen_node_is_dropped_and_rejoins(

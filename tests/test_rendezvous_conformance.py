@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 from etcd_harness import EtcdServer, free_port
 from rdzv_testlib import NodeGroup, NodeProcess, new_run_id, wait_until
+from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -29,6 +31,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from rdzv import create_handler
 from rdzv.rendezvous.backend import DURABLE, ELASTIC, LIVENESS, SPARES
+from rdzv.rendezvous.round_store import RoundMemberGoneError
 from rdzv.rendezvous.settings import ConfigError
 
 BACKENDS = ["etcd@3.4", "etcd@3.5", "etcd-v2@3.4", "etcd-v2@3.5", "c10d", "static"]
@@ -395,3 +398,34 @@ def test_node_that_never_joined_does_not_close_the_run(backend: Backend) -> None
             assert not a.is_closed() and not b.is_closed()
             time.sleep(0.1)
         assert a.num_nodes_waiting() == 0
+
+
+def test_a_lost_member_ends_waits_on_the_round_store(backend: Backend) -> None:
+    """A member killed after the seal but before it posted its part of rank assignment: the
+    others' wait on the round's store ends once the loss is seen (RoundMemberGoneError), not at
+    the store's timeout (300 s). Without liveness nothing is seen: the wait times out as asked."""
+    run_id = new_run_id("gone")
+    lo = 2 if ELASTIC in backend.capabilities else 3
+    with backend.group(run_id, last_call_timeout="60") as g:
+        a, b = g.node(lo, 3), g.node(lo, 3)
+        victim = backend.process(run_id, lo, 3, last_call_timeout="60")
+        try:
+            fa, fb = g.join(a), g.join(b)
+            store = fa.result(timeout=30).store
+            fb.result(timeout=30)
+            assert victim.wait_rounds(1)["world_size"] == 3
+            victim.kill()
+            if LIVENESS not in backend.capabilities:
+                with pytest.raises(DistStoreError, match="time") as info:
+                    store.wait(["posted-by-the-victim"], timedelta(seconds=2))
+                assert not isinstance(info.value, RoundMemberGoneError)
+                return
+            killed = time.monotonic()
+            with pytest.raises(RoundMemberGoneError, match="left") as info:
+                store.get("posted-by-the-victim")
+            print(f"wait ended {time.monotonic() - killed:.2f} s after the kill (lease_ttl 2 s)")
+            assert info.value.round == 1
+            store.set("still-usable", "1")  # the store itself is fine
+            assert store.get("still-usable") == b"1"
+        finally:
+            victim.stop()

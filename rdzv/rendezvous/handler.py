@@ -15,6 +15,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from rdzv.rendezvous.algorithm import Departures, ProgressCallback, Rendezvous
 from rdzv.rendezvous.backend import RendezvousBackend
+from rdzv.rendezvous.round_store import GuardedRoundStore
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -52,8 +53,12 @@ class RdzvHandler(RendezvousHandler):
             self.settings.run_id, record.round, rank, record.world_size,
             record.master_addr, record.master_port,
         )
+        store = self.backend.round_store(record)
+        if self.rendezvous.notice_time() > 0:
+            # Departures are seen: a member lost before ranks are assigned ends the wait.
+            store = GuardedRoundStore(store, record.round, self.departures)
         return RendezvousInfo(
-            store=self.backend.round_store(record),
+            store=store,
             rank=rank,
             world_size=record.world_size,
             bootstrap_store_info=RendezvousStoreInfo(record.master_addr, record.master_port),
