@@ -21,16 +21,7 @@ if "GRPC_VERBOSITY" not in os.environ:
     finally:
         del os.environ["GRPC_VERBOSITY"]
 
-from rdzv.etcd.client import (  # noqa: E402 - after the gRPC set-up above
-    Compare,
-    CompareTarget,
-    EtcdClient,
-    Op,
-    RangeResult,
-    StatusResult,
-    TxnResult,
-    prefix_end,
-)
+from rdzv.etcd.client import EtcdClient  # noqa: E402 - after the gRPC set-up above
 from rdzv.etcd.errors import (  # noqa: E402
     EtcdAuthError,
     EtcdCompactedError,
@@ -41,8 +32,10 @@ from rdzv.etcd.errors import (  # noqa: E402
     EtcdTLSMismatchError,
 )
 from rdzv.etcd.lease import Lease, LeaseKeeper  # noqa: E402
+from rdzv.etcd.ops import Compare, CompareTarget, Op, prefix_end  # noqa: E402
+from rdzv.etcd.results import KeyValue, RangeResult, StatusResult, TxnResult  # noqa: E402
 from rdzv.etcd.session import Session  # noqa: E402
-from rdzv.etcd.watch import Event, KeyValue, Watch, WatchHub  # noqa: E402
+from rdzv.etcd.watch import Event, Watch, WatchHub  # noqa: E402
 
 __all__ = [
     "Compare",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import grpc
+
 
 class EtcdError(Exception):
     """Base class; also raised as-is for etcd errors without a more specific class."""
@@ -52,6 +54,35 @@ class EtcdCompactedError(EtcdError):
 
 class EtcdLeaseNotFoundError(EtcdError):
     """The lease does not exist (expired or revoked), e.g. on a put with that lease."""
+
+
+# -- conversion of etcd's gRPC errors (done once, in the transport) -------------------------
+
+_AUTH_TEXT = (
+    "authentication failed",
+    "user name is empty",
+    "invalid user id or password",
+    "permission denied",
+    "user name not found",
+    "auth: ",
+)
+
+
+def error_from_rpc(e: grpc.RpcError, where: str) -> EtcdError:
+    """The EtcdError for an answer etcd (at ``where``) gave with a gRPC error status."""
+    code = e.code()
+    details = e.details() or ""
+    name = code.name if code is not None else "UNKNOWN"
+    low = details.lower()
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and any(t in low for t in _AUTH_TEXT)
+    ):
+        return EtcdAuthError(f"etcd at {where} refused: {details}", code=name)
+    if "lease not found" in low:
+        return EtcdLeaseNotFoundError(f"etcd at {where}: {details}", code=name)
+    if "compacted" in low:
+        return EtcdCompactedError(0, f"etcd at {where}: {details}")
+    return EtcdError(f"etcd at {where}: {details} ({name})", code=name)
 
 
 # -- classification of gRPC failure texts (shared by the client and its streams) ----------

@@ -12,24 +12,21 @@ A broken or stalled stream is re-opened on the client's next endpoint.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from rdzv.etcd.errors import EtcdAuthError, EtcdError
 from rdzv.etcd.proto import etcd_min_pb2 as pb
 from rdzv.etcd.stream import StreamOwner, requests
-
-if TYPE_CHECKING:
-    from rdzv.etcd.client import EtcdClient
+from rdzv.etcd.transport import Transport
 
 log = logging.getLogger("rdzv.etcd")
 
@@ -60,15 +57,13 @@ class _Kept:
         return min(i for i, _ in self.owners.values())
 
 
-
-
 class LeaseKeeper(StreamOwner):
-    """Refreshes registered leases; owned by an :class:`EtcdClient` (``client.keep_alive``)."""
+    """Refreshes registered leases over the client's transport (``client.keep_alive``)."""
 
     THREAD_NAME = "rdzv-etcd-keepalive"
 
-    def __init__(self, client: EtcdClient) -> None:
-        self._client = client
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
         self._cond = threading.Condition()
         self._leases: dict[int, _Kept] = {}
         self._reg_ids = itertools.count(1)
@@ -139,10 +134,6 @@ class LeaseKeeper(StreamOwner):
     def is_kept(self, lease_id: int) -> bool:
         return lease_id in self._leases
 
-    @property
-    def count(self) -> int:
-        return len(self._leases)
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -159,15 +150,14 @@ class LeaseKeeper(StreamOwner):
         super()._teardown_locked()
         self._stream_gen += 1
 
-
     def _open_stream(self) -> None:
-        idx, ep = self._client._stream_endpoint()
-        md = self._client._stream_metadata()
+        idx, channel = self._transport.stream_channel()
+        md = self._transport.metadata()
         q: queue.SimpleQueue[object] = queue.SimpleQueue()
         with self._cond:
             if self._closed:
                 return
-            call = ep.lease.LeaseKeepAlive(requests(q), metadata=md)
+            call = channel.lease.LeaseKeepAlive(requests(q), metadata=md)
             self._queue, self._call, self._endpoint_idx = q, call, idx
             self._opened_at = time.monotonic()
             self._broken = None
@@ -249,7 +239,7 @@ class LeaseKeeper(StreamOwner):
                     self._broken = None
             if broken is not None:
                 idx, err = broken
-                self._client._stream_failed(idx, err, "keep-alive")
+                self._transport.stream_failed(idx, err)
                 if time.monotonic() - self._opened_at > 5.0:
                     backoff = 0.05  # the stream had been healthy: retry promptly
                 self._sleep(backoff)
@@ -264,7 +254,7 @@ class LeaseKeeper(StreamOwner):
                     continue
                 except EtcdError as e:
                     log.debug("etcd keep-alive stream: %s", e)
-                    self._client._stream_failed(-1, None, "keep-alive")
+                    self._transport.stream_failed(-1, None)
                     self._note_unconfirmed()
                     self._sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
@@ -308,7 +298,7 @@ class LeaseKeeper(StreamOwner):
                     k.next_due = now + k.interval
                 if k.pending_since is not None:
                     # No answer for a while: the member is stuck or partitioned.
-                    stall = max(0.5, min(self._client.timeout, k.ttl / 3.0))
+                    stall = max(0.5, min(self._transport.timeout, k.ttl / 3.0))
                     if now - k.pending_since > stall:
                         stalled = True
                     wake = min(wake, k.pending_since + stall + 0.01)
@@ -320,15 +310,3 @@ class LeaseKeeper(StreamOwner):
                 self._broken = (self._endpoint_idx, None)
             elif not self._closed and self._broken is None:
                 self._cond.wait(max(wake - time.monotonic(), 0.0))
-
-
-@contextlib.contextmanager
-def kept_alive(
-    client: EtcdClient, lease_id: int, ttl: float | None = None, **kwargs: Any
-) -> Iterator[int]:
-    """``with kept_alive(client, lease): ...`` keeps ``lease`` alive inside the block."""
-    reg = client.keep_alive(lease_id, ttl, **kwargs)
-    try:
-        yield reg
-    finally:
-        client.stop_keep_alive(lease_id, reg)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import grpc
 
@@ -28,28 +28,11 @@ from rdzv.etcd.errors import (
     cause_of,
 )
 from rdzv.etcd.proto import etcd_min_pb2 as pb
+from rdzv.etcd.results import KeyValue
 from rdzv.etcd.stream import StreamOwner, requests
-
-if TYPE_CHECKING:
-    from rdzv.etcd.client import EtcdClient
+from rdzv.etcd.transport import Transport
 
 log = logging.getLogger("rdzv.etcd")
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """A key as stored by etcd (mvccpb.KeyValue)."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-    @classmethod
-    def from_pb(cls, kv: pb.KeyValue) -> KeyValue:
-        return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +212,6 @@ class Watch:
         )
 
 
-
-
 class _StaleToken(Exception):
     """etcd refused a create on the stream because its auth token expired."""
 
@@ -240,8 +221,8 @@ class WatchHub(StreamOwner):
 
     THREAD_NAME = "rdzv-etcd-watch"
 
-    def __init__(self, client: EtcdClient) -> None:
-        self._client = client
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
         self._lock = threading.Lock()
         self._watches: dict[int, Watch] = {}
         self._next_id = 1
@@ -289,7 +270,7 @@ class WatchHub(StreamOwner):
             why = f"; last error: {self._last_error}" if self._last_error else ""
             raise EtcdConnectionError(
                 f"etcd watch on {key!r} not established within {timeout:g}s "
-                f"(endpoints: {', '.join(self._client.endpoints)}){why}"
+                f"(endpoints: {', '.join(self._transport.endpoints)}){why}"
             )
         # Refusals (permission denied, bad auth) fail fast here; compaction is reported by
         # get() so callers handle it in one place.
@@ -326,8 +307,6 @@ class WatchHub(StreamOwner):
 
     # -- stream management -----------------------------------------------------------------
 
-
-
     def _run(self) -> None:
         backoff = 0.05
         while True:
@@ -340,15 +319,15 @@ class WatchHub(StreamOwner):
                     return
             idx = -1
             try:
-                idx, ep = self._client._stream_endpoint()
-                md = self._client._stream_metadata()
+                idx, channel = self._transport.stream_channel()
+                md = self._transport.metadata()
                 q: queue.SimpleQueue[object] = queue.SimpleQueue()
                 with self._lock:
                     if self._closed:
                         return
                     for w in self._watches.values():
                         q.put(w._create_request())
-                    call = ep.watch.Watch(requests(q), metadata=md)
+                    call = channel.watch.Watch(requests(q), metadata=md)
                     self._queue, self._call = q, call
                 for resp in call:
                     backoff = 0.05
@@ -359,9 +338,9 @@ class WatchHub(StreamOwner):
                 if self._closed:
                     return
                 self._last_error = cause_of(e.details() or str(e.code()))
-                self._client._stream_failed(idx, e, "watch")
+                self._transport.stream_failed(idx, e)
             except _StaleToken:
-                self._client._invalidate_token()
+                self._transport.invalidate_token()
             except EtcdAuthError as e:
                 # Bad credentials will not fix themselves: fail every watch.
                 self._fail_all(e)
@@ -370,7 +349,7 @@ class WatchHub(StreamOwner):
                     return
                 self._last_error = str(e)
                 log.debug("etcd watch stream: %s", e)
-                self._client._stream_failed(idx, None, "watch")
+                self._transport.stream_failed(idx, None)
             except Exception as e:  # pragma: no cover - keep the reader alive no matter what
                 log.warning("etcd watch stream crashed: %r", e)
             with self._lock:
