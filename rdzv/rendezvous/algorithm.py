@@ -109,10 +109,32 @@ class _Membership:
         room = 0 if self.record.full else len(self.newcomers)
         return len(self.lost) + len(self.rejoining) + room
 
+    def counts(self) -> GroupCounts:
+        newcomers = len(self.newcomers)
+        full = self.record.full
+        return GroupCounts(
+            waiting=0 if full else newcomers,
+            spares=newcomers if full else 0,
+            lost=len(self.lost),
+            rejoining=len(self.rejoining),
+        )
+
     def moved_on(self, me: str) -> bool:
         """Every other member asked for a new round, left, or formed one already."""
         others = set(self.record.ids) - {me}
         return self.feed.control.round > self.record.round or others <= self.lost | self.rejoining
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Who a member sees around its round (from its feed, no request): `waiting` newcomers the
+    group has room for, `spares` beyond a full group, `lost` members whose record vanished,
+    `rejoining` members asking for a new round."""
+
+    waiting: int = 0
+    spares: int = 0
+    lost: int = 0
+    rejoining: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,6 +291,12 @@ class Rendezvous:
             # not a loss to recover from (nothing can re-form a closed run), so let workers finish.
             return 0
         return membership.waiting()
+
+    def group_counts(self) -> GroupCounts:
+        """`GroupCounts` as of the last look at the feed (`num_nodes_waiting`, `departures`):
+        no request, no draining; all zero before the first round."""
+        membership = self._membership
+        return membership.counts() if membership is not None else GroupCounts()
 
     def departures(self) -> Departures:
         """Who of this node's round left or was lost, as seen so far (answered from local

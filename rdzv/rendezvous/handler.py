@@ -13,8 +13,9 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from rdzv.rendezvous.algorithm import Departures, ProgressCallback, Rendezvous
+from rdzv.rendezvous.algorithm import Departures, GroupCounts, ProgressCallback, Rendezvous
 from rdzv.rendezvous.backend import RendezvousBackend
+from rdzv.rendezvous.observed import BackendObserver, ObservedBackend
 from rdzv.rendezvous.round_store import GuardedRoundStore
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -148,6 +149,18 @@ class RdzvHandler(RendezvousHandler):
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
         """Called every few seconds while waiting with a dict describing the wait."""
         self.rendezvous.set_progress_callback(callback)
+
+    def group_counts(self) -> GroupCounts:
+        """Newcomers, spares, lost and rejoining members around this node's round, as of the
+        last `num_nodes_waiting()` (no request)."""
+        return self.rendezvous.group_counts()
+
+    def observe_backend(self, observer: BackendObserver) -> None:
+        """Report every store request from now on to `observer` (rdzv.rendezvous.observed)."""
+        backend = self.backend
+        inner = backend.inner if isinstance(backend, ObservedBackend) else backend
+        observed: RendezvousBackend = ObservedBackend(inner, observer)  # type: ignore[assignment]
+        self.backend = self.rendezvous.backend = observed
 
     @property
     def capabilities(self) -> frozenset[str]:
