@@ -337,6 +337,27 @@ def test_join_timeout_says_how_many_joined(backend: Backend) -> None:
         assert time.monotonic() - start < 10
 
 
+def test_join_timeout_names_members_not_back(backend: Backend) -> None:
+    """A member of the previous round that does not come back is named, by host, in the
+    waiting node's progress reports and in its join timeout (not just counted)."""
+    run_id = new_run_id("notback")
+    with backend.group(run_id, join_timeout="4") as g:
+        a = g.node(2, 2)  # first: for c10d/static it serves the store
+        victim = backend.process(run_id, 2, 2, local_addr="127.0.0.1", join_timeout="4")
+        try:
+            fa = g.join(a)
+            assert victim.wait_rounds(1)["world_size"] == 2
+            fa.result(timeout=30)
+            victim.kill()
+            reports: list[dict] = []
+            a.set_progress_callback(reports.append)
+            with pytest.raises(RendezvousTimeoutError, match=r"round 1's 127\.0\.0\.1 to rejoin"):
+                a.next_rendezvous()
+            assert any(r.get("missing") == ["127.0.0.1"] for r in reports), reports
+        finally:
+            victim.stop()
+
+
 def test_runs_are_isolated(backend: Backend) -> None:
     with backend.group() as g1, backend.group() as g2:
         nodes1 = [g1.node(2, 2) for _ in range(2)]

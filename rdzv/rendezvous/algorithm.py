@@ -32,7 +32,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch.distributed.elastic.rendezvous import (
@@ -54,6 +54,8 @@ log = logging.getLogger("rdzv")
 
 ProgressCallback = Callable[[dict[str, object]], None]
 PROGRESS_INTERVAL = 5.0
+# How many names of missing members a progress report carries.
+MISSING_SHOWN = 20
 
 
 @dataclass
@@ -400,8 +402,8 @@ class Rendezvous:
                     return control  # the coordinator is gone: re-announce and maybe take over
                 now = time.monotonic()
                 if now >= deadline and not self._spare(control, target):
-                    self._give_up(target, joined=self.backend.count_nodes())
-                self._report(target, control, joined=None, role="waiting")
+                    self._give_up(target, control)
+                self._report(target, control, role="waiting")
                 feed.poll(min(max(deadline - now, 0.05), PROGRESS_INTERVAL))
         finally:
             feed.close()
@@ -465,11 +467,11 @@ class Rendezvous:
                     control, _ = self.backend.read_control()
                     return control
                 if now >= deadline and not self._spare(control, target):
-                    self._give_up(target, joined=count)
+                    self._give_up(target, control, nodes, joined=count)
                 waits = [deadline - now, PROGRESS_INTERVAL]
                 if last_call is not None:
                     waits.append(last_call - now)
-                self._report(target, control, joined=count, role="coordinator")
+                self._report(target, control, role="coordinator", nodes=nodes, joined=count)
                 changes = feed.poll(max(min(waits), 0.01))
                 for change in changes or ():
                     if change.entry is None:
@@ -532,15 +534,30 @@ class Rendezvous:
             and sealed.rank_of(self.node_id) is None
         )
 
-    def _give_up(self, target: int, joined: int) -> None:
+    def _give_up(
+        self,
+        target: int,
+        control: Control,
+        nodes: Mapping[str, NodeEntry] | None = None,
+        joined: int | None = None,
+    ) -> None:
+        """The join timed out: say how many came and which members of the previous round did
+        not come back, by name (`nodes`: the records as the coordinator sees them)."""
         s = self.settings
+        if nodes is None:
+            nodes, _ = self.backend.read_nodes()
         self.backend.retract(self.node_id, target)
-        need = max(s.min_nodes - joined, 1)
+        present = len(nodes) if joined is None else joined
+        need = max(s.min_nodes - present, 1)
+        missing = _not_back(_previous(control, target), nodes, target)
+        waiting = f"waiting for {need} more"
+        if missing:
+            waiting += f", or for round {target - 1}'s {_listed(missing)} to rejoin"
         raise RendezvousTimeoutError(
             f"rendezvous '{s.run_id}' round {target} did not complete within "
-            f"{s.join_timeout:g} s: {joined} node(s) present of min {s.min_nodes} "
-            f"(max {s.max_nodes}) on {self.backend.describe()}; waiting for {need} more, or for "
-            "members of the previous round to rejoin. Raise join_timeout in --rdzv-conf to wait longer."
+            f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "
+            f"(max {s.max_nodes}) on {self.backend.describe()}; {waiting}. "
+            "Raise join_timeout in --rdzv-conf to wait longer."
         )
 
     def _no_room(self, control: Control) -> RendezvousError:
@@ -600,7 +617,14 @@ class Rendezvous:
             self._membership.close()
             self._membership = None
 
-    def _report(self, target: int, control: Control, joined: int | None, role: str) -> None:
+    def _report(
+        self,
+        target: int,
+        control: Control,
+        role: str,
+        nodes: Mapping[str, NodeEntry] | None = None,
+        joined: int | None = None,
+    ) -> None:
         if self._progress is None:
             return
         now = time.monotonic()
@@ -608,13 +632,22 @@ class Rendezvous:
             return
         self._last_progress = now
         s = self.settings
+        previous = _previous(control, target)
+        missing: list[str] = []
+        if previous is not None:
+            # Who has not come back, by name: worth a read of the records every few seconds.
+            if nodes is None:
+                nodes, _ = self.backend.read_nodes()
+            missing = _not_back(previous, nodes, target)
         if joined is None:
-            joined = self.backend.count_nodes()
+            joined = len(nodes) if nodes is not None else self.backend.count_nodes()
         last_call = control.last_call.get(target)
         waiting_for = "nodes"
         if self._spare(control, target):
             role, waiting_for = "spare", "a member of the running group to leave"
-        elif control.sealed is not None and control.round == target - 1:
+        elif missing:
+            waiting_for = f"round {target - 1}'s {_listed(missing)} to rejoin"
+        elif previous is not None:
             waiting_for = "members of the running round to rejoin"
         self._progress(
             {
@@ -625,6 +658,23 @@ class Rendezvous:
                 "max_nodes": s.max_nodes,
                 "last_call_remaining": None if last_call is None else max(last_call - time.time(), 0.0),
                 "waiting_for": waiting_for,
+                "missing": missing[:MISSING_SHOWN],
                 "role": role,
             }
         )
+
+def _previous(control: Control, target: int) -> RoundRecord | None:
+    """The round before `target`, when it is the one sealed last."""
+    return control.sealed if control.round == target - 1 else None
+
+
+def _not_back(previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], target: int) -> list[str]:
+    """The previous round's members that have not asked for round `target`, by name."""
+    if previous is None:
+        return []
+    return [previous.name_of(i) for i in previous.ids if i not in nodes or nodes[i].info.want < target]
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
