@@ -663,6 +663,7 @@ class Rendezvous:
             }
         )
 
+
 def _previous(control: Control, target: int) -> RoundRecord | None:
     """The round before `target`, when it is the one sealed last."""
     return control.sealed if control.round == target - 1 else None
@@ -678,3 +679,4 @@ def _not_back(previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], targ
 def _listed(names: list[str]) -> str:
     shown = ", ".join(names[:5])
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
