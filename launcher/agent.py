@@ -12,10 +12,13 @@ import logging
 import os
 import socket
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.config import LaunchFailed, LaunchSettings, Notice, UsageProblem
 from launcher.report import Reporter, ReporterLogHandler
+
+if TYPE_CHECKING:
+    from launcher.metrics_endpoint import MetricsEndpoint
 
 # torchrun's words, on one line.
 OMP_NOTICE = (
@@ -165,6 +168,15 @@ def _check_event_handler(name: str) -> None:
         raise UsageProblem(f"--event-log-handler: unknown handler {name!r} (null, console or dynamic_rendezvous)") from None
 
 
+def _start_metrics(s: LaunchSettings) -> MetricsEndpoint | None:
+    """The --metrics-port endpoint (launcher.metrics_endpoint), listening; None when off."""
+    if s.metrics_port is None:
+        return None
+    from launcher.metrics_endpoint import MetricsEndpoint
+
+    return MetricsEndpoint(s.metrics_port, s.run_id, s.backend)
+
+
 def launch(s: LaunchSettings, reporter: Reporter) -> None:
     """Run the job on this node. Raises ChildFailedError, SignalException or a rendezvous error."""
     nproc = resolve_nproc(s.nproc_spec)
@@ -178,6 +190,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
     from launcher.elastic_agent import RdzvAgent
     from launcher.progress import ReportingHandler
+    from launcher.recorder import NULL_RECORDER, Recorder
     from rdzv.registry import create_handler
 
     _check_event_handler(s.event_log_handler)
@@ -209,6 +222,9 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         **configs,
     )
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = s.signals_to_handle
+    # Listening before the handler exists: a port in use is bad input, and nothing is written yet.
+    endpoint = _start_metrics(s)
+    recorder: Recorder = endpoint.recorder if endpoint is not None else NULL_RECORDER
     try:
         handler = create_handler(params)
     except (ValueError, TypeError, KeyError) as exc:
@@ -225,13 +241,20 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     # happening.
     for notice in s.notices:
         reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
+    if endpoint is not None:
+        observe = getattr(handler, "observe_backend", None)
+        if callable(observe):
+            observe(recorder)  # our handlers: every store request timed
+        reporter.info(
+            "metrics", f"metrics at http://{endpoint.host}:{endpoint.port}/metrics (and /healthz)", port=endpoint.port
+        )
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
         # Same default and notice as torchrun; workers inherit it from here.
         os.environ["OMP_NUM_THREADS"] = "1"
         # torchrun's words, but information, not a warning: nothing is wrong.
         reporter.info("omp_num_threads", OMP_NOTICE)
     where = f"{s.backend} at {s.endpoint}"
-    reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where)
+    reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where, recorder)
 
     spec = WorkerSpec(
         role=s.role,
@@ -259,6 +282,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         shutdown_timeout=s.shutdown_timeout,
         reporter=reporter,
         progress_interval=s.progress_interval,
+        recorder=recorder,
     )
     reporter.info(
         "starting",
@@ -300,6 +324,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         events.record(agent.get_event_failed(), s.event_log_handler)
         raise
     finally:
+        if endpoint is not None:
+            endpoint.agent_stopped("the launcher is ending")
         leave = getattr(handler, "leave", None)
         try:
             if shutdown_rdzv:

@@ -94,6 +94,7 @@ class LaunchSettings:
     quiet: bool
     log_format: str
     progress_interval: float
+    metrics_port: int | None = None
     notices: list[Notice] = field(default_factory=list)
 
 
@@ -470,6 +471,9 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         raise UsageProblem(f"--monitor-interval must be more than 0, got {v['monitor_interval']}")
     if v["progress_interval"] <= 0:
         raise UsageProblem(f"--progress-interval must be more than 0, got {v['progress_interval']}")
+    metrics_port = v.get("metrics_port")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise UsageProblem(f"--metrics-port must be a port number 0..65535 (0: any free port), got {metrics_port}")
     shutdown_timeout = v["shutdown_timeout"]
     if shutdown_timeout is None:
         shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
@@ -533,5 +537,6 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         quiet=v["quiet"],
         log_format=v["log_format"],
         progress_interval=v["progress_interval"],
+        metrics_port=metrics_port,
         notices=notices,
     )

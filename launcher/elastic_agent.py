@@ -9,6 +9,8 @@
   TORCHELASTIC_RESTART_COUNT and round.
 * `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
   (launcher.leave).
+* metrics (`--metrics-port`): a `launcher.recorder.Recorder` hears of failed workers, each
+  round's restart attribution and workers running again.
 
 With a handler that is not ours, the agent is torch's (plus the exit barrier).
 """
@@ -29,14 +31,17 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from launcher.exit_barrier import ExitBarrierAgent
 from launcher.leave import leave_gracefully
 from launcher.membership import FailureAttribution, membership_of
+from launcher.recorder import FAILURE, NULL_RECORDER, Recorder
 from rdzv.rendezvous.round_store import RoundMemberGoneError
 
 ROUND_VAR = "RDZV_ROUND"
 
 
 class RdzvAgent(ExitBarrierAgent):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, recorder: Recorder = NULL_RECORDER, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._recorder = recorder  # launcher.metrics with --metrics-port, else a no-op
+        recorder.watch_worker_group(lambda: self._worker_group.state.name)
         spec = self._worker_group.spec
         self._membership = membership_of(spec.rdzv_handler)
         self._attribution = (
@@ -49,6 +54,8 @@ class RdzvAgent(ExitBarrierAgent):
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
+        if result.state == WorkerState.FAILED:
+            self._recorder.trouble(FAILURE)  # seen now; the next round says whose it was
         attribution = self._attribution
         if attribution is None:
             return result
@@ -60,6 +67,7 @@ class RdzvAgent(ExitBarrierAgent):
         return result
 
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        used = self._membership.restarts if self._membership is not None else None
         while True:
             try:
                 super()._rendezvous(worker_group)
@@ -68,12 +76,19 @@ class RdzvAgent(ExitBarrierAgent):
                 # A member died between the seal and rank assignment: no worker started, so
                 # nothing to count; the next round forms without it.
                 self._reporter.emit("round_abandoned", f"{exc}; rendezvous again", "warning")
+        # A recovery is a counted restart when the new round charged the job's budget for it.
+        membership = self._membership
+        self._recorder.restart_attributed(None if used is None or membership is None else membership.restarts > used)
         if self._attribution is None or self._membership is None:
             return
         self._remaining_restarts = self._attribution.joined()
         round_no = self._membership.round
         if round_no is not None:
             os.environ[ROUND_VAR] = str(round_no)
+
+    def _initialize_workers(self, worker_group: WorkerGroup) -> None:
+        super()._initialize_workers(worker_group)
+        self._recorder.workers_running()
 
     def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
         try:

@@ -1,8 +1,8 @@
 """`rdzv exporter`: Prometheus metrics of every run under a prefix, from ONE watch of the prefix.
 
 The watch folds into an in-memory `rdzv.view.PrefixView`; a custom collector reads that view on
-each scrape (no etcd request per scrape, no writes ever). Served with `prometheus_client`'s WSGI
-app on `/metrics`, with `/healthz` beside it (200 while the watch runs, 503 while etcd fails).
+each scrape (no etcd request per scrape, no writes ever). Served by launcher.metrics_http on
+`/metrics`, with `/healthz` beside it (200 while the watch runs, 503 while etcd fails).
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from socketserver import ThreadingMixIn
+from collections.abc import Callable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from launcher import metrics_http
 from rdzv.etcd import EtcdError
 from rdzv.inspect import connect, norm_prefix
 from rdzv.keyfeed import KeyFeed
@@ -104,28 +103,6 @@ class ViewCollector(Collector):
         yield GaugeMetricFamily("rdzv_exporter_revision", "etcd revision of the latest change seen.", value=revision)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a scrape every few seconds is no news
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-def make_app(state: ExporterState, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-    metrics = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            ok, text = state.health()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [text.encode() + b"\n"]
-        return metrics(environ, start_response)
-
-    return app
-
-
 def _follow(state: ExporterState, feed: KeyFeed, stop: threading.Event) -> None:
     """Fold the feed into the view until `stop`; etcd failures are retried with backoff."""
     backoff = 0.5
@@ -157,8 +134,7 @@ def serve(endpoint: str, prefix: str, host: str, port: int, conn: dict[str, Any]
     state = ExporterState(prefix)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ViewCollector(state))
-    server = make_server(host, port, make_app(state, registry), _ThreadingServer, _QuietHandler)
-    threading.Thread(target=server.serve_forever, name="rdzv-exporter-http", daemon=True).start()
+    server = metrics_http.start(host, port, state.health, registry, "rdzv-exporter-http")
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     root = norm_prefix(prefix) + "/"
@@ -172,6 +148,5 @@ def serve(endpoint: str, prefix: str, host: str, port: int, conn: dict[str, Any]
                 feed.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.shutdown()
-        server.server_close()
+        metrics_http.stop(server)
     return 0

@@ -149,6 +149,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--progress-interval",), "progress_interval", "Logs and output",
         "At most one rendezvous progress line per this many seconds.", default=5.0, type=float,
         metavar="SECONDS", torchrun=False),
+    Opt(("--metrics-port",), "metrics_port", "Logs and output",
+        "Serve Prometheus metrics on /metrics and a /healthz on this port (0: any free port, "
+        "printed).", type=int, metavar="PORT", shown_default="off", torchrun=False),
     # Devices
     Opt(("--virtual-local-rank", "--virtual_local_rank"), "virtual_local_rank", "Devices",
         "Give every worker LOCAL_RANK=0 and only its own GPU in CUDA_VISIBLE_DEVICES.",

@@ -1,4 +1,9 @@
-"""A RendezvousHandler wrapper that reports waiting progress and times each formation."""
+"""A RendezvousHandler wrapper that reports waiting progress and times each formation.
+
+It also tells the launcher's metrics (launcher.recorder) when a rendezvous starts and
+completes, and what each `num_nodes_waiting()` answered (a positive answer is trouble: the
+agent restarts its workers for a membership change).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousInfo
 
+from launcher.recorder import MEMBERSHIP, NULL_RECORDER, Recorder
 from launcher.report import Reporter, format_progress
 
 RESERVED = {"ts", "level", "event", "message", "always", "run_id", "waited_s"}
@@ -29,8 +35,12 @@ class ReportingHandler(RendezvousHandler):
         min_nodes: int,
         max_nodes: int,
         where: str,
+        recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._inner = inner
+        self._recorder = recorder
+        counts = getattr(inner, "group_counts", None)  # ours: newcomers, spares, lost
+        self._group_counts = counts if callable(counts) else None
         self._reporter = reporter
         self._interval = interval
         self._min_nodes = min_nodes
@@ -90,6 +100,7 @@ class ReportingHandler(RendezvousHandler):
 
     def next_rendezvous(self) -> RendezvousInfo:
         started = time.monotonic()
+        self._recorder.rendezvous_started()
         with self._lock:
             self._progress = None
         stop = threading.Event()
@@ -107,6 +118,7 @@ class ReportingHandler(RendezvousHandler):
         run_id = self._inner.get_run_id()
         # A round that formed at once reported no progress: ask the handler (ours know it).
         round_ = progress.get("round", getattr(self._inner, "round", None))
+        self._recorder.rendezvous_completed(round_, info.world_size, info.rank, took)
         head = f"rendezvous {run_id}" + (f" round {round_}" if round_ is not None else "")
         self._reporter.info(
             "rendezvous_complete",
@@ -134,7 +146,12 @@ class ReportingHandler(RendezvousHandler):
         self._inner.set_closed()
 
     def num_nodes_waiting(self) -> int:
-        return self._inner.num_nodes_waiting()
+        waiting = self._inner.num_nodes_waiting()
+        counts = self._group_counts
+        self._recorder.nodes_waiting(waiting, counts() if counts is not None else None)
+        if waiting > 0:
+            self._recorder.trouble(MEMBERSHIP)
+        return waiting
 
     def get_run_id(self) -> str:
         return self._inner.get_run_id()
