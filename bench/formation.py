@@ -63,10 +63,26 @@ def _make_handler(job: Job):  # noqa: ANN202 - returns torch's RendezvousHandler
     if source == "rdzv":
         from rdzv import create_handler
 
-        return create_handler(params)
+        handler = create_handler(params)
+        metrics = job.conf.get("_bench_metrics")  # bench/metrics_overhead.py: off | on
+        return handler if metrics is None else _launcher_path(handler, job.run_id, metrics == "on")
     from torch.distributed.elastic.rendezvous import registry
 
     return registry.handler_registry.create_handler(params)
+
+
+def _launcher_path(handler, run_id: str, metrics: bool):  # noqa: ANN001, ANN202
+    """The handler as rdzv-launch wraps it (launcher.progress), with its metrics recorder or none."""
+    from launcher.metrics import PrometheusRecorder
+    from launcher.progress import ReportingHandler
+    from launcher.recorder import NULL_RECORDER
+    from launcher.report import Reporter
+
+    recorder = PrometheusRecorder(run_id, "etcd") if metrics else NULL_RECORDER
+    if metrics:
+        handler.observe_backend(recorder)
+    reporter = Reporter("bench", "text", True)
+    return ReportingHandler(handler, reporter, 5.0, 1, 1, "bench", recorder)
 
 
 def _worker(jobs: mp.Queue, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
