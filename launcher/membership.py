@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from launcher.report import Reporter
-from rdzv.rendezvous.algorithm import Departures
+from rdzv.rendezvous.membership import Departures
 
 
 class MembershipHandler(Protocol):

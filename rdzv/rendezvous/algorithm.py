@@ -28,134 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-
-from torch.distributed.elastic.rendezvous import (
-    RendezvousClosedError,
-    RendezvousError,
-    RendezvousGracefulExitError,
-    RendezvousStateError,
-    RendezvousTimeoutError,
-)
+from collections.abc import Mapping
 
 from rdzv.ports import free_port
+from rdzv.rendezvous import join_errors
 from rdzv.rendezvous.backend import ELASTIC, LIVENESS, SPARES, ChangeFeed, RendezvousBackend
+from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
-from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
+from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
+from rdzv.rendezvous.sealing import build_record
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
-
-ProgressCallback = Callable[[dict[str, object]], None]
-PROGRESS_INTERVAL = 5.0
-# How many names of missing members a progress report carries.
-MISSING_SHOWN = 20
-
-
-@dataclass
-class _Membership:
-    """What a member knows about its round, maintained from the change feed (no requests)."""
-
-    record: RoundRecord
-    backend: RendezvousBackend
-    watch_nodes: bool
-    _feed: ChangeFeed | None = None
-    lost: set[str] = field(default_factory=set)
-    rejoining: set[str] = field(default_factory=set)
-    newcomers: set[str] = field(default_factory=set)
-
-    @property
-    def feed(self) -> ChangeFeed:
-        # Opened on first use, off the formation path: it replays from the seal anyway.
-        if self._feed is None:
-            self._feed = self.backend.watch(
-                self.record.watch_from,
-                Control(sealed=self.record),
-                nodes=self.watch_nodes,
-                known=self.record.ids,
-            )
-        return self._feed
-
-    def drain(self) -> None:
-        while True:
-            changes = self.feed.poll(0)
-            if changes is None:
-                return
-            for change in changes:
-                self.apply(change.node_id, change.entry)
-
-    def close(self) -> None:
-        if self._feed is not None:
-            self._feed.close()
-
-    def apply(self, node_id: str, entry: NodeEntry | None) -> None:
-        members = self.record.ids
-        if entry is None:
-            if node_id in members:
-                self.lost.add(node_id)
-            self.newcomers.discard(node_id)
-            self.rejoining.discard(node_id)
-        elif node_id in members:
-            if entry.info.want > self.record.round:
-                self.rejoining.add(node_id)
-        else:
-            self.newcomers.add(node_id)
-
-    def waiting(self) -> int:
-        room = 0 if self.record.full else len(self.newcomers)
-        return len(self.lost) + len(self.rejoining) + room
-
-    def counts(self) -> GroupCounts:
-        newcomers = len(self.newcomers)
-        full = self.record.full
-        return GroupCounts(
-            waiting=0 if full else newcomers,
-            spares=newcomers if full else 0,
-            lost=len(self.lost),
-            rejoining=len(self.rejoining),
-        )
-
-    def moved_on(self, me: str) -> bool:
-        """Every other member asked for a new round, left, or formed one already."""
-        others = set(self.record.ids) - {me}
-        return self.feed.control.round > self.record.round or others <= self.lost | self.rejoining
-
-
-@dataclass(frozen=True)
-class GroupCounts:
-    """Who a member sees around its round (from its feed, no request): `waiting` newcomers the
-    group has room for, `spares` beyond a full group, `lost` members whose record vanished,
-    `rejoining` members asking for a new round."""
-
-    waiting: int = 0
-    spares: int = 0
-    lost: int = 0
-    rejoining: int = 0
-
-
-@dataclass(frozen=True)
-class Departures:
-    """Members of this node's round that left or were lost (by name), and whether this node
-    itself was dropped (its liveness lapsed, so the group goes on without it)."""
-
-    nodes: tuple[str, ...] = ()
-    dropped: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.nodes) or self.dropped
-
-    def describe(self) -> str:
-        """'node host7 left', 'nodes a, b left', 'this node was dropped from the group'."""
-        if self.nodes:
-            noun = "node" if len(self.nodes) == 1 else "nodes"
-            return f"{noun} {', '.join(self.nodes)} left"
-        return "this node was dropped from the group (its lease lapsed)"
 
 
 class Rendezvous:
@@ -177,10 +65,9 @@ class Rendezvous:
         # hosts by), else its host name.
         self.host = host or settings.local_addr_given or socket.gethostname()
         self.pid = pid if pid is not None else os.getpid()
-        self._membership: _Membership | None = None
+        self._membership: RoundMembership | None = None
         self._closed_feed: ChangeFeed | None = None
-        self._progress: ProgressCallback | None = None
-        self._last_progress = 0.0
+        self._progress = ProgressReports(settings)
         self._joined_before = False
         self._shut = False
         self._join_deadline = 0.0  # of the join in progress (monotonic)
@@ -192,7 +79,7 @@ class Rendezvous:
 
     # ----------------------------------------------------------------- public operations
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
-        self._progress = callback
+        self._progress.callback = callback
 
     def join(self) -> RoundRecord:
         """Block until this node is a member of a sealed round; return that round.
@@ -210,19 +97,16 @@ class Rendezvous:
 
     def _join_once(self) -> RoundRecord:
         if self._withdrawn:
-            raise RendezvousError(
-                f"rendezvous '{self.settings.run_id}': this node has left the run; a new handler "
-                "is needed to join it again"
-            )
+            raise join_errors.withdrawn(self.settings.run_id)
         self._end_membership()
         self.backend.open_session()
         s = self.settings
         deadline = self._join_deadline  # moved on while this node waits as a spare
         control, cursor = self.backend.read_control()
         if control.corrupt:
-            raise self._state_error(control)
+            raise join_errors.unreadable_state(s.run_id, self.backend, control)
         if control.closed:
-            raise RendezvousClosedError(self._closed_message(stale=not self._joined_before))
+            raise join_errors.closed_run(s.run_id, self.backend, finished=not self._joined_before)
         # Never a round number this node was in already: when the run's records lapsed (etcd
         # down past the run lease), the next round must not reuse one.
         target = max(control.round, self._last_round) + 1
@@ -230,13 +114,11 @@ class Rendezvous:
             if self._shut:
                 # Shut down while a join was still waiting (another thread): never announce
                 # again, or a run the last node out just deleted would be written anew.
-                raise RendezvousClosedError(
-                    f"rendezvous '{s.run_id}': this node's handler was shut down while it waited"
-                )
+                raise join_errors.shut_down(s.run_id)
             if control.corrupt:
-                raise self._state_error(control)
+                raise join_errors.unreadable_state(s.run_id, self.backend, control)
             if control.closed:
-                raise self._closed_error(control)
+                raise join_errors.closed_while_waiting(s.run_id, self.backend, self.node_id, control)
             sealed = control.sealed
             if sealed is not None and sealed.round >= target:
                 if sealed.rank_of(self.node_id) is not None:
@@ -244,8 +126,8 @@ class Rendezvous:
                     self._failed_round = 0
                     return sealed
                 target = sealed.round + 1
-            if SPARES not in self.backend.capabilities and self._spare(control, target):
-                raise self._no_room(control)
+            if SPARES not in self.backend.capabilities and sealed and self._spare(control, target):
+                raise join_errors.no_room(s.run_id, self.backend, sealed)
             if self.backend.session_lost():
                 log.warning("rendezvous %s: this node's lease lapsed; re-registering", s.run_id)
                 self.backend.open_session()
@@ -276,7 +158,7 @@ class Rendezvous:
         """Start watching for departures and newcomers after joining `record`."""
         # A fixed group (no ELASTIC) only needs the control changes, e.g. to see a close.
         elastic = ELASTIC in self.backend.capabilities
-        self._membership = _Membership(record=record, backend=self.backend, watch_nodes=elastic)
+        self._membership = RoundMembership(record=record, backend=self.backend, watch_nodes=elastic)
 
     def num_nodes_waiting(self) -> int:
         """Nodes the current group should make room for (answered from local state)."""
@@ -310,10 +192,7 @@ class Rendezvous:
         membership.drain()
         if membership.feed.control.closed:
             return Departures()
-        record = membership.record
-        gone = tuple(record.name_of(n) for n in sorted(membership.lost) if n != self.node_id)
-        dropped = self.node_id in membership.lost or self.backend.session_lost()
-        return Departures(gone, dropped)
+        return membership.departures(self.node_id, self.backend.session_lost())
 
     def notice_time(self) -> float:
         """Seconds within which a member that stopped without leaving is seen as lost (0:
@@ -403,7 +282,8 @@ class Rendezvous:
                 now = time.monotonic()
                 if now >= deadline and not self._spare(control, target):
                     self._give_up(target, control)
-                self._report(target, control, role="waiting")
+                spare = self._spare(control, target)
+                self._progress.report(self.backend, target, control, role="waiting", spare=spare)
                 feed.poll(min(max(deadline - now, 0.05), PROGRESS_INTERVAL))
         finally:
             feed.close()
@@ -451,7 +331,10 @@ class Rendezvous:
                     last_call = None
                 if seal_now:
                     departed = bool(prev_ids - nodes.keys())
-                    record = self._make_record(target, eligible, previous, live_prev, departed)
+                    record = build_record(
+                        target, eligible, previous, live_prev, departed,
+                        min_nodes=s.min_nodes, max_nodes=s.max_nodes,
+                    )
                     # Our view ends at the snapshot or the last change seen, whichever is later
                     # (only backends with comparable cursors set `seen`).
                     since = max(control.seen, nodes_cursor) if control.seen else 0
@@ -471,7 +354,10 @@ class Rendezvous:
                 waits = [deadline - now, PROGRESS_INTERVAL]
                 if last_call is not None:
                     waits.append(last_call - now)
-                self._report(target, control, role="coordinator", nodes=nodes, joined=count)
+                self._progress.report(
+                    self.backend, target, control, role="coordinator",
+                    spare=self._spare(control, target), nodes=nodes, joined=count,
+                )
                 changes = feed.poll(max(min(waits), 0.01))
                 for change in changes or ():
                     if change.entry is None:
@@ -480,48 +366,6 @@ class Rendezvous:
                         nodes[change.node_id] = change.entry
         finally:
             feed.close()
-
-    def _make_record(
-        self,
-        target: int,
-        eligible: list[NodeEntry],
-        previous: RoundRecord | None,
-        live_prev: set[str],
-        departed: bool,
-    ) -> RoundRecord:
-        s = self.settings
-        # Previous members first (they keep the job's state warm), then by arrival.
-        chosen = sorted(eligible, key=lambda e: (e.info.node_id not in live_prev, e.arrival))
-        chosen = chosen[: s.max_nodes]
-        prev_ranks = {nid: r for r, nid in enumerate(previous.ids)} if previous else {}
-        ids = assign_ranks(
-            (
-                RankCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.rank_hint)
-                for e in chosen
-            ),
-            prev_ranks,
-        )
-        by_id = {e.info.node_id: e.info for e in chosen}
-        master = by_id[ids[0]]
-        restarts = previous.restarts if previous else 0
-        # One restart for the job when a member's workers failed in the previous round, unless
-        # a member of that round is gone: then the failure was the departure's (a collective
-        # with a node that left), a membership change that costs no restart.
-        failed = previous is not None and any(
-            e.info.failed == previous.round and e.info.node_id in live_prev for e in chosen
-        )
-        if failed and not departed:
-            restarts += 1
-        return RoundRecord(
-            round=target,
-            ids=tuple(ids),
-            master_addr=master.addr,
-            master_port=master.port,
-            min_nodes=s.min_nodes,
-            max_nodes=s.max_nodes,
-            restarts=restarts,
-            hosts=tuple(by_id[i].host for i in ids),
-        )
 
     # ----------------------------------------------------------------- helpers
     def _spare(self, control: Control, target: int) -> bool:
@@ -543,68 +387,11 @@ class Rendezvous:
     ) -> None:
         """The join timed out: say how many came and which members of the previous round did
         not come back, by name (`nodes`: the records as the coordinator sees them)."""
-        s = self.settings
         if nodes is None:
             nodes, _ = self.backend.read_nodes()
         self.backend.retract(self.node_id, target)
         present = len(nodes) if joined is None else joined
-        need = max(s.min_nodes - present, 1)
-        missing = _not_back(_previous(control, target), nodes, target)
-        waiting = f"waiting for {need} more"
-        if missing:
-            waiting += f", or for round {target - 1}'s {_listed(missing)} to rejoin"
-        raise RendezvousTimeoutError(
-            f"rendezvous '{s.run_id}' round {target} did not complete within "
-            f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "
-            f"(max {s.max_nodes}) on {self.backend.describe()}; {waiting}. "
-            "Raise join_timeout in --rdzv-conf to wait longer."
-        )
-
-    def _no_room(self, control: Control) -> RendezvousError:
-        sealed = control.sealed
-        assert sealed is not None
-        return RendezvousError(
-            f"rendezvous '{self.settings.run_id}' on {self.backend.describe()}: the group of "
-            f"{sealed.world_size} node(s) (round {sealed.round}) is full and running without this "
-            f"node, and the {self.backend.name} backend keeps no spares. Give each node its own "
-            "place in the group (e.g. a distinct --node-rank)."
-        )
-
-    def _closed_error(self, control: Control) -> Exception:
-        sealed = control.sealed
-        if sealed is not None and sealed.rank_of(self.node_id) is None:
-            return RendezvousGracefulExitError(
-                f"rendezvous '{self.settings.run_id}' closed while this node was waiting "
-                f"outside the group (round {sealed.round}); exiting cleanly"
-            )
-        return RendezvousClosedError(self._closed_message(stale=False))
-
-    def _closed_message(self, stale: bool) -> str:
-        s = self.settings
-        if stale:
-            # The old run's own expiry (its lease), not ours: the two may differ.
-            expiry = self.backend.expiry()
-            by_itself = (
-                f" (its keys also expire by themselves within {math.ceil(expiry)} s if none of "
-                "its nodes still runs)"
-                if expiry is not None
-                else ""
-            )
-            return (
-                f"rendezvous '{s.run_id}' on {self.backend.describe()} is closed: a job with this "
-                f"run id has finished. Use a new --rdzv-id, or {self.backend.clean_hint()}{by_itself}."
-            )
-        return f"rendezvous '{s.run_id}' was closed (the job is ending)"
-
-    def _state_error(self, control: Control) -> RendezvousStateError:
-        # Running members were left alone (their view is the one before the bad write); a new
-        # round cannot be formed on a state nobody can read.
-        key, why = next(iter(sorted(control.corrupt.items())))
-        return RendezvousStateError(
-            f"rendezvous '{self.settings.run_id}' on {self.backend.describe()}: {key} does not "
-            f"hold a valid rendezvous record ({why}), so no new round can form. Stop the job, "
-            f"{self.backend.clean_hint()}, and start it again."
-        )
+        raise join_errors.timed_out(self.settings, self.backend, target, control, nodes, present)
 
     def _closed_watch(self) -> ChangeFeed:
         if self._closed_feed is None:
@@ -616,67 +403,3 @@ class Rendezvous:
         if self._membership is not None:
             self._membership.close()
             self._membership = None
-
-    def _report(
-        self,
-        target: int,
-        control: Control,
-        role: str,
-        nodes: Mapping[str, NodeEntry] | None = None,
-        joined: int | None = None,
-    ) -> None:
-        if self._progress is None:
-            return
-        now = time.monotonic()
-        if now - self._last_progress < PROGRESS_INTERVAL:
-            return
-        self._last_progress = now
-        s = self.settings
-        previous = _previous(control, target)
-        missing: list[str] = []
-        if previous is not None:
-            # Who has not come back, by name: worth a read of the records every few seconds.
-            if nodes is None:
-                nodes, _ = self.backend.read_nodes()
-            missing = _not_back(previous, nodes, target)
-        if joined is None:
-            joined = len(nodes) if nodes is not None else self.backend.count_nodes()
-        last_call = control.last_call.get(target)
-        waiting_for = "nodes"
-        if self._spare(control, target):
-            role, waiting_for = "spare", "a member of the running group to leave"
-        elif missing:
-            waiting_for = f"round {target - 1}'s {_listed(missing)} to rejoin"
-        elif previous is not None:
-            waiting_for = "members of the running round to rejoin"
-        self._progress(
-            {
-                "run_id": s.run_id,
-                "round": target,
-                "joined": joined,
-                "min_nodes": s.min_nodes,
-                "max_nodes": s.max_nodes,
-                "last_call_remaining": None if last_call is None else max(last_call - time.time(), 0.0),
-                "waiting_for": waiting_for,
-                "missing": missing[:MISSING_SHOWN],
-                "role": role,
-            }
-        )
-
-
-def _previous(control: Control, target: int) -> RoundRecord | None:
-    """The round before `target`, when it is the one sealed last."""
-    return control.sealed if control.round == target - 1 else None
-
-
-def _not_back(previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], target: int) -> list[str]:
-    """The previous round's members that have not asked for round `target`, by name."""
-    if previous is None:
-        return []
-    return [previous.name_of(i) for i in previous.ids if i not in nodes or nodes[i].info.want < target]
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-

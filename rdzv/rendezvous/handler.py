@@ -13,9 +13,11 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from rdzv.rendezvous.algorithm import Departures, GroupCounts, ProgressCallback, Rendezvous
+from rdzv.rendezvous.algorithm import Rendezvous
 from rdzv.rendezvous.backend import RendezvousBackend
+from rdzv.rendezvous.membership import Departures, GroupCounts
 from rdzv.rendezvous.observed import BackendObserver, ObservedBackend
+from rdzv.rendezvous.progress import ProgressCallback
 from rdzv.rendezvous.round_store import GuardedRoundStore
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -30,7 +32,6 @@ class RdzvHandler(RendezvousHandler):
         self.backend = backend
         self.rendezvous = Rendezvous(settings, backend)
         self._round: int | None = None
-        self._rank: int | None = None
         self._restarts = 0
         self._last_warning = 0.0
 
@@ -48,7 +49,7 @@ class RdzvHandler(RendezvousHandler):
         rank = record.rank_of(self.rendezvous.node_id)
         assert rank is not None
         self.rendezvous.begin_membership(record)
-        self._round, self._rank, self._restarts = record.round, rank, record.restarts
+        self._round, self._restarts = record.round, record.restarts
         log.info(
             "rendezvous %s: joined round %d as node rank %d of %d (master %s:%d)",
             self.settings.run_id, record.round, rank, record.world_size,

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from torch.distributed import DistStoreError, Store
 
-from rdzv.rendezvous.algorithm import Departures
+from rdzv.rendezvous.membership import Departures
 
 # How long one slice of a blocking read lasts: the delay between a departure being seen and the
 # wait ending.

@@ -1,0 +1,113 @@
+"""The errors a join ends with, worded for the operator who reads them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousStateError,
+    RendezvousTimeoutError,
+)
+
+from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
+from rdzv.rendezvous.progress import not_back, previous_round, rejoin_wanted
+from rdzv.rendezvous.settings import RendezvousSettings
+
+if TYPE_CHECKING:  # annotations only
+    from rdzv.rendezvous.backend import RendezvousBackend
+
+
+def timed_out(
+    settings: RendezvousSettings,
+    backend: RendezvousBackend,
+    target: int,
+    control: Control,
+    nodes: Mapping[str, NodeEntry],
+    present: int,
+) -> RendezvousTimeoutError:
+    """Round `target` did not form within join_timeout with `present` nodes; names the
+    previous round's members that did not come back (from the node records `nodes`)."""
+    s = settings
+    missing = not_back(previous_round(control, target), nodes, target)
+    need = max(s.min_nodes - present, 1)
+    waiting = f"waiting for {need} more"
+    if missing:
+        waiting += f", or for {rejoin_wanted(target, missing)}"
+    return RendezvousTimeoutError(
+        f"rendezvous '{s.run_id}' round {target} did not complete within "
+        f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "
+        f"(max {s.max_nodes}) on {backend.describe()}; {waiting}. "
+        "Raise join_timeout in --rdzv-conf to wait longer."
+    )
+
+
+def no_room(run_id: str, backend: RendezvousBackend, sealed: RoundRecord) -> RendezvousError:
+    """A full group runs without this node and the backend keeps no spares."""
+    return RendezvousError(
+        f"rendezvous '{run_id}' on {backend.describe()}: the group of "
+        f"{sealed.world_size} node(s) (round {sealed.round}) is full and running without this "
+        f"node, and the {backend.name} backend keeps no spares. Give each node its own "
+        "place in the group (e.g. a distinct --node-rank)."
+    )
+
+
+def closed_while_waiting(run_id: str, backend: RendezvousBackend, node_id: str, control: Control) -> Exception:
+    """The run closed during this node's join: a graceful exit for a node outside the group."""
+    sealed = control.sealed
+    if sealed is not None and sealed.rank_of(node_id) is None:
+        return RendezvousGracefulExitError(
+            f"rendezvous '{run_id}' closed while this node was waiting "
+            f"outside the group (round {sealed.round}); exiting cleanly"
+        )
+    return closed_run(run_id, backend, finished=False)
+
+
+def closed_run(run_id: str, backend: RendezvousBackend, *, finished: bool) -> RendezvousClosedError:
+    """The run is closed: the job is ending, or (`finished`, found by a node that never joined
+    it) a job with this run id finished before."""
+    if not finished:
+        return RendezvousClosedError(f"rendezvous '{run_id}' was closed (the job is ending)")
+    # The old run's own expiry (its lease), not ours: the two may differ.
+    expiry = backend.expiry()
+    by_itself = (
+        f" (its keys also expire by themselves within {math.ceil(expiry)} s if none of "
+        "its nodes still runs)"
+        if expiry is not None
+        else ""
+    )
+    return RendezvousClosedError(
+        f"rendezvous '{run_id}' on {backend.describe()} is closed: a job with this "
+        f"run id has finished. Use a new --rdzv-id, or {backend.clean_hint()}{by_itself}."
+    )
+
+
+def unreadable_state(run_id: str, backend: RendezvousBackend, control: Control) -> RendezvousStateError:
+    """A record of the run cannot be read, so no new round can form."""
+    # Running members were left alone (their view is the one before the bad write); a new
+    # round cannot be formed on a state nobody can read.
+    key, why = next(iter(sorted(control.corrupt.items())))
+    return RendezvousStateError(
+        f"rendezvous '{run_id}' on {backend.describe()}: {key} does not "
+        f"hold a valid rendezvous record ({why}), so no new round can form. Stop the job, "
+        f"{backend.clean_hint()}, and start it again."
+    )
+
+
+def withdrawn(run_id: str) -> RendezvousError:
+    """This node left the run (`withdraw`) and cannot join it again through the same handler."""
+    return RendezvousError(
+        f"rendezvous '{run_id}': this node has left the run; a new handler "
+        "is needed to join it again"
+    )
+
+
+def shut_down(run_id: str) -> RendezvousClosedError:
+    """This node's handler was shut down (another thread) while its join waited."""
+    return RendezvousClosedError(
+        f"rendezvous '{run_id}': this node's handler was shut down while it waited"
+    )

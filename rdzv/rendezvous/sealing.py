@@ -1,0 +1,52 @@
+"""The record a coordinator seals: who is in the round, their ranks, the master, the restart count."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from rdzv.rendezvous.model import NodeEntry, RoundRecord
+from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
+
+
+def build_record(
+    target: int,
+    eligible: Sequence[NodeEntry],
+    previous: RoundRecord | None,
+    live_prev: Collection[str],
+    departed: bool,
+    *,
+    min_nodes: int,
+    max_nodes: int,
+) -> RoundRecord:
+    """Round `target` of at most `max_nodes` of the `eligible` nodes. `previous`: the round
+    before, when sealed last; `live_prev`: its members still present; `departed`: whether one
+    of its members is gone (a failure then costs no restart)."""
+    # Previous members first (they keep the job's state warm), then by arrival.
+    chosen = sorted(eligible, key=lambda e: (e.info.node_id not in live_prev, e.arrival))
+    chosen = chosen[:max_nodes]
+    prev_ranks = {nid: r for r, nid in enumerate(previous.ids)} if previous else {}
+    ids = assign_ranks(
+        (RankCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.rank_hint) for e in chosen),
+        prev_ranks,
+    )
+    by_id = {e.info.node_id: e.info for e in chosen}
+    master = by_id[ids[0]]
+    restarts = previous.restarts if previous else 0
+    # One restart for the job when a member's workers failed in the previous round, unless
+    # a member of that round is gone: then the failure was the departure's (a collective
+    # with a node that left), a membership change that costs no restart.
+    failed = previous is not None and any(
+        e.info.failed == previous.round and e.info.node_id in live_prev for e in chosen
+    )
+    if failed and not departed:
+        restarts += 1
+    return RoundRecord(
+        round=target,
+        ids=tuple(ids),
+        master_addr=master.addr,
+        master_port=master.port,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        restarts=restarts,
+        hosts=tuple(by_id[i].host for i in ids),
+    )
