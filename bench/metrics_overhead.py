@@ -158,7 +158,7 @@ def step_time(metrics: bool, steps: int, warmup: int, work: Path) -> tuple[float
 def recorder_cost(calls: int = 100_000) -> dict[str, float]:
     """Microseconds per call of the recorder's hot calls."""
     from launcher.metrics import PrometheusRecorder
-    from rdzv.rendezvous.algorithm import GroupCounts
+    from rdzv.rendezvous.membership import GroupCounts
 
     rec = PrometheusRecorder("bench", "etcd")
     counts = GroupCounts()

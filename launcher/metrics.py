@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from launcher.recorder import CAUSES, PHASES, RecoveryTracker
-from rdzv.rendezvous.algorithm import GroupCounts
+from rdzv.rendezvous.membership import GroupCounts
 from rdzv.rendezvous.observed import REQUESTS
 
 # torch's WorkerState names (torch.distributed.elastic.agent.server.api).

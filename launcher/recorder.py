@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from rdzv.rendezvous.algorithm import GroupCounts
+from rdzv.rendezvous.membership import GroupCounts
 
 FAILURE = "failure"  # the job's restart budget paid for it: a worker failed with every node there
 MEMBERSHIP = "membership"  # a node left, was lost, or joined: costs no restart

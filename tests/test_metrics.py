@@ -28,7 +28,7 @@ from rdzv_testlib import new_run_id
 
 from launcher.metrics_endpoint import MetricsEndpoint
 from launcher.recorder import FAILURE, MEMBERSHIP, RecoveryTracker
-from rdzv.rendezvous.algorithm import GroupCounts
+from rdzv.rendezvous.membership import GroupCounts
 
 pytestmark = pytest.mark.timeout(240)
 
