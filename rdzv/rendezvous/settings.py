@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # annotations only: `rdzv status` reads passwords here withou
 # small message per node every lease_ttl/3, and a join may wait for slow schedulers.
 DEFAULT_JOIN_TIMEOUT = 600.0
 DEFAULT_LAST_CALL_TIMEOUT = 30.0
-DEFAULT_CLOSE_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_PREFIX = "/rdzv"
@@ -47,7 +46,7 @@ _NUMBER, _COUNT, _BOOL, _TEXT = "number", "count", "bool", "text"
 KNOWN_KEYS: dict[str, str] = {
     # ours (with torch's spellings as aliases)
     "join_timeout": _NUMBER, "timeout": _NUMBER, "last_call_timeout": _NUMBER,
-    "close_timeout": _NUMBER, "lease_ttl": _NUMBER, "read_timeout": _NUMBER,
+    "lease_ttl": _NUMBER, "read_timeout": _NUMBER,
     "store_ttl": _NUMBER,  # etcd-v2: lifetime of the round store's keys
     "prefix": _TEXT, "etcd_prefix": _TEXT, "rank": _COUNT, "node_rank": _COUNT,
     "cacert": _TEXT, "ca_cert": _TEXT, "cert": _TEXT, "ssl_cert": _TEXT, "key": _TEXT,
@@ -57,6 +56,7 @@ KNOWN_KEYS: dict[str, str] = {
     "local_world_size": _COUNT,
     # read only by torch's own handlers (c10d, etcd, etcd-v2, static, dynamic): accepted so a
     # torchrun command line keeps working; ours ignore them
+    "close_timeout": _NUMBER,  # torch's dynamic handler (c10d): checked as it checks it (> 0)
     "heartbeat_timeout": _NUMBER, "keep_alive_interval": _NUMBER, "keep_alive_max_attempt": _COUNT,
     "heartbeat": _NUMBER,  # the short name docs/migration.md has always accepted
     "cas_backoff_max_seconds": _NUMBER, "store_type": _TEXT, "use_libuv": _BOOL,
@@ -202,6 +202,8 @@ def password_from(config: Mapping[str, object]) -> str | None:
 
 @dataclass(frozen=True)
 class RendezvousSettings:
+    """One handler's settings, as parsed from torch's `RendezvousParameters` (`parse_settings`)."""
+
     backend: str
     run_id: str
     endpoints: tuple[str, ...]
@@ -211,7 +213,6 @@ class RendezvousSettings:
     local_addr_given: str | None = None
     join_timeout: float = DEFAULT_JOIN_TIMEOUT
     last_call_timeout: float = DEFAULT_LAST_CALL_TIMEOUT
-    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     lease_ttl: float = DEFAULT_LEASE_TTL
     read_timeout: float = DEFAULT_READ_TIMEOUT
     prefix: str = DEFAULT_PREFIX
@@ -319,6 +320,8 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         prefix = "/" + prefix
     user = params.config.get("user") or params.config.get("username")
     lease_ttl = _seconds(params, "lease_ttl", DEFAULT_LEASE_TTL)
+    # torch's close_timeout: nothing here waits on a close, but a value torch refuses is refused.
+    _seconds(params, "close_timeout", 1.0)
     if lease_ttl < 2:
         raise ConfigError(f"rendezvous setting lease_ttl={lease_ttl} must be at least 2 seconds")
     return RendezvousSettings(
@@ -331,7 +334,6 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         local_addr_given=params.local_addr or None,
         join_timeout=_seconds(params, "join_timeout", DEFAULT_JOIN_TIMEOUT),
         last_call_timeout=_seconds(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT),
-        close_timeout=_seconds(params, "close_timeout", DEFAULT_CLOSE_TIMEOUT),
         lease_ttl=lease_ttl,
         read_timeout=_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT),
         prefix=prefix,
