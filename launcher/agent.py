@@ -14,8 +14,9 @@ import socket
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import LaunchFailed, LaunchSettings, Notice, UsageProblem
+from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter, ReporterLogHandler
+from launcher.settings import LaunchSettings, Notice
 
 if TYPE_CHECKING:
     from launcher.metrics_endpoint import MetricsEndpoint

@@ -15,9 +15,11 @@ from typing import Any
 import click
 
 from launcher.completion import PRINT_COMPLETION
-from launcher.config import LaunchFailed, LaunchSettings, UsageProblem, build_settings
+from launcher.config import build_settings
 from launcher.options import build_command, expand_abbreviations
+from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter
+from launcher.settings import LaunchSettings
 
 PROG = "rdzv-launch"
 

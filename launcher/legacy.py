@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from launcher.cli import launch_main
-from launcher.config import UsageProblem
+from launcher.problems import UsageProblem
 
 PROG = "launcher.legacy"
 

@@ -8,8 +8,8 @@ agent gets the no-op recorder.
 from __future__ import annotations
 
 from launcher import metrics_http
-from launcher.config import UsageProblem
 from launcher.metrics import PrometheusRecorder
+from launcher.problems import UsageProblem
 
 LISTEN_ALL = "0.0.0.0"
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import click
 
-from launcher.config import UsageProblem, parse_rdzv_conf
+from launcher.parsers import parse_rdzv_conf
+from launcher.problems import UsageProblem
 
 PROG = "rdzv"
 # Columns first in `rdzv status`, when present; any other keys follow in their own order.

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from launcher_helpers import LAUNCH, LEGACY, clean_env, free_port
 
-from launcher import cli, config, options
-from launcher.config import UsageProblem
+from launcher import cli, config, entrypoint, options, parsers, probes
+from launcher.problems import UsageProblem
+from launcher.settings import LaunchSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,7 +212,7 @@ def test_a_directory_is_not_a_script(tmp_path: Path) -> None:
     _assert_usage_error(_run_bad(["--standalone"], {}, tmp_path, "d"), "training script 'd' is a directory", tmp_path)
     # As python itself: a directory with a __main__.py runs.
     (tmp_path / "d" / "__main__.py").write_text("")
-    assert config.resolve_entrypoint(str(tmp_path / "d"), False, False, False)[1][-1] == str(tmp_path / "d")
+    assert entrypoint.resolve_entrypoint(str(tmp_path / "d"), False, False, False)[1][-1] == str(tmp_path / "d")
 
 
 def test_unknown_device_word_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -333,7 +334,7 @@ def test_unknown_event_log_handler(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- how the rendezvous is chosen (in-process)
 
 
-def _settings(args: list[str], tmp_path: Path) -> config.LaunchSettings:
+def _settings(args: list[str], tmp_path: Path) -> LaunchSettings:
     script = tmp_path / "w.py"
     script.write_text(WORKER)
     values, given = cli.parse([*args, str(script)], "rdzv-launch")  # type: ignore[misc]
@@ -380,21 +381,21 @@ def test_ignored_static_options_are_noticed(tmp_path: Path) -> None:
 
 
 def test_parse_endpoint() -> None:
-    assert config.parse_endpoint("h:1", 2) == ("h", 1)
-    assert config.parse_endpoint("h", 2) == ("h", 2)
-    assert config.parse_endpoint("http://h:2379/", None) == ("h", 2379)
-    assert config.parse_endpoint("[::1]:5", None) == ("::1", 5)
-    assert config.parse_endpoint("::1", 7) == ("::1", 7)
+    assert parsers.parse_endpoint("h:1", 2) == ("h", 1)
+    assert parsers.parse_endpoint("h", 2) == ("h", 2)
+    assert parsers.parse_endpoint("http://h:2379/", None) == ("h", 2379)
+    assert parsers.parse_endpoint("[::1]:5", None) == ("::1", 5)
+    assert parsers.parse_endpoint("::1", 7) == ("::1", 7)
     with pytest.raises(UsageProblem):
-        config.parse_endpoint("h:99999", None)
+        parsers.parse_endpoint("h:99999", None)
 
 
 def test_parse_filters_and_conf() -> None:
-    assert config.parse_filters("") == []
-    assert config.parse_filters("a,b,,c") == ["a", "b,c"]
-    assert config.parse_rdzv_conf(" a = 1 , b=x=y ") == {"a": "1", "b": "x=y"}
+    assert parsers.parse_filters("") == []
+    assert parsers.parse_filters("a,b,,c") == ["a", "b,c"]
+    assert parsers.parse_rdzv_conf(" a = 1 , b=x=y ") == {"a": "1", "b": "x=y"}
     with pytest.raises(UsageProblem, match="given twice"):
-        config.parse_rdzv_conf("a=1,a=2")
+        parsers.parse_rdzv_conf("a=1,a=2")
 
 
 def test_module_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,18 +403,18 @@ def test_module_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("raise SystemExit('imported')\n")
     (tmp_path / "pkg" / "mod.py").write_text("")
-    assert config._module_exists("pkg.mod"), "found without importing pkg"
-    assert not config._module_exists("pkg.nope")
-    assert config._module_exists("json.tool")
-    assert config._module_exists("launcher.runpath"), "installed packages, editable ones included"
-    assert not config._module_exists("no_such_module_xyz.sub")
+    assert entrypoint.module_exists("pkg.mod"), "found without importing pkg"
+    assert not entrypoint.module_exists("pkg.nope")
+    assert entrypoint.module_exists("json.tool")
+    assert entrypoint.module_exists("launcher.runpath"), "installed packages, editable ones included"
+    assert not entrypoint.module_exists("no_such_module_xyz.sub")
 
 
 def test_is_this_host() -> None:
-    assert config.is_this_host("localhost")
-    assert config.is_this_host("127.0.0.1")
-    assert config.is_this_host(socket.gethostname())
-    assert not config.is_this_host("192.0.2.1")
+    assert probes.is_this_host("localhost")
+    assert probes.is_this_host("127.0.0.1")
+    assert probes.is_this_host(socket.gethostname())
+    assert not probes.is_this_host("192.0.2.1")
 
 
 def test_help_is_fast_and_imports_no_torch() -> None:

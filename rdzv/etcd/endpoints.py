@@ -6,16 +6,16 @@ Endpoint strings are parsed into :class:`Endpoint` (address and whether it speak
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from rdzv.endpoints import join_host_port, split_endpoint
 from rdzv.etcd.proto import etcd_min_pb2_grpc as pbg
 
-_ENDPOINT_RE = re.compile(r"^(?:(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://)?(?P<hostport>[^/]+?)/?$")
+DEFAULT_PORT = 2379
 
 
 @dataclass(frozen=True)
@@ -27,31 +27,17 @@ class Endpoint:
 
 
 def parse_endpoints(endpoints: Sequence[str] | str, tls: bool | None) -> list[Endpoint]:
-    """``host:port``, ``http://host:port`` or ``https://host:port`` items, as a list or a
-    comma-separated string; bare ones use TLS when ``tls`` is true, and the port defaults
-    to 2379. Raises ValueError for a malformed item or an empty list."""
+    """Items as `rdzv.endpoints.split_endpoint` reads them, as a list or a comma-separated
+    string (empty items skipped); the port defaults to 2379, and an item uses TLS when it is an
+    https:// URL or ``tls`` is true. Raises ValueError for a malformed item or an empty list."""
     items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
     parsed: list[Endpoint] = []
     for raw in items:
         for item in raw.split(","):
-            item = item.strip()
-            if not item:
+            if not item.strip():
                 continue
-            m = _ENDPOINT_RE.match(item)
-            if not m:
-                raise ValueError(
-                    f"bad etcd endpoint {item!r}; expected host:port or http(s)://host:port"
-                )
-            scheme = (m.group("scheme") or "").lower()
-            hostport = m.group("hostport")
-            if scheme not in ("", "http", "https"):
-                raise ValueError(f"bad etcd endpoint {item!r}: scheme must be http or https")
-            if not re.search(r":\d+$", hostport):
-                hostport += ":2379"
-            secure = scheme == "https" or (scheme == "" and bool(tls))
-            if scheme == "http" and tls:
-                secure = True  # tls=True forces TLS everywhere
-            parsed.append(Endpoint(hostport, secure))
+            host, port, scheme = split_endpoint(item, DEFAULT_PORT)
+            parsed.append(Endpoint(join_host_port(host, port), scheme == "https" or bool(tls)))
     if not parsed:
         raise ValueError("no etcd endpoints given")
     return parsed

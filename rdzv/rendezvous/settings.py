@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import ipaddress
 import math
 import os
 import re
@@ -17,6 +16,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from rdzv.endpoints import EndpointError, normalized
 
 if TYPE_CHECKING:  # annotations only: `rdzv status` reads passwords here without torch
     from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -231,77 +232,13 @@ class RendezvousSettings:
         return f"{self.prefix}/{self.run_id}"
 
 
-_ENDPOINT_FORMS = "expected HOST:PORT, [IPv6]:PORT or http(s)://HOST:PORT"
-_HOST_RE = re.compile(r"[\w.-]+")
-
-
-def split_endpoint(text: str, default_port: int | None) -> tuple[str, int | None, str]:
-    """One endpoint -> (host, port, scheme). HOST[:PORT], [IPv6][:PORT], a bare IPv6 address,
-    or an http:// or https:// URL of one of those; the port is `default_port` when absent and
-    the scheme "" when none is given. Shared by the handlers and rdzv-launch."""
-    item = text.strip()
-    rest, scheme = item, ""
-    if "://" in rest:
-        scheme, _, rest = rest.partition("://")
-        scheme = scheme.lower()
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"endpoint {item!r}: the scheme must be http or https")
-        rest = rest.rstrip("/")
-    port_text: str | None = None
-    ipv6 = False
-    if rest.startswith("["):
-        host, closed, after = rest[1:].partition("]")
-        if not closed or (after and not after.startswith(":")):
-            raise ConfigError(f"cannot read endpoint {item!r} ({_ENDPOINT_FORMS})")
-        port_text = after[1:] if after else None
-        ipv6 = _is_ipv6(host)
-        if not ipv6:
-            raise ConfigError(f"endpoint {item!r}: {host!r} in brackets is not an IPv6 address")
-    elif rest.count(":") == 1:
-        host, port_text = rest.split(":")
-    elif ":" in rest:
-        host, ipv6 = rest, _is_ipv6(rest)  # a bare IPv6 address, or something like host:port:x
-        if not ipv6:
-            raise ConfigError(f"cannot read endpoint {item!r} ({_ENDPOINT_FORMS})")
-    else:
-        host = rest
-    if not host:
-        raise ConfigError(f"endpoint {item!r} names no host ({_ENDPOINT_FORMS})")
-    if not ipv6 and not _HOST_RE.fullmatch(host):
-        raise ConfigError(f"endpoint {item!r}: {host!r} is not a host name or address")
-    if port_text is None:
-        return host, default_port, scheme
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
-        raise ConfigError(f"{port_text!r} in {item!r} is not a port number")
-    return host, int(port_text), scheme
-
-
-def split_endpoint_list(text: str, default_port: int | None) -> list[tuple[str, int | None, str]]:
-    """`e1,e2,...` (each as split_endpoint reads it); an empty item is an error."""
-    items = text.split(",")
-    if not all(item.strip() for item in items):
-        raise ConfigError(f"endpoint list {text.strip()!r} has an empty item (expected HOST:PORT[,HOST:PORT...])")
-    return [split_endpoint(item, default_port) for item in items]
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
-
-
 def parse_endpoints(endpoint: str | None, default_port: int) -> tuple[tuple[str, ...], bool]:
-    """`host:port[,host:port]` or URLs -> ("host:port", ...), and whether any URL asked for TLS.
-    No endpoint at all means localhost, as in torch."""
-    if not (endpoint or "").strip():
-        return (f"localhost:{default_port}",), False
-    out: list[str] = []
-    tls = False
-    for host, port, scheme in split_endpoint_list(str(endpoint), default_port):
-        tls = tls or scheme == "https"
-        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    return tuple(out), tls
+    """`host:port[,host:port]` or URLs -> ("host:port", ...), and whether any URL asked for TLS
+    (`rdzv.endpoints.normalized`); an endpoint that cannot be read is a ConfigError."""
+    try:
+        return normalized(endpoint, default_port)
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _optional_count(params: RendezvousParameters, name: str) -> int | None:
