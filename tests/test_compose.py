@@ -346,6 +346,7 @@ def test_trainer_commands_parse_with_rdzv_launch(
     from torch.distributed.elastic.rendezvous import RendezvousParameters
 
     import launcher.config as config
+    import launcher.rendezvous_choice as rendezvous_choice
     from launcher.cli import PROG, parse
     from rdzv.rendezvous import settings as rdzv_settings
 
@@ -357,7 +358,7 @@ def test_trainer_commands_parse_with_rdzv_launch(
         urlsplit(flags(svc["command"][1:])["advertise-client-urls"]).netloc for svc in etcd.values()
     }
     checked: list[tuple[str, int]] = []
-    monkeypatch.setattr(config, "check_reachable", lambda eps, timeout, what: checked.extend(eps))
+    monkeypatch.setattr(rendezvous_choice, "check_reachable", lambda eps, timeout, what: checked.extend(eps))
     monkeypatch.chdir(ROOT)  # the image's WORKDIR holds the repository's files
     known_conf = {f.name for f in fields(rdzv_settings.RendezvousSettings)}
     known_conf |= {a for aliases in rdzv_settings._ALIASES.values() for a in aliases}
