@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from etcd_certs import make_certs  # noqa: E402
 from etcd_harness import (  # noqa: E402 - needs the sys.path entry above
     VERSIONS,
     AuthInfo,
@@ -18,7 +19,6 @@ from etcd_harness import (  # noqa: E402 - needs the sys.path entry above
     EtcdHarnessError,
     EtcdServer,
     TLSInfo,
-    make_certs,
 )
 
 _IDS = [f"etcd{v}" for v in VERSIONS]

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -192,13 +191,6 @@ def records(out: Path, restart: int | None = None) -> dict[int, dict]:
     return found.get(max(found) if restart is None else restart, {})
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, on_fail: Callable[[], str] = str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
 
 
 # A training loop in miniature: gloo all_reduce steps until <out>/stop exists (all ranks agree

@@ -204,7 +204,7 @@ class HostProcess:
                 out.append(rec)
         return out
 
-    def wait_for(self, predicate: Callable[[HostProcess], Any], timeout: float, what: str) -> Any:
+    def wait_until(self, predicate: Callable[[HostProcess], Any], timeout: float, what: str) -> Any:
         """Poll ``predicate(self)`` until truthy; fails with the log tail on timeout or exit."""
         deadline = time.monotonic() + timeout
         while True:

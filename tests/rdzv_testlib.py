@@ -9,14 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+from waiting import wait_until
 
 from rdzv import create_handler
 
@@ -30,12 +30,6 @@ def new_run_id(tag: str = "run") -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 class NodeGroup:

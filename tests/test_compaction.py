@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from etcd_harness import EtcdServer
-from rdzv_testlib import NodeProcess, new_run_id, node_group, wait_until
+from rdzv_testlib import NodeProcess, new_run_id, node_group
+from waiting import wait_until
 
 from rdzv.etcd import EtcdClient, EtcdConnectionError
 

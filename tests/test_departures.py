@@ -23,9 +23,10 @@ from pathlib import Path
 import etcd
 import pytest
 from etcd_harness import EtcdServer
-from launcher_helpers import Launcher, free_port, launchers, wait_for, write_script
+from launcher_helpers import Launcher, free_port, launchers, write_script
 from rdzv_testlib import FAST_CONF, NodeProcess, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousParameters
+from waiting import wait_until
 
 from rdzv import create_handler
 from rdzv.etcd import EtcdClient
@@ -179,7 +180,7 @@ def _await_group(out: Path, nodes: list[Launcher], after: int = 0, timeout: floa
             found.update(group)
         return group is not None
 
-    wait_for(formed, timeout, f"{len(nodes)} node(s) training in a round after {after}", lambda: _describe(out, nodes))
+    wait_until(formed, timeout, f"{len(nodes)} node(s) training in a round after {after}", lambda: _describe(out, nodes))
     return found
 
 
@@ -204,7 +205,7 @@ def nodes(tmp_path: Path) -> Iterator[Callable[[list[str]], Launcher]]:
 def _start_pair(start: Callable[[list[str]], Launcher], args: list[str]) -> list[Launcher]:
     """Two nodes; the first is up (it serves a c10d store) before the second starts."""
     first = start(args)
-    wait_for(lambda: "rdzv-launch: 1 worker(s)" in first.stderr, 60, "the first node to start", first.describe)
+    wait_until(lambda: "rdzv-launch: 1 worker(s)" in first.stderr, 60, "the first node to start", first.describe)
     return [first, start(args)]
 
 
@@ -304,15 +305,15 @@ def test_node_lost_before_ranks_are_assigned(
     window open."""
     job = job_for(backend)
     survivor = nodes(job.args("1:2", "--max-restarts=0"))
-    wait_for(lambda: "rdzv-launch: 1 worker(s)" in survivor.stderr, 60, "the first node to start", survivor.describe)
+    wait_until(lambda: "rdzv-launch: 1 worker(s)" in survivor.stderr, 60, "the first node to start", survivor.describe)
     conf = {"lease_ttl": str(LEASE_TTL), "last_call_timeout": "3", "join_timeout": "60", "read_timeout": "15"}
     victim = NodeProcess(backend, job.endpoint, job.run_id, 1, 2, **conf)
     try:
-        wait_for(lambda: any(r["world_size"] == 2 for r in victim.rounds), 90, "a round of both nodes",
+        wait_until(lambda: any(r["world_size"] == 2 for r in victim.rounds), 90, "a round of both nodes",
                  survivor.describe)
         pair = next(r for r in victim.rounds if r["world_size"] == 2)
         victim.kill()
-        wait_for(lambda: "rendezvous again" in survivor.stderr, 60, "the survivor to give the round up",
+        wait_until(lambda: "rendezvous again" in survivor.stderr, 60, "the survivor to give the round up",
                  survivor.describe)
         alone = _await_group(job.out, [survivor], after=pair["round"])
     finally:
@@ -396,14 +397,14 @@ def test_withdraw_is_seen_at_once_and_seals_without_a_charge(etcd35: EtcdServer)
         assert (a.restarts, b.restarts, c.restarts) == (1, 1, 1)
         assert not a.departures() and a.num_nodes_waiting() == 0
         c.withdraw()
-        wait_for(lambda: a.num_nodes_waiting() > 0 and bool(b.departures()), 5, "the withdrawal to be seen",)
+        wait_until(lambda: a.num_nodes_waiting() > 0 and bool(b.departures()), 5, "the withdrawal to be seen",)
         assert a.departures().nodes == b.departures().nodes and len(a.departures().nodes) == 1
         assert not c.peers_moved_on()
         a.count_failure()
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda h: h.next_rendezvous(), (a, b)))
         assert (a.restarts, b.restarts) == (1, 1), "a failure while a member left is not charged"
-        wait_for(c.peers_moved_on, 5, "the withdrawn node to see the others move on")
+        wait_until(c.peers_moved_on, 5, "the withdrawn node to see the others move on")
     finally:
         for handler in (c, b, a):
             handler.shutdown()

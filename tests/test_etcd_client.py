@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from etcd_harness import AuthInfo, EtcdCluster, EtcdServer, TLSInfo, free_port
+from waiting import wait_until
 
 from rdzv.etcd import (
     Compare,
@@ -53,13 +54,6 @@ def _drain(w: Watch, want: int, timeout: float = 5.0) -> list[Event]:
     return got
 
 
-def _wait_for(pred: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -205,7 +199,7 @@ def test_lease_keepalive_keeps_key_then_expires(client: EtcdClient, ns: str) -> 
     assert client.lease_time_to_live(lease.id) > 0
     assert not lost.is_set()
     client.stop_keep_alive(lease.id, reg)
-    assert _wait_for(lambda: client.get(ns + "leased") is None, 5.0)
+    wait_until(lambda: client.get(ns + "leased") is None, 5.0, "the leased key to go")
     assert client.lease_time_to_live(lease.id) == -1
     assert not lost.is_set()  # stopped on purpose: no callback
 

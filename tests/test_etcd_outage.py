@@ -28,12 +28,12 @@ from launcher_helpers import (
     launchers,
     progress,
     starts,
-    wait_for,
     write_script,
 )
-from rdzv_testlib import new_run_id, node_group, wait_until
+from rdzv_testlib import new_run_id, node_group
 from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+from waiting import wait_until
 
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.etcd import EtcdClient
@@ -79,7 +79,7 @@ def _ride_out(cluster: EtcdCluster, stalled: Sequence[EtcdMember], seconds: floa
     with launchers(tmp_path) as start:
         nodes = [start(args), start(args)]
         describe = _describe(nodes)
-        wait_for(lambda: _advanced(tmp_path, [(0, 0), (0, 0)], 5), 90, "both workers training", describe)
+        wait_until(lambda: _advanced(tmp_path, [(0, 0), (0, 0)], 5), 90, "both workers training", describe)
         before = len(starts(tmp_path))
         for member in stalled:
             if how == "pause":
@@ -97,7 +97,7 @@ def _ride_out(cluster: EtcdCluster, stalled: Sequence[EtcdMember], seconds: floa
         back = time.monotonic()
         snapshot = progress(tmp_path, 2)
         assert snapshot is not None
-        wait_for(lambda: _advanced(tmp_path, snapshot, 10), 90, "training after the outage", describe)
+        wait_until(lambda: _advanced(tmp_path, snapshot, 10), 90, "training after the outage", describe)
         resumed = time.monotonic() - back
         restarts = (len(starts(tmp_path)) - before) // 2
         (tmp_path / "stop").touch()

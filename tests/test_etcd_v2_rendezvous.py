@@ -15,9 +15,10 @@ from datetime import timedelta
 import etcd
 import pytest
 from etcd_harness import VERSIONS, EtcdHarnessError, EtcdServer
-from rdzv_testlib import NodeProcess, new_run_id, node_group, wait_until
+from rdzv_testlib import NodeProcess, new_run_id, node_group
 from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
+from waiting import wait_until
 
 from rdzv import create_handler
 from rdzv.backends.etcd_v2_store import EtcdV2Client, EtcdV2Store

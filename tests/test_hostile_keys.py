@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 from etcd_harness import EtcdServer, free_port
-from launcher_helpers import WAIT_FOR_STOP, launchers, records, wait_for, write_script
-from rdzv_testlib import NodeGroup, new_run_id, wait_until
+from launcher_helpers import WAIT_FOR_STOP, launchers, records, write_script
+from rdzv_testlib import NodeGroup, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousStateError
+from waiting import wait_until
 
 from rdzv.backends.c10d import C10dBackend
 from rdzv.backends.etcd_v2 import EtcdV2Backend
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.timeout(240)
 
 GARBAGE = b"{not json at all"
 NODE = NodeInfo("abc123", "h", "127.0.0.1", 7, 1234, 1, None, 2)
-ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, since=5)
+ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, view_cursor=5)
 
 
 # ------------------------------------------------------------------ the decoders
@@ -45,7 +46,7 @@ ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, since=5)
 def test_valid_records_round_trip() -> None:
     assert NodeInfo.decode(NODE.encode()) == NODE
     assert RoundRecord.decode(ROUND.encode(), 9) == ROUND
-    assert RoundRecord.decode(ROUND.encode(), 9).revision == 9
+    assert RoundRecord.decode(ROUND.encode(), 9).cursor == 9
     # Records written before the version field existed still read.
     legacy = {k: v for k, v in json.loads(NODE.encode()).items() if k != "v"}
     assert NodeInfo.decode(json.dumps(legacy)) == NODE
@@ -280,7 +281,7 @@ def test_launchers_train_on_through_garbage_in_every_key(job: Job) -> None:
     with launchers(job.out) as start:
         nodes = [start(job.args()), start(job.args())]
         describe = lambda: "\n".join(n.describe() for n in nodes)  # noqa: E731
-        wait_for(lambda: _formed(job.out, 2), 90, "a group of 2", describe)
+        wait_until(lambda: _formed(job.out, 2), 90, "a group of 2", describe)
         pids = {r["pid"] for r in records(job.out).values()}
         written = time.monotonic()
         bad = [
@@ -297,7 +298,7 @@ def test_launchers_train_on_through_garbage_in_every_key(job: Job) -> None:
         # Each launcher says once per record that it ignores it: the event that it was read.
         for node in nodes:
             for key in bad[:-1]:
-                wait_for(lambda n=node, k=key: _warned(n, k) >= 1, 30, f"a warning about {key}", describe)
+                wait_until(lambda n=node, k=key: _warned(n, k) >= 1, 30, f"a warning about {key}", describe)
         _figure("9 bad keys written, every one read and warned about by both nodes", time.monotonic() - written)
         # A node that wants a new round now cannot get one, and says why in one line.
         started = time.monotonic()
@@ -324,13 +325,13 @@ def test_a_members_record_overwritten_while_training(job: Job) -> None:
     with launchers(job.out) as start:
         nodes = [start(job.args()), start(job.args())]
         describe = lambda: "\n".join(n.describe() for n in nodes)  # noqa: E731
-        wait_for(lambda: _formed(job.out, 2), 90, "a group of 2", describe)
+        wait_until(lambda: _formed(job.out, 2), 90, "a group of 2", describe)
         before = {r["pid"] for r in records(job.out, 0).values()}
         victim = job.node_ids()[0]
         key = job.put(f"node/{victim}", GARBAGE)
         written = time.monotonic()
         # A membership restart keeps TORCHELASTIC_RESTART_COUNT: new worker pids show it.
-        wait_for(lambda: _formed(job.out, 2) and not before & {r["pid"] for r in records(job.out, 0).values()},
+        wait_until(lambda: _formed(job.out, 2) and not before & {r["pid"] for r in records(job.out, 0).values()},
                  60, "the group re-formed", describe)
         _figure("member record overwritten -> both nodes' workers running again", time.monotonic() - written)
         with EtcdClient(job.endpoint) as client:
@@ -349,13 +350,13 @@ def test_garbage_while_a_group_forms(job: Job) -> None:
     fails the waiting nodes with one line naming it."""
     with launchers(job.out) as start:
         first = start(job.args())
-        wait_for(lambda: "1/2 nodes" in first.stderr or "waiting for rendezvous" in first.stderr, 60,
+        wait_until(lambda: "1/2 nodes" in first.stderr or "waiting for rendezvous" in first.stderr, 60,
                  "the first node waiting", first.describe)
         stranger = job.put("node/zzzzzz", GARBAGE)
         own = job.put(f"node/{job.node_ids()[0]}", GARBAGE)  # the coordinator's own record
-        wait_for(lambda: _warned(first, own) == 1, 30, "the warning about its own record", first.describe)
+        wait_until(lambda: _warned(first, own) == 1, 30, "the warning about its own record", first.describe)
         second = start(job.args())
-        wait_for(lambda: _formed(job.out, 2), 90, "a group of 2", lambda: first.describe() + second.describe())
+        wait_until(lambda: _formed(job.out, 2), 90, "a group of 2", lambda: first.describe() + second.describe())
         (job.out / "stop").touch()
         for node in (first, second):
             assert node.wait(60) == 0, node.describe()
@@ -365,7 +366,7 @@ def test_garbage_while_a_group_forms(job: Job) -> None:
     (job.out / "stop").unlink()
     with launchers(job.out) as start:
         first = start(run2.args())
-        wait_for(lambda: bool(run2.node_ids()), 60, "the first node waiting", first.describe)
+        wait_until(lambda: bool(run2.node_ids()), 60, "the first node waiting", first.describe)
         key = run2.put("ctl/current", GARBAGE)
         written = time.monotonic()
         assert first.wait(60) == 1, first.describe()

@@ -23,9 +23,9 @@ from launcher_helpers import (
     launchers,
     records,
     run_launcher,
-    wait_for,
     write_script,
 )
+from waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -245,7 +245,7 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
     script = write_script(tmp_path, "wait.py", WAIT_FOR_STOP)
     with launchers(tmp_path) as start:
         node = start(["--nproc-per-node=2", "--max-restarts=3", str(script), str(tmp_path)])
-        wait_for(lambda: len(records(tmp_path, 0)) == 2, 60, "both workers", node.describe)
+        wait_until(lambda: len(records(tmp_path, 0)) == 2, 60, "both workers", node.describe)
         pids = [r["pid"] for r in records(tmp_path, 0).values()]
         started = time.monotonic()
         node.signal(signal.SIGTERM)
@@ -253,7 +253,7 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
         assert time.monotonic() - started < 20
         assert "stopped by SIGTERM" in node.stderr
         for pid in pids:
-            wait_for(lambda pid=pid: not _alive(pid), 10, f"worker {pid} to exit")
+            wait_until(lambda pid=pid: not _alive(pid), 10, f"worker {pid} to exit")
         assert not records(tmp_path, 1), "a signal is not a failure to restart from"
 
 

@@ -18,9 +18,9 @@ from launcher_helpers import (
     free_port,
     launchers,
     records,
-    wait_for,
     write_script,
 )
+from waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -72,7 +72,7 @@ def test_two_nodes(backend: Backend, tmp_path: Path) -> None:
         first = start(node_args)
         # Alone, the first node says what it waits for (at most every --progress-interval).
         waiting = rf"(waiting for rendezvous {run_id} \(2 nodes, {backend.name} at |rendezvous {run_id} round \d+: \d/2 nodes)"
-        wait_for(lambda: re.search(waiting, first.stderr) is not None, 30, "a progress line", first.describe)
+        wait_until(lambda: re.search(waiting, first.stderr) is not None, 30, "a progress line", first.describe)
         second = start(node_args)
         for node in (first, second):
             assert node.wait(90) == 0, node.describe()
@@ -98,9 +98,9 @@ def test_scale_up_with_a_third_node(backend: Backend, tmp_path: Path) -> None:
     node_args = [*backend.args(_run_id(), "2:3"), "--nproc-per-node=1", "--max-restarts=3", str(script), str(tmp_path)]
     with launchers(tmp_path) as start:
         nodes = [start(node_args), start(node_args)]
-        wait_for(lambda: _world(tmp_path, 2), 60, "a group of 2", lambda: "\n".join(n.describe() for n in nodes))
+        wait_until(lambda: _world(tmp_path, 2), 60, "a group of 2", lambda: "\n".join(n.describe() for n in nodes))
         nodes.append(start(node_args))
-        wait_for(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
+        wait_until(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
         (tmp_path / "stop").touch()
         for node in nodes:
             assert node.wait(60) == 0, node.describe()
@@ -113,12 +113,12 @@ def test_node_loss(backend: Backend, tmp_path: Path) -> None:
     node_args = [*backend.args(_run_id(), "2:3"), "--nproc-per-node=1", "--max-restarts=3", str(script), str(tmp_path)]
     with launchers(tmp_path) as start:
         nodes = [start(node_args) for _ in range(3)]
-        wait_for(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
+        wait_until(lambda: _world(tmp_path, 3), 60, "a group of 3", lambda: "\n".join(n.describe() for n in nodes))
         # SIGKILL a whole node: its launcher and its workers, nothing gets to say goodbye.
         nodes.pop().kill()
         for path in tmp_path.glob("*_*.json"):
             path.unlink()
-        wait_for(lambda: _world(tmp_path, 2), 60, "the survivors to re-form", lambda: "\n".join(n.describe() for n in nodes))
+        wait_until(lambda: _world(tmp_path, 2), 60, "the survivors to re-form", lambda: "\n".join(n.describe() for n in nodes))
         (tmp_path / "stop").touch()
         for node in nodes:
             assert node.wait(60) == 0, node.describe()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from etcd_harness import EtcdHarnessError, EtcdServer
-from launcher_helpers import launchers, wait_for, write_script
+from launcher_helpers import launchers, write_script
+from waiting import wait_until
 
 from rdzv.etcd import EtcdClient
 
@@ -102,7 +103,7 @@ def test_fifty_two_node_jobs_on_one_etcd(tmp_path: Path) -> None:
                 peak = max(peak, _peak_memory_mb())
                 return all(node.proc.poll() is not None for node in nodes)
 
-            wait_for(all_done, BOUND, f"{len(nodes)} launchers to finish",
+            wait_until(all_done, BOUND, f"{len(nodes)} launchers to finish",
                      lambda: "\n".join(n.describe() for n in nodes if n.proc.poll() != 0)[-20000:])  # fmt: skip
             took = time.monotonic() - started
             failed = [n for n in nodes if n.proc.returncode != 0]

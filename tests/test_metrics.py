@@ -20,11 +20,11 @@ from launcher_helpers import (
     clean_env,
     launchers,
     progress,
-    wait_for,
     write_script,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from rdzv_testlib import new_run_id
+from waiting import wait_until
 
 from launcher.metrics_endpoint import MetricsEndpoint
 from launcher.recorder import FAILURE, MEMBERSHIP, RecoveryTracker
@@ -80,7 +80,7 @@ def test_scrapes_follow_a_node_loss(etcd35, tmp_path: Path) -> None:
         def describe() -> str:
             return "\n".join(n.describe() for n in nodes)
 
-        wait_for(lambda: all(metrics_port(n) for n in nodes), 60, "both metrics ports", describe)
+        wait_until(lambda: all(metrics_port(n) for n in nodes), 60, "both metrics ports", describe)
         ports = [metrics_port(n) for n in nodes]
         scraped: list[dict] = [{}, {}]
 
@@ -93,7 +93,7 @@ def test_scrapes_follow_a_node_loss(etcd35, tmp_path: Path) -> None:
                 for s in scraped
             ) and progress(tmp_path, 2) is not None
 
-        wait_for(in_one_group, 90, "both nodes training in one group of 2", describe)
+        wait_until(in_one_group, 90, "both nodes training in one group of 2", describe)
         round_before = value(scraped[0], "rdzv_run_round")
         assert round_before is not None and round_before == value(scraped[1], "rdzv_run_round")
         assert value(scraped[0], "rdzv_launcher_restarts_total", cause=MEMBERSHIP) == 0
@@ -112,7 +112,7 @@ def test_scrapes_follow_a_node_loss(etcd35, tmp_path: Path) -> None:
                 and (value(after, "rdzv_launcher_recovery_seconds_count", phase="total", cause=MEMBERSHIP) or 0) >= 1
             )
 
-        wait_for(recovered, 90, "the survivor re-formed alone and runs its workers", describe)
+        wait_until(recovered, 90, "the survivor re-formed alone and runs its workers", describe)
         assert value(after, "rdzv_launcher_restarts_total", cause=MEMBERSHIP) == 1
         assert value(after, "rdzv_launcher_restarts_total", cause=FAILURE) == 0
         for phase in ("stopping", "rendezvous", "starting"):
@@ -191,7 +191,7 @@ def test_a_scraper_that_never_reads_does_not_block_updates() -> None:
             reader.connect(("127.0.0.1", endpoint.port))
             reader.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # ... and never reads the answer
             stalled.append(reader)
-        wait_for(lambda: any(t.name.startswith("Thread-") for t in threading.enumerate()), 10, "a request thread")
+        wait_until(lambda: any(t.name.startswith("Thread-") for t in threading.enumerate()), 10, "a request thread")
 
         done = threading.Event()
 
@@ -203,7 +203,7 @@ def test_a_scraper_that_never_reads_does_not_block_updates() -> None:
             done.set()
 
         threading.Thread(target=update, daemon=True).start()
-        wait_for(done.is_set, 30, "20,000 rounds of metric updates while two scrapes stall")
+        wait_until(done.is_set, 30, "20,000 rounds of metric updates while two scrapes stall")
         status, text = scrape(endpoint.port, timeout=30)
         assert status == 200
         found = samples(text)

@@ -36,6 +36,7 @@ from netns import (
     sweep_stale,
 )
 from rdzv_testlib import ROOT, new_run_id
+from waiting import wait_until
 
 # A scenario takes 20-50 s on an idle 2-core machine; the limit is for a heavily shared one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -147,15 +148,6 @@ def assert_ok(procs: Sequence[HostProcess], timeout: float = WAIT) -> None:
         assert rc == 0, f"{p.name} on {p.host.name} exited {rc}; log tail:\n{p.tail()}\n{_others(procs, p)}"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 def gen_certs(out: Path, *sans: str, ca_cn: str = "rdzv-etcd-ca") -> Path:
@@ -333,7 +325,7 @@ def elastic_trio_past_epoch_2(
                conf=BASE_CONF, args=args, extra=["--max-restarts=3"])
         for h in hosts
     ]
-    procs[0].wait_for(lambda p: epochs_done(p) >= 2, WAIT, "epoch 2")
+    procs[0].wait_until(lambda p: epochs_done(p) >= 2, WAIT, "epoch 2")
     assert formations(procs[2])[-1]["node_rank"] != 0
     return run_id, procs
 
@@ -352,7 +344,7 @@ def test_launcher_sigkill_survivors_reform(etcd3: NetnsEtcdCluster, hosts: list[
     wait_until(lambda: etcd3.count_keys(f"/rdzv/{run_id}/node/") <= 2, WAIT, "h2's lease to expire", step=0.1)
     expired_s = time.time() - killed_at
 
-    second = h0.wait_for(lambda p: formations(p, after=killed_at), WAIT, "the survivors' new round")[0]
+    second = h0.wait_until(lambda p: formations(p, after=killed_at), WAIT, "the survivors' new round")[0]
     reform_s = second["ts"] - killed_at
     assert second["nodes"] == 2
     assert_ok([h0, h1])
@@ -390,14 +382,14 @@ def test_link_cut_excluded_then_rejoins(etcd3: NetnsEtcdCluster, hosts: list[Hos
     try:
         wait_until(lambda: etcd3.count_keys(f"/rdzv/{run_id}/node/") <= 2, WAIT, "h2's lease to expire", step=0.1)
         expired_s = time.time() - cut_at
-        second = h0.wait_for(lambda p: formations(p, after=cut_at), WAIT, "the survivors' round without h2")[0]
+        second = h0.wait_until(lambda p: formations(p, after=cut_at), WAIT, "the survivors' round without h2")[0]
         excluded_s = second["ts"] - cut_at
         assert second["nodes"] == 2
         assert not formations(h2, after=cut_at)
     finally:
         hosts[2].link_up()
     up_at = time.time()
-    rejoined = h2.wait_for(lambda p: formations(p, after=up_at), WAIT, "h2 to rejoin")[0]
+    rejoined = h2.wait_until(lambda p: formations(p, after=up_at), WAIT, "h2 to rejoin")[0]
     rejoin_s = rejoined["ts"] - up_at
     assert rejoined["nodes"] == 3
     assert_ok(procs)
@@ -457,14 +449,14 @@ def test_etcd_member_loss_during_formation_and_training(
     connected.kill()
     h1 = launch(hosts[1], name="s4-h1", run_id=run_id, endpoints=etcd3.endpoint, nnodes="2",
                 conf=conf, args=args)
-    first = h0.wait_for(lambda p: formations(p)[:1], WAIT, "formation")[0]
+    first = h0.wait_until(lambda p: formations(p)[:1], WAIT, "formation")[0]
     formation_s = first["ts"] - killed_connected_at
     assert first["nodes"] == 2
     connected.restart()
     etcd3.wait_leader()
 
     # During training.
-    h0.wait_for(lambda p: epochs_done(p) >= 1, WAIT, "epoch 1")
+    h0.wait_until(lambda p: epochs_done(p) >= 1, WAIT, "epoch 1")
     leader = etcd3.wait_leader()
     elect_training = _kill(etcd3, leader)
     leader.restart()
@@ -509,7 +501,7 @@ def test_concurrent_jobs_and_run_id_reuse(etcd3: NetnsEtcdCluster, hosts: list[H
     a = job(job_a, (h0, h1), "a")
     b = job(job_b, (h1, h2), "b")
     for p in (a[0], b[0]):
-        p.wait_for(formations, WAIT, "formation")
+        p.wait_until(formations, WAIT, "formation")
     # What an operator sees meanwhile: both runs, two members each.
     status = rdzv_ops(h2, "status", f"--rdzv-endpoint={etcd3.endpoint}", "--json")
     assert status.returncode == 0, status.stderr
@@ -672,7 +664,7 @@ def test_auth_role_per_prefix_and_secret_hygiene(auth_etcd: NetnsEtcdCluster, ho
     p1 = launch(hosts[1], name="s6-auth-h1", run_id=run_id, endpoints=endpoint, nnodes="2", conf=conf,
                 args=["--epochs", "4", "--samples", "8192"],
                 env=host_env(extra={"RDZV_ETCD_PASSWORD": TEAM_A_PASSWORD}))
-    p0.wait_for(lambda p: formations(p), WAIT, "formation")
+    p0.wait_until(lambda p: formations(p), WAIT, "formation")
 
     def workers_up() -> list[int]:
         pids = ns_pids(hosts[0].ns) + ns_pids(hosts[1].ns)

@@ -25,11 +25,11 @@ from launcher_helpers import (
     clean_env,
     launchers,
     records,
-    wait_for,
     write_script,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from rdzv_testlib import NodeProcess, new_run_id, node_group
+from waiting import wait_until
 
 from rdzv.etcd import EtcdClient, Event, KeyValue
 from rdzv.events import EventDeriver
@@ -65,7 +65,7 @@ def test_events_follow_a_run_through_a_lost_node_and_close(etcd35, tmp_path: Pat
     ]
     with launchers(tmp_path) as start:
         feed = start(["events", "--rdzv-endpoint", etcd35.endpoint, "--rdzv-id", run_id, "--follow", "--json"], cmd=OPS)
-        wait_for(lambda: "waiting for run" in feed.stderr, 30, "the feed to watch", feed.describe)
+        wait_until(lambda: "waiting for run" in feed.stderr, 30, "the feed to watch", feed.describe)
         nodes = [start(node_args), start(node_args)]
 
         def context() -> str:
@@ -73,15 +73,15 @@ def test_events_follow_a_run_through_a_lost_node_and_close(etcd35, tmp_path: Pat
 
         pids = {n.proc.pid for n in nodes}
         # Both nodes form round 1 together (max_nodes reached before the 20 s last call ends).
-        wait_for(lambda: _find(_events(feed), "round_sealed") >= 0, 90, "round 1 sealed", context)
+        wait_until(lambda: _find(_events(feed), "round_sealed") >= 0, 90, "round 1 sealed", context)
         first = _events(feed)[_find(_events(feed), "round_sealed")]
         assert first["round"] == 1 and {m["pid"] for m in first["members"]} == pids, first
         assert sorted(m["rank"] for m in first["members"]) == [0, 1] and first["master_endpoint"]
         # Once both nodes train, SIGKILL one (launcher and workers): its record expires within lease_ttl.
-        wait_for(lambda: sorted(records(tmp_path, 0)) == [0, 1], 60, "both workers running", context)
+        wait_until(lambda: sorted(records(tmp_path, 0)) == [0, 1], 60, "both workers running", context)
         lost, survivor = nodes[1], nodes[0]
         lost.kill()
-        wait_for(lambda: _find(_events(feed), "round_sealed", round=2) >= 0, 60, "round 2 sealed", context)
+        wait_until(lambda: _find(_events(feed), "round_sealed", round=2) >= 0, 60, "round 2 sealed", context)
         (tmp_path / "stop").touch()
         assert survivor.wait(60) == 0, context()
         assert feed.wait(30) == 0, context()
@@ -194,23 +194,23 @@ def test_status_watch_redraws_in_a_terminal(etcd35) -> None:
     args = [*OPS, "status", "--rdzv-endpoint", etcd35.endpoint, "--rdzv-id", run_id, "--watch"]
     with screen(args) as shown:
         with node_group("etcd", etcd35.endpoint, run_id, local_world_size="4") as g:
-            wait_for(_frame_with(shown, f"run {run_id}: no keys"), 30, "the first frame", lambda: shown.text)
+            wait_until(_frame_with(shown, f"run {run_id}: no keys"), 30, "the first frame", lambda: shown.text)
             a, b = g.node(2, 3, local_addr="hostA"), g.node(2, 3, local_addr="hostB")
             g.join_all([a, b])
-            wait_for(_frame_with(shown, "round 1  2 node(s)", "hostB"), 30, "round 1 on screen", lambda: shown.text)
+            wait_until(_frame_with(shown, "round 1  2 node(s)", "hostB"), 30, "round 1 on screen", lambda: shown.text)
             frame = next(f for f in shown.frames if "round 1  2 node(s)" in f)
             rows = [line.split() for line in frame.splitlines() if re.match(r"\s+[01]\s+host", line)]
             assert [(r[0], r[1], r[2]) for r in rows] == [("0", "hostA", "4"), ("1", "hostB", "4")], frame
             assert "2 node(s) (min 2, max 3)" in frame and re.search(r"age \d+s", frame), frame
             # A newcomer: it waits for round 2, and neither member has asked for it yet.
             late = g.join(g.node(2, 3, local_addr="hostC"))
-            wait_for(_frame_with(shown, "forming round 2: asked by hostC", "not back yet (of round 1): hostA, hostB"),
+            wait_until(_frame_with(shown, "forming round 2: asked by hostC", "not back yet (of round 1): hostA, hostB"),
                      30, "the newcomer on screen", lambda: shown.frames[-1])
             count = len(shown.frames)
-            wait_for(lambda: len(shown.frames) > count, 10, "a redraw on the clock tick alone", lambda: shown.text)
+            wait_until(lambda: len(shown.frames) > count, 10, "a redraw on the clock tick alone", lambda: shown.text)
             g.join_all([a, b])
             late.result(timeout=30)
-            wait_for(_frame_with(shown, "round 2  3 node(s)", "hostC"), 30, "round 2 on screen",
+            wait_until(_frame_with(shown, "round 2  3 node(s)", "hostC"), 30, "round 2 on screen",
                      lambda: shown.frames[-1])
         # A clean end removes the run's keys: the watch ends by itself.
         assert shown.proc.wait(timeout=30) == 0, shown.text[-3000:]
@@ -220,7 +220,7 @@ def test_status_watch_prints_blocks_when_not_a_terminal(etcd35, tmp_path: Path) 
     run_id = new_run_id("plain")
     with launchers(tmp_path) as start:
         watch = start(["status", "--rdzv-endpoint", etcd35.endpoint, "--rdzv-id", run_id, "--watch"], cmd=OPS)
-        wait_for(lambda: "no keys" in watch.stdout, 30, "the first block", watch.describe)
+        wait_until(lambda: "no keys" in watch.stdout, 30, "the first block", watch.describe)
         with node_group("etcd", etcd35.endpoint, run_id) as g:
             g.join_all([g.node(1, 1, local_addr="hostA")])
         assert watch.wait(30) == 0, watch.describe()
@@ -258,7 +258,7 @@ def test_exporter_serves_every_run_from_one_watch(etcd35, tmp_path: Path) -> Non
     procs: list[NodeProcess] = []
     with launchers(tmp_path) as start, node_group("etcd", etcd35.endpoint, growing, prefix=prefix) as g:
         exporter = start(exporter_args, cmd=OPS)
-        wait_for(lambda: "/metrics" in exporter.stderr, 30, "the exporter's address", exporter.describe)
+        wait_until(lambda: "/metrics" in exporter.stderr, 30, "the exporter's address", exporter.describe)
         url = re.search(r"http://\S+/metrics", exporter.stderr).group(0)  # type: ignore[union-attr]
         try:
             # Run 1: two node processes form round 1; one is SIGKILLed; the other re-forms alone.
@@ -270,10 +270,10 @@ def test_exporter_serves_every_run_from_one_watch(etcd35, tmp_path: Path) -> Non
             def metric(name: str, run: str = "") -> float | None:
                 return _scrape(url).get((name, run))
 
-            wait_for(lambda: metric("rdzv_run_world_size", lossy) == 2 and metric("rdzv_run_round", lossy) == 1,
+            wait_until(lambda: metric("rdzv_run_world_size", lossy) == 2 and metric("rdzv_run_round", lossy) == 1,
                      90, "run 1 in round 1 with 2 nodes", exporter.describe)
             late = g.join(g.node(2, 3, local_addr="hostC"))
-            wait_for(lambda: metric("rdzv_run_nodes_waiting", growing) == 1, 30, "a waiting node", exporter.describe)
+            wait_until(lambda: metric("rdzv_run_nodes_waiting", growing) == 1, 30, "a waiting node", exporter.describe)
             values = _scrape(url)
             assert values[("rdzv_run_round", growing)] == 1 and values[("rdzv_run_world_size", growing)] == 2
             assert values[("rdzv_run_min_nodes", growing)] == 2 and values[("rdzv_run_max_nodes", growing)] == 3
@@ -283,11 +283,11 @@ def test_exporter_serves_every_run_from_one_watch(etcd35, tmp_path: Path) -> Non
             assert values[("rdzv_exporter_watch_resyncs_total", "")] == 0
             assert values[("rdzv_run_round_age_seconds", lossy)] >= 0
             procs[1].kill()  # a lost node: its record expires within lease_ttl
-            wait_for(lambda: metric("rdzv_run_round", lossy) == 2, 60, "run 1 to re-form", exporter.describe)
+            wait_until(lambda: metric("rdzv_run_round", lossy) == 2, 60, "run 1 to re-form", exporter.describe)
             assert metric("rdzv_run_world_size", lossy) == 1 and metric("rdzv_run_lost_members", lossy) == 0
             g.join_all([a, b])
             late.result(timeout=30)
-            wait_for(lambda: metric("rdzv_run_world_size", growing) == 3, 30, "run 2 grows", exporter.describe)
+            wait_until(lambda: metric("rdzv_run_world_size", growing) == 3, 30, "run 2 grows", exporter.describe)
             assert metric("rdzv_run_round", growing) == 2 and metric("rdzv_run_nodes_waiting", growing) == 0
             with urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=5) as answer:
                 assert answer.status == 200 and answer.read().startswith(b"ok: 2 run(s)")
@@ -361,7 +361,7 @@ def test_exporter_healthz_says_when_etcd_fails(tmp_path: Path) -> None:
     with launchers(tmp_path) as start:
         exporter = start(["exporter", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--port", "0",
                           "--host", "127.0.0.1", "--rdzv-conf", "timeout=1"], cmd=OPS)
-        wait_for(lambda: "/metrics" in exporter.stderr, 30, "the exporter's address", exporter.describe)
+        wait_until(lambda: "/metrics" in exporter.stderr, 30, "the exporter's address", exporter.describe)
         url = re.search(r"http://\S+/healthz", exporter.stderr.replace("/metrics", "/healthz")).group(0)  # type: ignore[union-attr]
 
         def unhealthy() -> bool:
@@ -371,7 +371,7 @@ def test_exporter_healthz_says_when_etcd_fails(tmp_path: Path) -> None:
                 return exc.code == 503 and b"not watching" in exc.read()
             return False
 
-        wait_for(unhealthy, 30, "healthz 503", exporter.describe)
+        wait_until(unhealthy, 30, "healthz 503", exporter.describe)
         assert _scrape(url.replace("/healthz", "/metrics"))[("rdzv_exporter_up", "")] == 0
         exporter.signal(signal.SIGTERM)
         assert exporter.wait(30) == 0, exporter.describe()

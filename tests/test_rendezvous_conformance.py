@@ -12,22 +12,26 @@ import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
 from etcd_harness import EtcdServer, free_port
-from rdzv_testlib import NodeGroup, NodeProcess, new_run_id, wait_until
+from rdzv_testlib import NodeGroup, NodeProcess, new_run_id
 from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
     RendezvousGracefulExitError,
+    RendezvousHandler,
+    RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
 )
+from waiting import wait_until
 
 from rdzv import create_handler
 from rdzv.rendezvous.backend import DURABLE, ELASTIC, LIVENESS, SPARES
@@ -100,6 +104,15 @@ def backend(request: pytest.FixtureRequest, etcd_servers: Callable[[str], EtcdSe
         "static": frozenset(),
     }[name]
     return Backend(name, endpoint, caps)
+
+
+def _join_as_spare(g: Group, node: RendezvousHandler) -> Future[RendezvousInfo]:
+    """Start `node`'s join and return once it reports waiting as a spare."""
+    roles: list[str] = []
+    node.set_progress_callback(lambda progress: roles.append(progress["role"]))
+    fut = g.join(node)
+    wait_until(lambda: "spare" in roles or fut.done(), 30, "the node to wait as a spare")
+    return fut
 
 
 def ranks_of(infos) -> list[int]:
@@ -216,8 +229,7 @@ def test_spare_beyond_max_steps_in_when_a_member_leaves(backend: Backend) -> Non
         try:
             for p in procs:
                 p.wait_rounds(1)
-            fut = g.join(spare)
-            time.sleep(1.5)
+            fut = _join_as_spare(g, spare)
             assert not fut.done(), "a spare must wait while the group is full"
             procs[0].kill()  # it stops renewing its liveness; the survivor re-forms with the spare
             info = fut.result(timeout=30)
@@ -321,8 +333,7 @@ def test_spare_exits_gracefully_when_closed(backend: Backend) -> None:
             with pytest.raises(RendezvousError, match="no spares"):
                 b.next_rendezvous()
             return
-        fut = g.join(b)
-        time.sleep(1)
+        fut = _join_as_spare(g, b)
         a.set_closed()
         with pytest.raises(RendezvousGracefulExitError):
             fut.result(timeout=10)
@@ -341,9 +352,10 @@ def test_join_timeout_names_members_not_back(backend: Backend) -> None:
     """A member of the previous round that does not come back is named, by host, in the
     waiting node's progress reports and in its join timeout (not just counted)."""
     run_id = new_run_id("notback")
-    with backend.group(run_id, join_timeout="4") as g:
+    # join_timeout: long enough for the victim's process to start (import torch) on a busy box.
+    with backend.group(run_id, join_timeout="10") as g:
         a = g.node(2, 2)  # first: for c10d/static it serves the store
-        victim = backend.process(run_id, 2, 2, local_addr="127.0.0.1", join_timeout="4")
+        victim = backend.process(run_id, 2, 2, local_addr="127.0.0.1")
         try:
             fa = g.join(a)
             assert victim.wait_rounds(1)["world_size"] == 2
@@ -401,7 +413,8 @@ def test_peer_finishing_cleanly_does_not_restart_the_others(backend: Backend) ->
         g.join_all([a, b])
         b.shutdown()
         wait_until(a.is_closed, 10, "the close to reach the other node")
-        time.sleep(0.5)  # let the departure arrive too
+        if LIVENESS in backend.capabilities:
+            wait_until(lambda: a.num_nodes_waiting() >= 0 and a.group_counts().lost, 10, "the departure to arrive")
         assert a.num_nodes_waiting() == 0
 
 

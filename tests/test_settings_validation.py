@@ -14,8 +14,9 @@ from pathlib import Path
 import etcd as etcd_v2_client
 import pytest
 from launcher_helpers import clean_env
-from rdzv_testlib import new_run_id, node_group, wait_until
+from rdzv_testlib import new_run_id, node_group
 from torch.distributed.elastic.rendezvous import RendezvousParameters
+from waiting import wait_until
 
 from rdzv import create_handler
 from rdzv.etcd import EtcdClient

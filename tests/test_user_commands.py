@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from launcher_helpers import LAUNCH, Launcher, clean_env, free_port, launchers, wait_for
+from launcher_helpers import LAUNCH, Launcher, clean_env, free_port, launchers
+from waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -158,7 +159,7 @@ def _run(tmp_path: Path, style: str, commands: list[str]) -> tuple[list[Launcher
             # Every node exited, or one failed (the others may then wait for it for minutes).
             return None not in codes or any(code not in (None, 0) for code in codes)
 
-        wait_for(done, JOB_TIMEOUT, "every node to exit", lambda: _describe(nodes))
+        wait_until(done, JOB_TIMEOUT, "every node to exit", lambda: _describe(nodes))
         if any(node.proc.poll() != 0 for node in nodes):
             raise AssertionError(f"a node failed\n{_describe(nodes)}")
     ranks = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in results.glob("rank*.json")}
