@@ -204,6 +204,23 @@ def test_lease_keepalive_keeps_key_then_expires(client: EtcdClient, ns: str) -> 
     assert not lost.is_set()  # stopped on purpose: no callback
 
 
+def test_keep_alive_lag_grows_while_etcd_is_stalled(client: EtcdClient, etcd: EtcdServer) -> None:
+    lease = client.lease_grant(30)
+    keeper = client.lease_keeper
+    assert keeper.keep_alive_lag(lease.id) is None, "not kept yet"
+    client.keep_alive(lease.id, lease.ttl, interval=0.2)
+    wait_until(lambda: keeper.keep_alive_lag(lease.id) == 0.0, 5, "etcd to answer a keep-alive")
+    etcd.member.pause()
+    try:
+        wait_until(lambda: (keeper.keep_alive_lag(lease.id) or 0.0) > 0.5, 10, "the lag to grow")
+    finally:
+        etcd.member.resume()
+    wait_until(lambda: keeper.keep_alive_lag(lease.id) == 0.0, 30, "etcd to answer again")
+    client.stop_keep_alive(lease.id)
+    assert keeper.keep_alive_lag(lease.id) is None
+    client.lease_revoke(lease.id)
+
+
 def test_lease_revoke(client: EtcdClient, ns: str) -> None:
     lease = client.lease_grant(30)
     client.put(ns + "r", "v", lease=lease.id)

@@ -134,6 +134,16 @@ class LeaseKeeper(StreamOwner):
     def is_kept(self, lease_id: int) -> bool:
         return lease_id in self._leases
 
+    def keep_alive_lag(self, lease_id: int) -> float | None:
+        """Seconds the oldest unanswered keep-alive of ``lease_id`` has waited (0.0 when etcd
+        has answered them all; None when the lease is not kept). It grows while etcd is slow,
+        stalled or out of reach; past the TTL the lease is only unconfirmed (module docstring)."""
+        with self._cond:
+            k = self._leases.get(lease_id)
+            if k is None:
+                return None
+            return 0.0 if k.pending_since is None else max(time.monotonic() - k.pending_since, 0.0)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
