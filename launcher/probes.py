@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 
 from launcher.problems import UsageProblem
+from rdzv import hosts
 
 
 def is_this_host(host: str) -> bool:
     """Whether `host` names this machine (so a c10d store there is ours to serve, not to reach)."""
-    if host in ("localhost", socket.gethostname()):
-        return True
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return True
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    for family, _, _, _, sockaddr in infos:
-        # An address this machine can bind is one of its own.
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind((sockaddr[0], 0))
-            return True
-        except OSError:
-            continue
-    return False
+    return hosts.is_this_host(host)
 
 
 def check_reachable(endpoints: list[tuple[str, int]], timeout: float, what: str) -> None:
