@@ -1,6 +1,6 @@
 """Read-only views of the runs on an etcd (for `rdzv status`), and removal of a run (`rdzv clean`).
 
-Works on the etcd v3 key layout of `rdzv.backends.etcd_v3` and needs no torch. Keys that do not
+Works on the etcd v3 key layout (`rdzv.layouts.EtcdV3Layout`) and needs no torch. Keys that do not
 decode (written by hand, by another tool) never make a command fail: the run is shown with them
 listed under `corrupt`, and a node record among them is not counted as a node.
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rdzv.etcd import EtcdClient, EtcdError, KeyValue
+from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import (
     NodeInfo,
     RecordError,
@@ -25,9 +26,7 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
-from rdzv.rendezvous.settings import password_from
-
-DEFAULT_PREFIX = "/rdzv"
+from rdzv.rendezvous.settings import DEFAULT_PREFIX, password_from
 
 # What a key of a run is, by its name under `<prefix>/<run_id>/`.
 CURRENT, CLOSED, LEASE, COORD, LASTCALL, NODE, STORE, OTHER = (
@@ -61,9 +60,14 @@ def norm_prefix(prefix: str) -> str:
     return "/" + prefix.strip("/") if prefix.strip("/") else ""
 
 
+def layout(prefix: str, run_id: str) -> EtcdV3Layout:
+    """The keys of run `run_id` under `prefix`."""
+    return EtcdV3Layout(f"{norm_prefix(prefix)}/{run_id}")
+
+
 def run_root(prefix: str, run_id: str) -> str:
     """Where a run's keys live: `<prefix>/<run_id>/`."""
-    return f"{norm_prefix(prefix)}/{run_id}/"
+    return layout(prefix, run_id).root
 
 
 class RunNotFound(LookupError):
@@ -87,22 +91,19 @@ class RunKey:
     error: str | None = None
 
 
+_EXACT = {EtcdV3Layout.CURRENT: CURRENT, EtcdV3Layout.CLOSED: CLOSED, EtcdV3Layout.LEASE: LEASE}
+_PREFIXES = (
+    (EtcdV3Layout.COORD, COORD),
+    (EtcdV3Layout.LASTCALL, LASTCALL),
+    (EtcdV3Layout.NODE, NODE),
+    (EtcdV3Layout.STORE, STORE),
+)
+
+
 def _kind(rel: str) -> str:
-    if rel == "ctl/current":
-        return CURRENT
-    if rel == "ctl/closed":
-        return CLOSED
-    if rel == "ctl/lease":
-        return LEASE
-    if rel.startswith("ctl/coord/"):
-        return COORD
-    if rel.startswith("ctl/lastcall/"):
-        return LASTCALL
-    if rel.startswith("node/"):
-        return NODE
-    if rel.startswith("store/"):
-        return STORE
-    return OTHER
+    if rel in _EXACT:
+        return _EXACT[rel]
+    return next((kind for start, kind in _PREFIXES if rel.startswith(start)), OTHER)
 
 
 def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
@@ -116,10 +117,10 @@ def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
         if kind == LEASE:
             parse_lease_id(kv.value)
         if kind == COORD:
-            round_no = parse_round_no(rel[len("ctl/coord/") :])
+            round_no = parse_round_no(rel[len(EtcdV3Layout.COORD) :])
             return RunKey(key, rel, kind, kv, round_no=round_no, coordinator=parse_node_id(kv.value))
         if kind == LASTCALL:
-            round_no = parse_round_no(rel[len("ctl/lastcall/") :])
+            round_no = parse_round_no(rel[len(EtcdV3Layout.LASTCALL) :])
             deadline = parse_number(kv.value, "last call deadline")
             return RunKey(key, rel, kind, kv, round_no=round_no, deadline=deadline)
         if kind == NODE:
@@ -131,7 +132,7 @@ def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
 
 def _node(rel: str, kv: KeyValue) -> NodeInfo:
     info = NodeInfo.decode(kv.value)
-    if info.node_id != rel[len("node/") :]:
+    if info.node_id != rel[len(EtcdV3Layout.NODE) :]:
         raise RecordError(f"it names node {info.node_id!r}")
     return info
 
@@ -240,13 +241,13 @@ def _describe(client: EtcdClient, prefix: str, run_id: str) -> dict[str, Any]:
     return summarize(run_id, keys, ttl_of)
 
 
-def _live_nodes(client: EtcdClient, run: str) -> int:
+def _live_nodes(client: EtcdClient, keys: EtcdV3Layout) -> int:
     """Node records of a run that belong to running nodes: records that decode and whose lease
     is alive. A record that does not decode is no node, one without a lease none that runs."""
     live = 0
-    for kv in client.range(run + "node/", prefix=True).kvs:
+    for kv in client.range(keys.nodes, prefix=True).kvs:
         try:
-            _node(kv.key.decode(errors="replace")[len(run) :], kv)
+            _node(kv.key.decode(errors="replace")[len(keys.root) :], kv)
         except RecordError:
             continue
         if kv.lease and client.lease_time_to_live(kv.lease) > 0:
@@ -260,19 +261,19 @@ def clean_run(
     """Delete a run's keys; returns how many. Refuses while nodes are alive unless `force`."""
     if not run_id or "/" in run_id:
         raise ValueError(f"invalid run id {run_id!r}")
-    run = run_root(prefix, run_id)
+    keys = layout(prefix, run_id)
     with connect(endpoint, **conn) as client:
         # A closed run forms no more rounds: its nodes are leaving, or dead with records that
         # only wait for their leases to expire; removing its keys harms none of them.
-        marker = client.get(run + "ctl/closed")
+        marker = client.get(keys.closed)
         closed = marker is not None and marker.value == b"1"
-        live = 0 if force or closed else _live_nodes(client, run)
+        live = 0 if force or closed else _live_nodes(client, keys)
         if live:
             raise RuntimeError(
                 f"run '{run_id}' still has {live} live node(s); stop them first or use --force"
             )
-        lease = client.get(run + "ctl/lease")
-        deleted = client.delete(run, prefix=True, idempotent=True)
+        lease = client.get(keys.lease)
+        deleted = client.delete(keys.root, prefix=True, idempotent=True)
         if lease is not None:
             with contextlib.suppress(EtcdError, ValueError):
                 client.lease_revoke(int(lease.value), idempotent=True)

@@ -1,35 +1,39 @@
-"""Backend names -> handler creators, shared by the library API, the launcher and torchrun's plugin hook."""
+"""Backend names -> handlers, built in one place for the library API, the launcher and torchrun's
+plugin hook: parse the settings, the backend module's `create_backend(settings)`, a handler.
+
+Torch-free at import (the launcher checks backend names before torch loads): a backend's
+modules load on first use, so python-etcd, gRPC and TCPStore hosting are only paid for by the
+backend a job picks.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.settings import check_config, check_run_id
+from rdzv.rendezvous.settings import check_config, check_run_id, parse_settings
 
-if TYPE_CHECKING:  # annotations only: the launcher checks backend names before torch loads
+if TYPE_CHECKING:  # annotations only
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
-HandlerCreator = Callable[["RendezvousParameters"], "RendezvousHandler"]
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where a backend lives: its module (exporting `create_backend`), its endpoint's default
+    port, and the handler class in that module when it needs more than `RdzvHandler`."""
+
+    module: str
+    default_port: int
+    handler: str | None = None
 
 
-def _lazy(module: str) -> HandlerCreator:
-    # Backends load on first use: python-etcd, gRPC and TCPStore hosting are only paid for
-    # by the backend a job picks.
-    def create(params: RendezvousParameters) -> RendezvousHandler:
-        return importlib.import_module(module).create_handler(params)  # type: ignore[no-any-return]
+_ETCD_V3 = BackendEntry("rdzv.backends.etcd_v3", 2379)
+_ETCD_V2 = BackendEntry("rdzv.backends.etcd_v2", 2379)
+_C10D = BackendEntry("rdzv.backends.c10d", 29400)
+_STATIC = BackendEntry("rdzv.backends.static", 29500, handler="StaticHandler")
 
-    create.__name__ = f"create_{module.rsplit('.', 1)[1]}_handler"
-    return create
-
-
-_ETCD_V3 = _lazy("rdzv.backends.etcd_v3")
-_ETCD_V2 = _lazy("rdzv.backends.etcd_v2")
-_C10D = _lazy("rdzv.backends.c10d")
-_STATIC = _lazy("rdzv.backends.static")
-
-BACKENDS: dict[str, HandlerCreator] = {
+BACKENDS: dict[str, BackendEntry] = {
     "etcd": _ETCD_V3,
     "etcd-v3": _ETCD_V3,
     "etcd-v2": _ETCD_V2,
@@ -54,13 +58,21 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     before the backend loads or anything is written.
     """
     try:
-        creator = BACKENDS[params.backend]
+        entry = BACKENDS[params.backend]
     except KeyError:
         raise ValueError(
             f"unknown rendezvous backend {params.backend!r}; choose one of {', '.join(backend_names())}"
         ) from None
     # Checked here for every entry point (library, torchrun plugins, rdzv-launch), before the
-    # backend's modules load; the backends check again through parse_settings.
+    # backend's modules load.
     check_run_id(params.run_id)
     check_config(params.config)
-    return creator(params)
+    settings = parse_settings(params, default_port=entry.default_port)
+    from rdzv.rendezvous.handler import RdzvHandler  # torch: only once a handler is wanted
+
+    module = importlib.import_module(entry.module)
+    backend = module.create_backend(settings)
+    handler_class: type[RdzvHandler] = getattr(module, entry.handler) if entry.handler else RdzvHandler
+    handler = handler_class(settings, backend)
+    backend.open_session()
+    return handler

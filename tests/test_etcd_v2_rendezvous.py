@@ -21,7 +21,8 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 from waiting import wait_until
 
 from rdzv import create_handler
-from rdzv.backends.etcd_v2_store import EtcdV2Client, EtcdV2Store
+from rdzv.backends.etcd_v2_client import EtcdV2Client
+from rdzv.backends.etcd_v2_store import EtcdV2Store
 from rdzv.rendezvous.model import Control
 from rdzv.rendezvous.settings import parse_settings
 

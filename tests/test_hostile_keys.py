@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(240)
 
 GARBAGE = b"{not json at all"
 NODE = NodeInfo("abc123", "h", "127.0.0.1", 7, 1234, 1, None, 2)
-ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, since=5)
+ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, view_cursor=5)
 
 
 # ------------------------------------------------------------------ the decoders
@@ -46,7 +46,7 @@ ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, since=5)
 def test_valid_records_round_trip() -> None:
     assert NodeInfo.decode(NODE.encode()) == NODE
     assert RoundRecord.decode(ROUND.encode(), 9) == ROUND
-    assert RoundRecord.decode(ROUND.encode(), 9).revision == 9
+    assert RoundRecord.decode(ROUND.encode(), 9).cursor == 9
     # Records written before the version field existed still read.
     legacy = {k: v for k, v in json.loads(NODE.encode()).items() if k != "v"}
     assert NodeInfo.decode(json.dumps(legacy)) == NODE

@@ -25,9 +25,9 @@ from rdzv.backends.c10d_store import (
     LogReader,
     OpCounts,
     StoreConnection,
-    names_this_machine,
     serve_store,
 )
+from rdzv.hosts import is_this_host
 from rdzv.rendezvous.settings import ConfigError
 
 # See tests/test_rendezvous_conformance.py: TCPStore may stall on reverse DNS for 5 s.
@@ -45,12 +45,14 @@ def _conn(port: int = 0) -> StoreConnection:
 # ---------------------------------------------------------------- who serves the store
 
 
-def test_names_this_machine() -> None:
-    assert names_this_machine("localhost")
-    assert names_this_machine("127.0.0.1")
-    assert names_this_machine(socket.gethostname())
-    assert not names_this_machine("192.0.2.1")  # TEST-NET-1: not ours
-    assert not names_this_machine("no-such-host.invalid")
+def test_is_this_host() -> None:
+    assert is_this_host("localhost")
+    assert is_this_host("127.0.0.1")
+    assert is_this_host("[::1]")
+    assert is_this_host(socket.gethostname())
+    assert is_this_host(socket.getfqdn())
+    assert not is_this_host("192.0.2.1")  # TEST-NET-1: not ours
+    assert not is_this_host("no-such-host.invalid")
 
 
 def test_port_zero_serves_the_store_here() -> None:

@@ -1,5 +1,6 @@
-"""torch's TCPStore as a rendezvous store: who serves it, connections whose every operation is
-bounded, counted and fails with a message naming the endpoint, and an ordered change log.
+"""torch's TCPStore as a rendezvous store: serving and connecting, connections whose every
+operation is bounded, counted and fails with a message naming the endpoint, an ordered change
+log, and where the c10d backend keeps a run's keys (`C10dLayout`).
 
 TCPStore gives per-key `set`/`get`/`add`/`compare_set`/`append`, `check`, `multi_get` and a
 blocking `wait` for keys to appear. It has no transactions, no key listing by prefix, no TTLs
@@ -11,7 +12,6 @@ is why each blocking reader gets its own connection (`clone`).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -50,28 +50,6 @@ def _connect(make: Callable[[], TCPStore], what: str, host: str, port: int) -> T
                 raise
             log.info("%s: connect timed out (attempt %d of %d); retrying", what, attempt, CONNECT_TRIES)
     raise AssertionError("unreachable")
-
-
-def names_this_machine(host: str) -> bool:
-    """Whether `host` is this machine: localhost, a loopback address, our host name or FQDN,
-    or a name/address that resolves to an address we can bind (one of our interfaces)."""
-    if host.strip("[]") in ("localhost", socket.gethostname(), socket.getfqdn()):
-        return True
-    try:
-        resolved = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
-    except (OSError, UnicodeError):
-        return False
-    for address in resolved:
-        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
-            return True
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind((address, 0))
-        except OSError:
-            continue
-        return True
-    return False
 
 
 @dataclass
@@ -272,3 +250,51 @@ class LogReader:
             slot = self.log.slot(n)
             if conn.compare_set(slot, "", HOLE) == HOLE.encode():
                 log.warning("%s: log slot %s was reserved but never written; skipped", conn.where, slot)
+
+
+class C10dLayout:
+    """The c10d backend's keys under ``<prefix>/<run_id>/`` (a multi-tenant store may serve
+    several runs)::
+
+        gen                      generation; bumped by the last node out so a reused run id
+                                 starts afresh (TCPStore cannot delete by prefix)
+        <gen>/state              state document: sealed round + closed flag (compare_set)
+        <gen>/claim/<round>      "<node id>[\\t<last call deadline>]" of the round's
+                                 coordinator, "" once released (compare_set "" -> id claims it)
+        <gen>/node/<node id>     "<arrival> <NodeInfo JSON>", "" once the node is gone
+        <gen>/hb/<node id>       heartbeat counter, "0" once the node left or was declared dead
+        <gen>/ids                every node id that announced (append), to list nodes
+        <gen>/arrivals           counter giving each announce its arrival order
+        <gen>/log/all, log/ctl   ordered change logs (`ChangeLog`) naming changed keys
+        <gen>/store/<round>/...  the round's torch Store (a PrefixStore)
+
+    Change logs name keys relative to ``<gen>/`` (`claim/<round>`, `node/<id>`, `state`).
+    """
+
+    CLAIM = "claim/"
+    NODE = "node/"
+
+    def __init__(self, run_prefix: str, gen: int) -> None:
+        self.gen_counter = f"{run_prefix}/gen"
+        base = f"{run_prefix}/{gen}/"
+        self.base = base
+        self.state = base + "state"
+        self.ids = base + "ids"
+        self.arrivals = base + "arrivals"
+        self.all = ChangeLog(base + "log/all")
+        self.ctl = ChangeLog(base + "log/ctl")
+
+    def full(self, name: str) -> str:
+        return self.base + name
+
+    def claim(self, round_no: int) -> str:
+        return f"{self.CLAIM}{round_no}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.NODE}{node_id}"
+
+    def heartbeat(self, node_id: str) -> str:
+        return f"{self.base}hb/{node_id}"
+
+    def store(self, round_no: int) -> str:
+        return f"{self.base}store/{round_no}/"

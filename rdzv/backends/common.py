@@ -41,10 +41,10 @@ def to_bytes(value: str | bytes | list[int]) -> bytes:
 # (the "state document"), so that a single compare-and-set seals a round only if the run is
 # still open, and closing cannot slip in between a check and a seal.
 def encode_state(sealed: RoundRecord | None, closed: bool) -> str:
-    """`sealed.revision` is kept in the document: it is where members start watching."""
+    """`sealed.cursor` is kept in the document (as "rev"): it is where members start watching."""
     doc = {
         "closed": closed,
-        "rev": sealed.revision if sealed is not None else 0,
+        "rev": sealed.cursor if sealed is not None else 0,
         "sealed": json.loads(sealed.encode()) if sealed is not None else None,
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True)

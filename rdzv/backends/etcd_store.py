@@ -30,6 +30,8 @@ RETRY_MAX = 5.0
 
 
 class EtcdStore(Store):
+    """torch's Store interface over the etcd v3 keys below `prefix`, written on `lease`."""
+
     def __init__(
         self,
         client: EtcdClient,
@@ -37,13 +39,11 @@ class EtcdStore(Store):
         *,
         lease: int = 0,
         timeout: float = 300.0,
-        op_timeout: float | None = None,
     ) -> None:
         super().__init__()
         self._client = client
         self._prefix = prefix
         self._lease = lease
-        self._op_timeout = op_timeout
         self.set_timeout(timedelta(seconds=timeout))
 
     def _key(self, key: str) -> bytes:

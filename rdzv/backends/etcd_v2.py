@@ -1,14 +1,7 @@
 """The etcd v2 backend (python-etcd over etcd's v2 HTTP API, `--enable-v2` on etcd 3.4/3.5).
 
 Same algorithm and semantics as the v3 backend; v2 lacks leases, transactions and watch
-streams, so this file emulates them. Key layout under ``<prefix>/<run_id>``::
-
-    w/ctl/state          state document: sealed round + closed flag   [TTL run_ttl, refreshed
-                                                                         by the round leaders]
-    w/ctl/coord/<round>  node id coordinating a forming round         [TTL lease_ttl, holder]
-    w/ctl/lastcall/<round> wall-clock end of that round's last call   [TTL lease_ttl, holder]
-    w/node/<node id>     NodeInfo JSON                                [TTL lease_ttl, owner]
-    store/<round>/...    the round's torch Store (etcd_v2_store.py)    [TTL store_ttl, fixed]
+streams, so this file emulates them. Keys are laid out by `rdzv.layouts.EtcdV2Layout`.
 
 What the emulation costs, compared with v3:
 
@@ -39,30 +32,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Collection
 
 import etcd
 from torch.distributed import Store
-from torch.distributed.elastic.rendezvous import (
-    RendezvousConnectionError,
-    RendezvousHandler,
-    RendezvousParameters,
-)
 
-from rdzv.backends.common import Change, PumpedFeed, Ticker, apply_state, encode_state
-from rdzv.backends.etcd_v2_store import (
-    REMOVED,
+from rdzv.backends.common import PumpedFeed, Ticker, apply_state, encode_state
+from rdzv.backends.etcd_v2_client import (
     EtcdV2Client,
     EtcdV2Error,
-    EtcdV2Store,
-    EtcdV2UnreachableError,
     index_of,
     v2_errors,
     whole_seconds,
 )
-from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange
-from rdzv.rendezvous.handler import RdzvHandler
+from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
+from rdzv.backends.etcd_v2_store import EtcdV2Store
+from rdzv.layouts import EtcdV2Layout
+from rdzv.rendezvous.backend import ALL_CAPABILITIES
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
@@ -74,44 +60,16 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
-from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 
 log = logging.getLogger("rdzv")
 
-ROUND_DIGITS = 12  # zero-padded so that listing order is round order
+DEFAULT_PORT = 2379
 RUN_TTL_LEASES = 3  # the state document outlives its last refresher by this many lease TTLs
 DEFAULT_STORE_TTL = 7200.0
 LEADER_RANKS = 2  # ranks of the running round that keep the state document alive
 WATCH_WAIT = 10.0  # longest long poll; a closed feed's thread ends within this
 EXPIRY_SLACK = 1.0  # beyond the node key's TTL: etcd's expiry tick and the watch event
-
-
-def _round_key(round_no: int) -> str:
-    return f"{round_no:0{ROUND_DIGITS}d}"
-
-
-class V2Keys:
-    def __init__(self, run_prefix: str) -> None:
-        self.root = run_prefix
-        self.watched = run_prefix + "/w"  # what node feeds watch: control and node keys only
-        self.ctl = self.watched + "/ctl"
-        self.state = self.ctl + "/state"
-        self.coord_dir = self.ctl + "/coord/"
-        self.lastcall_dir = self.ctl + "/lastcall/"
-        self.nodes = self.watched + "/node"
-        self.store_dir = run_prefix + "/store/"
-
-    def coord(self, round_no: int) -> str:
-        return self.coord_dir + _round_key(round_no)
-
-    def lastcall(self, round_no: int) -> str:
-        return self.lastcall_dir + _round_key(round_no)
-
-    def node(self, node_id: str) -> str:
-        return f"{self.nodes}/{node_id}"
-
-    def store(self, round_no: int) -> str:
-        return self.store_dir + _round_key(round_no)
 
 
 class EtcdV2Backend:
@@ -123,7 +81,7 @@ class EtcdV2Backend:
     def __init__(self, settings: RendezvousSettings, client: EtcdV2Client) -> None:
         self.settings = settings
         self.client = client
-        self.keys = V2Keys(settings.run_prefix)
+        self.keys = EtcdV2Layout(settings.run_prefix)
         self.lease_ttl = whole_seconds(settings.lease_ttl)
         self.run_ttl = self.lease_ttl * RUN_TTL_LEASES
         self.store_ttl = _store_ttl(settings)
@@ -201,16 +159,11 @@ class EtcdV2Backend:
         with guard(control, key):
             if key.startswith(keys.coord_dir):
                 round_no = parse_round_no(key[len(keys.coord_dir) :])
-                if value is None:
-                    control.coordinators.pop(round_no, None)
-                else:
-                    control.coordinators[round_no] = parse_node_id(value)
+                control.set_coordinator(round_no, None if value is None else parse_node_id(value))
             elif key.startswith(keys.lastcall_dir):
                 round_no = parse_round_no(key[len(keys.lastcall_dir) :])
-                if value is None:
-                    control.last_call.pop(round_no, None)
-                else:
-                    control.last_call[round_no] = parse_number(value, "last call deadline")
+                deadline = None if value is None else parse_number(value, "last call deadline")
+                control.set_last_call(round_no, deadline)
 
     def _read_dir(self, path: str) -> tuple[list[etcd.EtcdResult], int]:
         with v2_errors(self.describe()):
@@ -275,12 +228,15 @@ class EtcdV2Backend:
     def watch(
         self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
     ) -> PumpedFeed:
-        watcher = _Watcher(self, after, nodes=nodes, known=known)
+        watcher = EtcdV2Watcher(self, after, nodes=nodes, known=known, read_timeout=self.settings.read_timeout)
         return PumpedFeed(
             control, watcher.fetch, wait=WATCH_WAIT, name=f"rdzv-v2-watch-{self.settings.run_id}"
         )
 
-    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+    def seal(
+        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+    ) -> RoundRecord | None:
+        # `view_cursor` is not needed: members watch from the claim's read below, which is later.
         keys = self.keys
         coord = keys.coord(record.round)
         with v2_errors(self.describe()):
@@ -395,71 +351,6 @@ class EtcdV2Backend:
         return float(ttl) if ttl is not None else None
 
 
-class _Watcher:
-    """Fetches one event per long poll from a recursive watch of the control (and node) keys."""
-
-    def __init__(self, backend: EtcdV2Backend, after: int, *, nodes: bool, known: Collection[str] = ()) -> None:
-        self.backend = backend
-        self.keys = backend.keys
-        self.nodes = nodes
-        self.path = self.keys.watched if nodes else self.keys.ctl
-        self.next = after + 1
-        # Node ids held as present (by the consumer, or seen here), to replay deletions on a resync.
-        self.known: set[str] = set(known) if nodes else set()
-        self._failing_since: float | None = None
-
-    def fetch(self, wait: float) -> list[Change] | None:
-        try:
-            event = self.backend.client.watch(self.path, self.next, wait)
-        except etcd.EtcdWatchTimedOut:
-            return None
-        except etcd.EtcdEventIndexCleared:
-            return self._resync()
-        except (EtcdV2Error, etcd.EtcdException) as exc:
-            return self._failed(exc)
-        self._failing_since = None
-        self.next = event.modifiedIndex + 1
-        if event.dir:
-            return self._resync()  # a directory went (e.g. `rdzv clean`): look at what is left
-        value = None if event.action in REMOVED else event.value
-        nodes_dir = self.keys.nodes + "/"
-        if event.key.startswith(nodes_dir):
-            node_id = event.key[len(nodes_dir) :]
-            entry = None if value is None else node_entry(event.key, node_id, value, event.createdIndex)
-            # A record that does not decode is not a node: as if the key were absent.
-            if entry is None:
-                self.known.discard(node_id)
-            else:
-                self.known.add(node_id)
-            return [NodeChange(node_id, entry)]
-        key = event.key
-        return [lambda control: self.backend.apply_control(control, key, value)]
-
-    def _failed(self, exc: Exception) -> list[Change] | None:
-        # An unreachable etcd is waited out for as long as it lasts: a member's feed must
-        # still work afterwards, and a join has its own deadline. Anything else (refused
-        # credentials, no v2 API) ends the feed after read_timeout.
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-        down = now - self._failing_since
-        if not isinstance(exc, EtcdV2UnreachableError) and down > self.backend.settings.read_timeout:
-            raise RendezvousConnectionError(f"{self.backend.describe()}: watch failed: {exc}") from exc
-        time.sleep(0.2 if down < 2 else 1.0)
-        return None
-
-    def _resync(self) -> list[Change]:
-        fresh, index = self.backend.read_control()
-        changes: list[Change] = [lambda control: control.__dict__.update(fresh.__dict__)]
-        if self.nodes:
-            nodes, _ = self.backend.read_nodes()
-            changes += [NodeChange(nid, None) for nid in self.known - nodes.keys()]
-            changes += [NodeChange(nid, entry) for nid, entry in nodes.items()]
-            self.known = set(nodes)
-        self.next = index + 1  # the node read came later: replaying the gap is harmless
-        return changes
-
-
 def _store_ttl(settings: RendezvousSettings) -> float:
     raw = settings.extra.get("store_ttl")
     if raw in (None, ""):
@@ -473,16 +364,12 @@ def _store_ttl(settings: RendezvousSettings) -> float:
     return value
 
 
-def create_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Creator for `--rdzv-backend=etcd-v2` (rdzv-launch) and `rdzv-etcd-v2` (torchrun)."""
-    settings = parse_settings(params, default_port=2379)
+def create_backend(settings: RendezvousSettings) -> EtcdV2Backend:
+    """The backend for `--rdzv-backend=etcd-v2` (rdzv-launch) and `rdzv-etcd-v2` (torchrun)."""
     client = EtcdV2Client.shared(settings)
     try:
         client.check(settings.run_prefix)
     except BaseException:
         client.close()
         raise
-    backend = EtcdV2Backend(settings, client)
-    handler = RdzvHandler(settings, backend)
-    backend.open_session()
-    return handler
+    return EtcdV2Backend(settings, client)

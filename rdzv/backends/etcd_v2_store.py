@@ -1,5 +1,4 @@
-"""etcd's v2 HTTP API through python-etcd: a process-shared client with endpoint failover, error
-translation, and a `torch.distributed.Store` for one rendezvous round.
+"""A `torch.distributed.Store` for one rendezvous round over etcd's v2 HTTP API.
 
 The v2 API has no transactions, no leases and no batched reads; what it costs us:
 
@@ -17,58 +16,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
-import math
-import os
-import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 import etcd
-import urllib3
 from torch.distributed import DistStoreError, Store
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.common import to_bytes
-from rdzv.etcd.probe import mismatch_hint
-from rdzv.rendezvous.backend import StoreUnreachableError
-from rdzv.rendezvous.settings import RendezvousSettings
-
-log = logging.getLogger("rdzv")
-# python-etcd logs every failed request at ERROR before raising; we translate and report the
-# error ourselves (with the endpoint and what to do), so its own log lines are only noise.
-logging.getLogger("etcd.client").setLevel(logging.CRITICAL)
-
-T = TypeVar("T")
-
-POOL_SIZE = 64  # pooled HTTP connections per endpoint: concurrent long polls + requests
-# urllib3 repeats a request that timed out reading (3 times by default), so one request to an
-# endpoint that accepts but never answers took 4 x read_timeout. One try per endpoint; failover
-# and the rendezvous's own retries do the rest.
-RETRIES = urllib3.util.Retry(total=2, connect=2, read=False, redirect=2, other=0)
-# How long a protocol probe's verdict on an endpoint holds, and its bound (as the v3 client's).
-PROBE_HOLDS = 30.0
-PROBE_TIMEOUT = 1.0
-# What a hang-up looks like when only one side speaks TLS (client side TLS, plain).
-_TLS_HANGUP = ("eof occurred", "unexpected_eof", "wrong version number")
-_PLAIN_HANGUP = ("remote end closed", "connection aborted", "connection reset")
-REMOVED = ("delete", "expire", "compareAndDelete")
-
-
-class EtcdV2Error(Exception):
-    """An etcd v2 request failed in a way callers do not handle (translated for messages)."""
-
-
-class EtcdV2UnreachableError(EtcdV2Error):
-    """No endpoint answered (refused, timed out): may well work later."""
-
-
-def whole_seconds(seconds: float) -> int:
-    """v2 TTLs are whole seconds; never round a TTL down to less than asked."""
-    return max(1, math.ceil(seconds))
+from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, index_of, whole_seconds
 
 
 def key_of(name: str) -> str:
@@ -85,213 +42,6 @@ def pack(value: bytes) -> str:
 
 def unpack(text: str | None) -> bytes:
     return base64.b64decode(text or "")
-
-
-def index_of(error: etcd.EtcdException) -> int:
-    """The etcd index an error response carries (where to watch from after it)."""
-    payload = error.payload if isinstance(error.payload, dict) else {}
-    return int(payload.get("index") or 0)
-
-
-def no_v2_api(error: BaseException) -> bool:
-    payload = getattr(error, "payload", None)
-    cause = str(payload.get("cause", "")) if isinstance(payload, dict) else ""
-    return "404" in cause and "page not found" in cause
-
-
-class EtcdV2Client:
-    """python-etcd clients, one per endpoint, used in turn: a connection failure moves to the
-    next endpoint (python-etcd's own failover forgets endpoints it failed on), and each request
-    is bounded by `timeout`. Shared per process and configuration, reference-counted."""
-
-    _shared: ClassVar[dict[tuple[Any, ...], EtcdV2Client]] = {}
-    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
-    _live: ClassVar[weakref.WeakSet[EtcdV2Client]] = weakref.WeakSet()
-    # A fork()ed child's inherited clients, kept so that their sockets are never closed here.
-    _inherited: ClassVar[list[EtcdV2Client]] = []
-
-    def __init__(self, settings: RendezvousSettings) -> None:
-        self.endpoints = settings.endpoints
-        self.timeout = settings.read_timeout
-        self._tls = settings.tls
-        self._probed: dict[int, tuple[float, str | None]] = {}  # index -> (valid until, hint)
-        cert: str | tuple[str, str] | None = settings.cert
-        if settings.cert and settings.key:
-            cert = (settings.cert, settings.key)
-        self._clients = [
-            etcd.Client(
-                host=host,
-                port=port,
-                protocol="https" if settings.tls else "http",
-                read_timeout=settings.read_timeout,
-                cert=cert,
-                ca_cert=settings.cacert,
-                username=settings.user,
-                password=settings.password,
-                per_host_pool_size=POOL_SIZE,
-            )
-            for host, port in map(_host_port, settings.endpoints)
-        ]
-        for client in self._clients:
-            # Read by urllib3 when it creates a connection pool, i.e. before the first request.
-            client.http.connection_pool_kw["retries"] = RETRIES
-        self._current = 0
-        self._key: tuple[Any, ...] | None = None
-        self._refs = 0
-        self._forked = False  # inherited across fork(): see _disown_after_fork
-        EtcdV2Client._live.add(self)
-
-    @classmethod
-    def shared(cls, settings: RendezvousSettings) -> EtcdV2Client:
-        key = (settings.endpoints, settings.tls, settings.cacert, settings.cert, settings.key,
-               settings.user, settings.password, settings.read_timeout)
-        with cls._shared_lock:
-            client = cls._shared.get(key)
-            if client is None:
-                client = cls._shared[key] = cls(settings)
-                client._key = key
-            client._refs += 1
-            return client
-
-    @classmethod
-    def _disown_after_fork(cls) -> None:
-        """In a fork()ed child: forget the parent's clients, so the child opens its own.
-
-        Their pooled keep-alive connections are sockets the parent still uses: two processes
-        writing requests and reading answers on one connection garble both (etcd answers
-        "400 Bad Request", or one reads the other's answer). Inherited clients refuse every
-        request and ``close()`` leaves their sockets alone.
-        """
-        cls._shared_lock = threading.Lock()
-        cls._shared = {}
-        inherited = list(cls._live)
-        for client in inherited:
-            client._forked = True
-        cls._inherited.extend(inherited)
-        cls._live = weakref.WeakSet()
-
-    def close(self) -> None:
-        if self._forked:
-            return  # the parent's sockets: closing them here is not ours to do
-        with self._shared_lock:
-            self._refs -= 1
-            if self._refs > 0 or self._key is None:
-                return
-            self._shared.pop(self._key, None)
-        for client in self._clients:
-            with contextlib.suppress(Exception):
-                client.http.clear()
-
-    def describe(self) -> str:
-        return f"etcd {','.join(self.endpoints)} (v2 API)"
-
-    def call(self, op: Callable[[etcd.Client], T]) -> T:
-        """Run `op` on the current endpoint, moving on to the others on connection failures."""
-        if self._forked:
-            raise EtcdV2Error(
-                "this etcd v2 client belongs to the parent process (created before fork()); "
-                "create a new handler in this process"
-            )
-        failures: list[str] = []
-        mismatched: list[str] = []
-        start = self._current
-        for step in range(len(self._clients)):
-            index = (start + step) % len(self._clients)
-            try:
-                result = op(self._clients[index])
-            except etcd.EtcdWatchTimedOut:
-                raise
-            except etcd.EtcdConnectionFailed as exc:
-                reason = _reason(exc)
-                hint = self._mismatch(index, reason)
-                if hint is not None:
-                    mismatched.append(hint)
-                failures.append(f"{self.endpoints[index]}: {reason}")
-                continue
-            self._current = index
-            return result
-        if len(mismatched) == len(self._clients):
-            raise EtcdV2Error("; ".join(mismatched))  # a setting to change, not an outage
-        raise EtcdV2UnreachableError("cannot reach etcd: " + "; ".join(failures))
-
-    def _mismatch(self, index: int, reason: str) -> str | None:
-        """What to change when endpoint `index` hung up because one side speaks TLS and the
-        other does not (asked with one probe, rdzv/etcd/probe.py; the verdict holds a while)."""
-        low = reason.lower()
-        if not any(word in low for word in (_TLS_HANGUP if self._tls else _PLAIN_HANGUP)):
-            return None
-        now = time.monotonic()
-        held = self._probed.get(index)
-        if held is None or now >= held[0]:
-            hint = mismatch_hint(self.endpoints[index], self._tls, min(self.timeout, PROBE_TIMEOUT))
-            held = self._probed[index] = (now + PROBE_HOLDS, hint)
-        return held[1]
-
-    # Thin wrappers (python-etcd's names), each one request with failover.
-    def read(self, key: str, **kwargs: Any) -> etcd.EtcdResult:
-        return self.call(lambda c: c.read(key, **kwargs))
-
-    def write(self, key: str, value: str | None, **kwargs: Any) -> etcd.EtcdResult:
-        return self.call(lambda c: c.write(key, value, **kwargs))
-
-    def delete(self, key: str, **kwargs: Any) -> etcd.EtcdResult:
-        return self.call(lambda c: c.delete(key, **kwargs))
-
-    def refresh(self, key: str, ttl: int) -> etcd.EtcdResult:
-        # refresh=true: new TTL, same value, watchers not woken (etcd >= 2.3).
-        return self.call(lambda c: c.refresh(key, ttl))
-
-    def watch(self, key: str, index: int, timeout: float) -> etcd.EtcdResult:
-        """The first event at or after `index` under `key` (recursive), waiting up to `timeout`."""
-        return self.call(lambda c: c.watch(key, index=index, timeout=timeout, recursive=True))
-
-    def check(self, path: str) -> None:
-        """Fail now, and clearly, when the endpoints are unreachable or serve no v2 API."""
-        quick = min(self.timeout, 5.0)
-        with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
-            self.call(lambda c: c.read(path, timeout=quick))
-
-
-# fork() copies the clients and their open sockets: a child starts with none.
-os.register_at_fork(after_in_child=EtcdV2Client._disown_after_fork)
-
-
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host, int(port)
-
-
-def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc.__cause__ or exc
-    reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError wraps the socket error
-    return str(reason or cause)
-
-
-def explain(where: str, exc: Exception) -> RendezvousConnectionError:
-    """torch's rendezvous error for an etcd v2 failure, naming the endpoints and what to do."""
-    if isinstance(exc, etcd.EtcdInsufficientPermissions):
-        detail = (f"authentication/authorization failed: {exc} (user and password: user= in "
-                  "--rdzv-conf, password in RDZV_ETCD_PASSWORD or password_file=)")
-    elif no_v2_api(exc):
-        detail = ("the server has no v2 API (HTTP 404 on /v2/keys). Start etcd with --enable-v2 "
-                  "(etcd 3.4/3.5; the v2 API is gone in 3.6), or use --rdzv-backend=etcd, which "
-                  "speaks the v3 API.")
-    elif isinstance(exc, EtcdV2UnreachableError):
-        return StoreUnreachableError(f"{where}: {exc}")  # worth retrying within deadlines
-    elif isinstance(exc, EtcdV2Error):
-        detail = str(exc)
-    else:
-        detail = f"{type(exc).__name__}: {exc}"
-    return RendezvousConnectionError(f"{where}: {detail}")
-
-
-@contextlib.contextmanager
-def v2_errors(where: str) -> Iterator[None]:
-    """Failures nobody handled leave as `explain`ed rendezvous errors."""
-    try:
-        yield
-    except (EtcdV2Error, etcd.EtcdException) as exc:
-        raise explain(where, exc) from exc
 
 
 class EtcdV2Store(Store):

@@ -1,53 +1,35 @@
 """The etcd v3 backend: leases for liveness, one txn per announce, watches instead of polling.
 
-Key layout under ``<prefix>/<run_id>`` (every key of a run lives below it)::
-
-    ctl/lease           id of the run lease (kept alive by every node; holds the run's keys)
-    ctl/current         the latest sealed round (RoundRecord JSON)           [run lease]
-    ctl/closed          present once the run is closed                       [run lease]
-    ctl/coord/<round>   node id coordinating a forming round                 [node lease]
-    ctl/lastcall/<round> wall-clock end of that round's last call           [node lease]
-    node/<node id>      NodeInfo JSON: who the node is, which round it wants [node lease]
-    store/<round>/...   the round's torch Store                              [run lease]
-
-A dead node's keys vanish with its lease; a crashed job's keys vanish with the run lease once
-no node keeps it alive; the last node to leave a finished run deletes the whole prefix.
+Keys are laid out by `rdzv.layouts.EtcdV3Layout`. A dead node's keys vanish with its lease; a
+crashed job's keys vanish with the run lease once no node keeps it alive; the last node to
+leave a finished run deletes the whole prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 
 from torch.distributed import Store
-from torch.distributed.elastic.rendezvous import (
-    RendezvousConnectionError,
-    RendezvousHandler,
-    RendezvousParameters,
-    RendezvousStateError,
-)
+from torch.distributed.elastic.rendezvous import RendezvousStateError
 
+from rdzv.backends.etcd_errors import etcd_errors
 from rdzv.backends.etcd_store import EtcdStore
+from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
 from rdzv.etcd import (
     Compare,
-    EtcdAuthError,
     EtcdClient,
-    EtcdCompactedError,
-    EtcdConnectionError,
     EtcdError,
     EtcdLeaseNotFoundError,
-    EtcdTLSError,
-    EtcdTLSMismatchError,
-    Event,
     KeyValue,
     Op,
     Session,
     prefix_end,
 )
-from rdzv.rendezvous.backend import ALL_CAPABILITIES, NodeChange, StoreUnreachableError
-from rdzv.rendezvous.handler import RdzvHandler
+from rdzv.layouts import EtcdV3Layout
+from rdzv.rendezvous.backend import ALL_CAPABILITIES
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
@@ -61,138 +43,11 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
-from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings, parse_settings
+from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings
 
-log = logging.getLogger("rdzv")
-
-ROUND_DIGITS = 12  # zero-padded so that key order is round order
+DEFAULT_PORT = 2379
 LEAVE_READ_LIMIT = 16  # node records a leaving node reads to decide whether it is the last
 EXPIRY_SLACK = 1.0  # beyond lease_ttl: etcd's lease expiry tick (500 ms) and the watch event
-
-
-def _round_key(round_no: int) -> str:
-    return f"{round_no:0{ROUND_DIGITS}d}"
-
-
-class EtcdKeys:
-    def __init__(self, run_prefix: str) -> None:
-        self.root = run_prefix + "/"
-        self.ctl = self.root + "ctl/"
-        self.lease = self.ctl + "lease"
-        self.current = self.ctl + "current"
-        self.closed = self.ctl + "closed"
-        self.coord_dir = self.ctl + "coord/"
-        self.lastcall_dir = self.ctl + "lastcall/"
-        self.nodes = self.root + "node/"
-        self.store_dir = self.root + "store/"
-
-    def coord(self, round_no: int) -> str:
-        return self.coord_dir + _round_key(round_no)
-
-    def lastcall(self, round_no: int) -> str:
-        return self.lastcall_dir + _round_key(round_no)
-
-    def node(self, node_id: str) -> str:
-        return self.nodes + node_id
-
-    def store(self, round_no: int) -> str:
-        return f"{self.store_dir}{_round_key(round_no)}/"
-
-
-@contextlib.contextmanager
-def _etcd_errors(where: str) -> Iterator[None]:
-    """Client errors become torch's rendezvous errors, naming the etcd endpoints.
-
-    The one conversion point: each public method of the backend (and of its feed) wraps its
-    whole body once, and handles the client errors it can recover from (compaction, a lapsed
-    lease, best-effort cleanup) inside, before they get here.
-    """
-    try:
-        yield
-    except EtcdTLSMismatchError as exc:
-        raise RendezvousConnectionError(f"{where}: {exc}") from exc  # says what to change
-    except EtcdTLSError as exc:
-        raise RendezvousConnectionError(f"{where}: TLS handshake failed: {exc}") from exc
-    except EtcdAuthError as exc:
-        raise RendezvousConnectionError(f"{where}: authentication/authorization failed: {exc}") from exc
-    except EtcdConnectionError as exc:
-        # No answer in time (stalled, restarting, no quorum): worth retrying within deadlines.
-        raise StoreUnreachableError(f"{where}: {exc}") from exc
-    except EtcdError as exc:
-        raise RendezvousConnectionError(f"{where}: {exc}") from exc
-
-
-class EtcdChangeFeed:
-    """Control and node changes from one etcd watch, decoded for the algorithm."""
-
-    def __init__(
-        self,
-        backend: EtcdBackend,
-        after: int,
-        control: Control,
-        *,
-        nodes: bool,
-        known: Collection[str] = (),
-    ) -> None:
-        self._backend = backend
-        self._keys = backend.keys
-        self.control = control
-        end = prefix_end(self._keys.nodes.encode()) if nodes else prefix_end(self._keys.ctl.encode())
-        self._range = (self._keys.ctl.encode(), end)
-        # Node ids the consumer holds as present: a resync reports the ones that are gone.
-        self._known: set[str] = set(known) if nodes else set()
-        self._watch = backend.client.watch(self._range[0], range_end=end, start_revision=after + 1)
-
-    def poll(self, timeout: float | None) -> list[NodeChange] | None:
-        with _etcd_errors(self._backend.describe()):
-            try:
-                events = self._watch.get(timeout)
-            except EtcdCompactedError:
-                return self._resync()
-            if events is None:
-                return None
-            return self._changes(events)
-
-    def _changes(self, events: list[Event]) -> list[NodeChange]:
-        out: list[NodeChange] = []
-        for event in events:
-            self.control.seen = max(self.control.seen, event.kv.mod_revision)
-            key = event.kv.key.decode(errors="replace")
-            if key.startswith(self._keys.nodes):
-                node_id = key[len(self._keys.nodes) :]
-                entry = None if event.type == "DELETE" else self._backend.node(key, event.kv)
-                # A record that does not decode is not a node: as if the key were absent.
-                out.append(NodeChange(node_id, entry))
-                if entry is None:
-                    self._known.discard(node_id)
-                else:
-                    self._known.add(node_id)
-            else:
-                self._backend.apply_control(self.control, key, event.kv, event.type == "DELETE")
-        # A round's events can arrive in several batches; drain whatever is already queued.
-        return out
-
-    def _resync(self) -> list[NodeChange]:
-        # History we needed was compacted away: start over from one read of everything this
-        # feed covers (one revision, so control and nodes agree) and report the difference.
-        control, nodes, revision = self._backend.snapshot(*self._range)
-        self._watch.cancel()
-        self._watch = self._backend.client.watch(
-            self._range[0], range_end=self._range[1], start_revision=revision + 1
-        )
-        control.seen = revision
-        self.control.__dict__.update(control.__dict__)
-        gone, self._known = self._known - nodes.keys(), set(nodes)
-        log.info(
-            "rendezvous %s: watch history was compacted; resynchronised at revision %d",
-            self._backend.settings.run_id, revision,
-        )
-        return [NodeChange(nid, None) for nid in sorted(gone)] + [
-            NodeChange(nid, entry) for nid, entry in nodes.items()
-        ]
-
-    def close(self) -> None:
-        self._watch.cancel()
 
 
 class EtcdBackend:
@@ -204,7 +59,7 @@ class EtcdBackend:
     def __init__(self, settings: RendezvousSettings, client: EtcdClient) -> None:
         self.settings = settings
         self.client = client
-        self.keys = EtcdKeys(settings.run_prefix)
+        self.keys = EtcdV3Layout(settings.run_prefix)
         self._session: Session | None = None
         self._run_lease: int | None = None
         self._run_lease_reg: int | None = None
@@ -221,7 +76,7 @@ class EtcdBackend:
                 return
             if self._session is not None:
                 self._session.close()
-            with _etcd_errors(self.describe()):
+            with etcd_errors(self.describe()):
                 self._session = Session(self.client, ttl=self.settings.lease_ttl)
 
     def session_lost(self) -> bool:
@@ -255,7 +110,7 @@ class EtcdBackend:
     def _ensure_run_lease(self) -> int:
         if self._run_lease is not None and not self._run_lease_lost.is_set():
             return self._run_lease
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             kv = self.client.get(self.keys.lease)
             if kv is not None:
                 try:
@@ -299,19 +154,14 @@ class EtcdBackend:
                 control.closed = not deleted
             elif key.startswith(keys.coord_dir):
                 round_no = parse_round_no(key[len(keys.coord_dir) :])
-                if deleted:
-                    control.coordinators.pop(round_no, None)
-                elif not kv.lease:
+                if not deleted and not kv.lease:
                     # A claim lives on its holder's lease; one without would never expire.
                     raise RecordError("a coordinator claim not bound to a node's lease")
-                else:
-                    control.coordinators[round_no] = parse_node_id(value)
+                control.set_coordinator(round_no, None if deleted else parse_node_id(value))
             elif key.startswith(keys.lastcall_dir):
                 round_no = parse_round_no(key[len(keys.lastcall_dir) :])
-                if deleted:
-                    control.last_call.pop(round_no, None)
-                else:
-                    control.last_call[round_no] = parse_number(value, "last call deadline")
+                deadline = None if deleted else parse_number(value, "last call deadline")
+                control.set_last_call(round_no, deadline)
             elif key == keys.lease and not deleted:
                 self._adopt_run_lease(parse_lease_id(value))
 
@@ -337,7 +187,7 @@ class EtcdBackend:
 
     def read_control(self) -> tuple[Control, int]:
         ctl = self.keys.ctl.encode()
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             control, _, revision = self.snapshot(ctl, prefix_end(ctl))
         return control, revision
 
@@ -345,7 +195,7 @@ class EtcdBackend:
         keys = self.keys
         coord = keys.coord(node.want)
         node_put = Op.put(keys.node(node.node_id), node.encode(), lease=self._lease)
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             try:
                 result = self.client.txn(
                     [
@@ -382,24 +232,30 @@ class EtcdBackend:
 
     def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
         start = self.keys.nodes.encode()
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             _, nodes, revision = self.snapshot(start, prefix_end(start))
         return nodes, revision
 
     def count_nodes(self) -> int:
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             return self.client.range(self.keys.nodes, prefix=True, count_only=True).count
 
     def watch(
         self, after: int, control: Control, *, nodes: bool, known: Collection[str] = ()
     ) -> EtcdChangeFeed:
-        with _etcd_errors(self.describe()):
-            return EtcdChangeFeed(self, after, control, nodes=nodes, known=known)
+        with etcd_errors(self.describe()):
+            return EtcdChangeFeed(self, self.settings.run_id, after, control, nodes=nodes, known=known)
 
-    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+    def seal(
+        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+    ) -> RoundRecord | None:
         keys = self.keys
+        # Revisions compare: the coordinator's view ends at its node snapshot or at the last
+        # change its feed delivered, whichever is later.
+        if control.cursor:
+            record = dataclasses.replace(record, view_cursor=max(control.cursor, view_cursor))
         run_lease = self._ensure_run_lease()
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             result = self.client.txn(
                 [
                     Compare.mod_revision(keys.current) == int(control.token or 0),
@@ -422,7 +278,7 @@ class EtcdBackend:
         return RoundRecord.decode(record.encode(), result.revision)
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             self.client.put(
                 self.keys.lastcall(round_no), repr(deadline), lease=self._lease, idempotent=True
             )
@@ -441,7 +297,7 @@ class EtcdBackend:
 
     def close_run(self) -> None:
         lease = self._ensure_run_lease()
-        with _etcd_errors(self.describe()):
+        with etcd_errors(self.describe()):
             self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
 
     def withdraw(self) -> None:
@@ -449,14 +305,14 @@ class EtcdBackend:
         with self._lock:
             session, self._session = self._session, None
         if session is not None:
-            with _etcd_errors(self.describe()):
+            with etcd_errors(self.describe()):
                 session.close()
 
     def leave(self) -> None:
         """Revoke our lease; if no node is left, remove the run's keys and its lease."""
         try:
             self.withdraw()
-            with _etcd_errors(self.describe()):
+            with etcd_errors(self.describe()):
                 if not self._nodes_left():
                     self.client.delete(self.keys.root, prefix=True, idempotent=True)
                     if self._run_lease is not None:
@@ -483,7 +339,6 @@ class EtcdBackend:
             self.keys.store(record.round),
             lease=self._ensure_run_lease(),
             timeout=300.0,
-            op_timeout=self.settings.read_timeout,
         )
 
     def notice_time(self) -> float:
@@ -526,7 +381,7 @@ def connect(settings: RendezvousSettings) -> EtcdClient:
         password=settings.password,
     )
     try:
-        with _etcd_errors(f"etcd {','.join(settings.endpoints)}"):
+        with etcd_errors(f"etcd {','.join(settings.endpoints)}"):
             client.check()
     except BaseException:
         client.close()
@@ -534,12 +389,6 @@ def connect(settings: RendezvousSettings) -> EtcdClient:
     return client
 
 
-def create_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Creator for `--rdzv-backend=etcd` (rdzv-launch) and `etcd-v3` (torchrun)."""
-    settings = parse_settings(params, default_port=2379)
-    client = connect(settings)
-    backend = EtcdBackend(settings, client)
-    handler = RdzvHandler(settings, backend)
-    backend.open_session()
-    return handler
-
+def create_backend(settings: RendezvousSettings) -> EtcdBackend:
+    """The backend for `--rdzv-backend=etcd` (rdzv-launch) and `etcd-v3` (torchrun)."""
+    return EtcdBackend(settings, connect(settings))

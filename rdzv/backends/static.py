@@ -28,35 +28,29 @@ from __future__ import annotations
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
     RendezvousError,
-    RendezvousHandler,
     RendezvousInfo,
-    RendezvousParameters,
     RendezvousStoreInfo,
 )
 
-from rdzv.backends.c10d import C10dBackend, single_endpoint
+from rdzv.backends.c10d import C10dBackend
+from rdzv.backends.c10d_heartbeat import NoHeartbeats
+from rdzv.backends.c10d_host import single_endpoint
 from rdzv.backends.c10d_store import OpCounts, StoreConnection, connect_store, serve_store
+from rdzv.rendezvous.backend import RendezvousBackend
 from rdzv.rendezvous.handler import RdzvHandler
-from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, parse_settings
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 
 DEFAULT_PORT = 29500
 
 HINT = ". The static rendezvous store lives in node rank 0's process; the job cannot go on without it."
 
 
-class StaticBackend(C10dBackend):
-    name = "static"
-    capabilities: frozenset[str] = frozenset()
-
-
 class StaticHandler(RdzvHandler):
     """Checks that the group gave this node the rank it was started with; workers share the store."""
 
-    def __init__(
-        self, settings: RendezvousSettings, backend: StaticBackend, store_endpoint: tuple[str, int]
-    ) -> None:
+    def __init__(self, settings: RendezvousSettings, backend: RendezvousBackend) -> None:
         super().__init__(settings, backend)
-        self.store_endpoint = store_endpoint
+        self.store_endpoint = single_endpoint(settings, "static")
         self._share_store = True
 
     @property
@@ -100,9 +94,9 @@ def check_settings(settings: RendezvousSettings) -> int:
     return rank
 
 
-def create_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Creator for `--rdzv-backend=static` (rdzv-launch) and `rdzv-static` (torchrun)."""
-    settings = parse_settings(params, default_port=DEFAULT_PORT)
+def create_backend(settings: RendezvousSettings) -> C10dBackend:
+    """The backend for `--rdzv-backend=static` (rdzv-launch) and `rdzv-static` (torchrun): the
+    c10d backend's algorithm and layout for a fixed group, without heartbeats."""
     rank = check_settings(settings)
     host, port = single_endpoint(settings, "static")
     where = f"static rendezvous store {host}:{port} (node rank 0)"
@@ -130,7 +124,9 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
             )
             return StoreConnection(store, where, counts, hint=HINT)
 
-    backend = StaticBackend(settings, opener, where=where)
+    backend = C10dBackend(
+        settings, opener, where=where, liveness=NoHeartbeats(), name="static", capabilities=frozenset()
+    )
     if rank == 0:
         _ = backend.conn  # set the run's keys up before anyone joins
-    return StaticHandler(settings, backend, (host, port))
+    return backend

@@ -26,7 +26,6 @@ Every node reads the count from the same sealed record, so every node agrees on 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -335,11 +334,9 @@ class Rendezvous:
                         target, eligible, previous, live_prev, departed,
                         min_nodes=s.min_nodes, max_nodes=s.max_nodes,
                     )
-                    # Our view ends at the snapshot or the last change seen, whichever is later
-                    # (only backends with comparable cursors set `seen`).
-                    since = max(control.seen, nodes_cursor) if control.seen else 0
-                    record = dataclasses.replace(record, since=since)
-                    sealed = self.backend.seal(control, record, self.node_id)
+                    # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
+                    # delivered): the backend records where members start watching.
+                    sealed = self.backend.seal(control, record, self.node_id, nodes_cursor)
                     if sealed is not None:
                         log.info(
                             "rendezvous %s: sealed round %d with %d nodes",

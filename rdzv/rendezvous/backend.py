@@ -5,10 +5,11 @@ it dies), an atomic "announce and maybe claim coordination of round N", a compar
 sealed-round record, and a feed of changes to wait on instead of polling. Everything else (who
 completes a round, when, with which ranks, what counts as waiting) is in `algorithm.py`.
 
-Cursors (the ints returned by `read_control`, `announce`, `read_nodes` and stored as
-`RoundRecord.revision`) are opaque to the algorithm: it only hands them back to `watch`. Each
-backend picks its own meaning (etcd v3: a revision; etcd v2: an etcd index; c10d: positions in
-its change logs, packed into one int).
+Cursors (the ints returned by `read_control`, `announce`, `read_nodes`, set on records as
+`RoundRecord.cursor` and `Control.cursor`) are opaque to the algorithm: it only hands them back
+to `watch` and `seal`. Each backend picks its own meaning (etcd v3: a revision; etcd v2: an etcd
+index; c10d: positions in its change logs, packed into one int) and alone knows whether two
+of them compare. `Control.token` is no cursor: it is what a seal compares against.
 
 A backend states what it can do in `capabilities`; the algorithm (and the conformance tests)
 switch on it instead of assuming every store can do everything.
@@ -63,6 +64,8 @@ ALL_CAPABILITIES = frozenset({ELASTIC, SPARES, LIVENESS, DURABLE})
 
 
 class RendezvousBackend(Protocol):
+    """What the algorithm needs from a store (see the module docstring)."""
+
     name: str
     capabilities: frozenset[str]
 
@@ -103,9 +106,14 @@ class RendezvousBackend(Protocol):
         reports those that are gone as removed."""
         ...
 
-    def seal(self, control: Control, record: RoundRecord, coordinator: str) -> RoundRecord | None:
+    def seal(
+        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+    ) -> RoundRecord | None:
         """Store `record` as the latest sealed round if control is unchanged since `control`
-        was read and `coordinator` still holds the claim. Returns the stored record or None."""
+        was read and `coordinator` still holds the claim. `view_cursor`: where the
+        coordinator's view of the nodes ended (`read_nodes`); a backend whose cursors compare
+        has members watch from there (`RoundRecord.watch_cursor`), so they also see a node that
+        went between that view and the seal. Returns the stored record or None."""
         ...
 
     def publish_last_call(self, round_no: int, deadline: float) -> None: ...

@@ -34,7 +34,7 @@ class RoundMembership:
         # Opened on first use, off the formation path: it replays from the seal anyway.
         if self._feed is None:
             self._feed = self.backend.watch(
-                self.record.watch_from,
+                self.record.watch_cursor,
                 Control(sealed=self.record),
                 nodes=self.watch_nodes,
                 known=self.record.ids,

@@ -162,15 +162,17 @@ class RoundRecord:
     restarts: int = 0
     # The members' host names, in rank order (empty in records of older versions).
     hosts: tuple[str, ...] = ()
-    # Where the coordinator's view of the nodes ended (0: unknown). Members watch from there,
-    # so a node that vanished between that view and the seal is still seen as lost.
-    since: int = field(default=0, compare=False)
-    # Set by the backend when read: an ordering token (etcd revision) of the seal.
-    revision: int = field(default=0, compare=False)
+    # The cursor where the coordinator's view of the nodes ended (0: unknown), stored as
+    # "since". Members watch from there, so a node that vanished between that view and the
+    # seal is still seen as lost.
+    view_cursor: int = field(default=0, compare=False)
+    # Set by the backend when read, never stored in the record: the seal's cursor.
+    cursor: int = field(default=0, compare=False)
 
     @property
-    def watch_from(self) -> int:
-        return self.since or self.revision
+    def watch_cursor(self) -> int:
+        """Where members of this round start watching."""
+        return self.view_cursor or self.cursor
 
     @property
     def world_size(self) -> int:
@@ -196,11 +198,12 @@ class RoundRecord:
 
     def encode(self) -> bytes:
         doc = asdict(self)
-        doc.pop("revision")
+        doc.pop("cursor")
+        doc["since"] = doc.pop("view_cursor")  # the stored name
         return json.dumps({"v": FORMAT, **doc}, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes | str, revision: int = 0) -> RoundRecord:
+    def decode(cls, raw: bytes | str, cursor: int = 0) -> RoundRecord:
         """Raises RecordError unless `raw` is a round record this version writes."""
         doc = _document(raw, MAX_ROUND_RECORD)
         listed = doc.get("ids")
@@ -224,8 +227,8 @@ class RoundRecord:
             max_nodes=_int(doc, "max_nodes", min_nodes),
             restarts=_int(doc, "restarts") if "restarts" in doc else 0,  # older records lack it
             hosts=tuple(hosts),
-            since=_int(doc, "since") if "since" in doc else 0,  # older records lack it
-            revision=revision,
+            view_cursor=_int(doc, "since") if "since" in doc else 0,  # older records lack it
+            cursor=cursor,
         )
 
 
@@ -237,10 +240,12 @@ class Control:
     closed: bool = False
     coordinators: dict[int, str] = field(default_factory=dict)
     last_call: dict[int, float] = field(default_factory=dict)  # round -> wall-clock deadline
-    # Backend-specific compare token for sealing (etcd: mod revision of the sealed record).
+    # What a seal compares against to know control is unchanged (etcd v3: the sealed record's
+    # mod revision; etcd v2 and c10d: the state document itself). Not a cursor.
     token: object = None
-    # The latest change a feed delivered (etcd: revision; 0 where the backend has no cursor).
-    seen: int = 0
+    # The cursor of the latest change a feed delivered (0: none, or a backend that does not
+    # track it).
+    cursor: int = 0
     # Control records that do not decode: key -> what is wrong. The fields above stay as they
     # were before such a write, so running members keep working; the next join refuses.
     corrupt: dict[str, str] = field(default_factory=dict)
@@ -249,6 +254,24 @@ class Control:
     def round(self) -> int:
         """Number of the latest sealed round (0 before the first)."""
         return self.sealed.round if self.sealed else 0
+
+    def set_coordinator(self, round_no: int, holder: str | None) -> None:
+        """Round `round_no` is claimed by `holder`, or no longer claimed (None)."""
+        if holder is None:
+            self.coordinators.pop(round_no, None)
+        else:
+            self.coordinators[round_no] = holder
+
+    def set_last_call(self, round_no: int, deadline: float | None) -> None:
+        """Round `round_no`'s last call ends at `deadline` (wall clock), or was withdrawn (None)."""
+        if deadline is None:
+            self.last_call.pop(round_no, None)
+        else:
+            self.last_call[round_no] = deadline
+
+    def reset_to(self, fresh: Control) -> None:
+        """Take every field of `fresh`: a feed that started over from a new read."""
+        self.__dict__.update(fresh.__dict__)
 
 
 # Keys already warned about, per process: a bad record is seen by every feed and every read,

@@ -1,0 +1,105 @@
+"""The etcd v3 backend's change feed: one etcd watch, decoded for the algorithm, that starts
+over from a fresh read when the history it needs was compacted away."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Protocol
+
+from rdzv.backends.etcd_errors import etcd_errors
+from rdzv.etcd import EtcdClient, EtcdCompactedError, Event, KeyValue, prefix_end
+from rdzv.layouts import EtcdV3Layout
+from rdzv.rendezvous.backend import NodeChange
+from rdzv.rendezvous.model import Control, NodeEntry
+
+log = logging.getLogger("rdzv")
+
+
+class FeedSource(Protocol):
+    """What a feed needs of the backend: its client and keys, and how it decodes them."""
+
+    client: EtcdClient
+    keys: EtcdV3Layout
+
+    def describe(self) -> str: ...
+
+    def apply_control(self, control: Control, key: str, kv: KeyValue, deleted: bool) -> None: ...
+
+    def node(self, key: str, kv: KeyValue) -> NodeEntry | None: ...
+
+    def snapshot(self, start: bytes, end: bytes) -> tuple[Control, dict[str, NodeEntry], int]: ...
+
+
+class EtcdChangeFeed:
+    """Control and node changes from one etcd watch, decoded for the algorithm."""
+
+    def __init__(
+        self,
+        source: FeedSource,
+        run_id: str,
+        after: int,
+        control: Control,
+        *,
+        nodes: bool,
+        known: Collection[str] = (),
+    ) -> None:
+        self._source = source
+        self._run_id = run_id
+        self._keys = source.keys
+        self.control = control
+        end = prefix_end(self._keys.nodes.encode()) if nodes else prefix_end(self._keys.ctl.encode())
+        self._range = (self._keys.ctl.encode(), end)
+        # Node ids the consumer holds as present: a resync reports the ones that are gone.
+        self._known: set[str] = set(known) if nodes else set()
+        self._watch = source.client.watch(self._range[0], range_end=end, start_revision=after + 1)
+
+    def poll(self, timeout: float | None) -> list[NodeChange] | None:
+        with etcd_errors(self._source.describe()):
+            try:
+                events = self._watch.get(timeout)
+            except EtcdCompactedError:
+                return self._resync()
+            if events is None:
+                return None
+            return self._changes(events)
+
+    def _changes(self, events: list[Event]) -> list[NodeChange]:
+        out: list[NodeChange] = []
+        for event in events:
+            self.control.cursor = max(self.control.cursor, event.kv.mod_revision)
+            key = event.kv.key.decode(errors="replace")
+            if key.startswith(self._keys.nodes):
+                node_id = key[len(self._keys.nodes) :]
+                entry = None if event.type == "DELETE" else self._source.node(key, event.kv)
+                # A record that does not decode is not a node: as if the key were absent.
+                out.append(NodeChange(node_id, entry))
+                if entry is None:
+                    self._known.discard(node_id)
+                else:
+                    self._known.add(node_id)
+            else:
+                self._source.apply_control(self.control, key, event.kv, event.type == "DELETE")
+        return out
+
+    def _resync(self) -> list[NodeChange]:
+        # History we needed was compacted away: start over from one read of everything this
+        # feed covers (one revision, so control and nodes agree) and report the difference.
+        control, nodes, revision = self._source.snapshot(*self._range)
+        self._watch.cancel()
+        self._watch = self._source.client.watch(
+            self._range[0], range_end=self._range[1], start_revision=revision + 1
+        )
+        control.cursor = revision
+        self.control.reset_to(control)
+        gone, self._known = self._known - nodes.keys(), set(nodes)
+        log.info(
+            "rendezvous %s: watch history was compacted; resynchronised at revision %d",
+            self._run_id, revision,
+        )
+        return [NodeChange(nid, None) for nid in sorted(gone)] + [
+            NodeChange(nid, entry) for nid, entry in nodes.items()
+        ]
+
+    def close(self) -> None:
+        self._watch.cancel()

@@ -1,0 +1,94 @@
+"""Where the etcd backends keep a run's keys, torch-free: the backends write by these layouts
+and `rdzv status`/`rdzv clean` (rdzv.inspect) read by the v3 one without loading torch.
+
+Round numbers in key names are zero-padded so that key order is round order.
+"""
+
+from __future__ import annotations
+
+ROUND_DIGITS = 12
+
+
+def round_key(round_no: int) -> str:
+    """A round number as it appears in a key name."""
+    return f"{round_no:0{ROUND_DIGITS}d}"
+
+
+class EtcdV3Layout:
+    """The etcd v3 backend's keys under ``<prefix>/<run_id>/``::
+
+        ctl/lease            id of the run lease (kept alive by every node; holds the run's keys)
+        ctl/current          the latest sealed round (RoundRecord JSON)           [run lease]
+        ctl/closed           present once the run is closed                       [run lease]
+        ctl/coord/<round>    node id coordinating a forming round                 [node lease]
+        ctl/lastcall/<round> wall-clock end of that round's last call             [node lease]
+        node/<node id>       NodeInfo JSON: who the node is, which round it wants [node lease]
+        store/<round>/...    the round's torch Store                              [run lease]
+    """
+
+    # Names below the run's root (`rdzv.inspect` classifies keys by them).
+    CTL = "ctl/"
+    LEASE = "ctl/lease"
+    CURRENT = "ctl/current"
+    CLOSED = "ctl/closed"
+    COORD = "ctl/coord/"
+    LASTCALL = "ctl/lastcall/"
+    NODE = "node/"
+    STORE = "store/"
+
+    def __init__(self, run_prefix: str) -> None:
+        self.root = run_prefix + "/"
+        self.ctl = self.root + self.CTL
+        self.lease = self.root + self.LEASE
+        self.current = self.root + self.CURRENT
+        self.closed = self.root + self.CLOSED
+        self.coord_dir = self.root + self.COORD
+        self.lastcall_dir = self.root + self.LASTCALL
+        self.nodes = self.root + self.NODE
+        self.store_dir = self.root + self.STORE
+
+    def coord(self, round_no: int) -> str:
+        return self.coord_dir + round_key(round_no)
+
+    def lastcall(self, round_no: int) -> str:
+        return self.lastcall_dir + round_key(round_no)
+
+    def node(self, node_id: str) -> str:
+        return self.nodes + node_id
+
+    def store(self, round_no: int) -> str:
+        return f"{self.store_dir}{round_key(round_no)}/"
+
+
+class EtcdV2Layout:
+    """The etcd v2 backend's keys under ``<prefix>/<run_id>``::
+
+        w/ctl/state            state document: sealed round + closed flag [TTL run_ttl, refreshed
+                                                                            by the round leaders]
+        w/ctl/coord/<round>    node id coordinating a forming round      [TTL lease_ttl, holder]
+        w/ctl/lastcall/<round> wall-clock end of that round's last call  [TTL lease_ttl, holder]
+        w/node/<node id>       NodeInfo JSON                             [TTL lease_ttl, owner]
+        store/<round>/...      the round's torch Store                   [TTL store_ttl, fixed]
+    """
+
+    def __init__(self, run_prefix: str) -> None:
+        self.root = run_prefix
+        self.watched = run_prefix + "/w"  # what node feeds watch: control and node keys only
+        self.ctl = self.watched + "/ctl"
+        self.state = self.ctl + "/state"
+        self.coord_dir = self.ctl + "/coord/"
+        self.lastcall_dir = self.ctl + "/lastcall/"
+        self.nodes = self.watched + "/node"
+        self.store_dir = run_prefix + "/store/"
+
+    def coord(self, round_no: int) -> str:
+        return self.coord_dir + round_key(round_no)
+
+    def lastcall(self, round_no: int) -> str:
+        return self.lastcall_dir + round_key(round_no)
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes}/{node_id}"
+
+    def store(self, round_no: int) -> str:
+        return self.store_dir + round_key(round_no)
