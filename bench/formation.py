@@ -9,13 +9,17 @@ proposals committed, read from etcd's /metrics before handler creation and after
 so lease grants count; for our c10d, which has no etcd, the TCPStore operations its nodes
 issued, counted by the backend, writes with reads in parentheses). torch's own handlers run
 side by side in the same run; a run that fails or does not form within the timeout is recorded
-as a failure with its error.
+as a failure with its error. Each pool process collects its garbage after creating its handlers,
+before the start instant (the processes serve run after run, so what earlier runs left must not
+fall into a later run's window), and reports the CPU time it spent from the start instant to its
+last node's return.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import re
@@ -116,9 +120,13 @@ def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
         for t in threads:
             t.join()
         created = time.monotonic() - t0
+        # Garbage of earlier runs in this process (its handlers, their threads' frames): a full
+        # collection of it landing inside the next window would be charged to that run.
+        gc.collect()
         results.put(("created", created, errors[:1]))
         go.wait()
         start = time.time()
+        cpu_start = time.process_time()
         finish: list[float] = []
         join_errors: list[str] = []
 
@@ -147,7 +155,8 @@ def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
             if counts is not None:
                 ops[0] += counts.writes
                 ops[1] += counts.reads
-        results.put(("formed", start, max(finish) if finish else None, len(finish), join_errors[:1], ops))
+        cpu = time.process_time() - cpu_start  # every thread of this process, background ones too
+        results.put(("formed", start, max(finish) if finish else None, len(finish), join_errors[:1], ops, cpu))
         done.wait()
         closers = [threading.Thread(target=_shutdown, args=(h,), daemon=True) for h in handlers]
         for t in closers:
@@ -177,6 +186,7 @@ class Result:
     writes_per_node: float | None
     error: str | None
     reads_per_node: float | None = None
+    cpu_s: float | None = None  # CPU seconds of the pool processes in the window, summed
 
 
 def run_one(pool, label: str, kind: str, n: int, endpoint: str, metrics_url: str, conf: dict) -> Result:
@@ -211,7 +221,8 @@ def run_one(pool, label: str, kind: str, n: int, endpoint: str, metrics_url: str
     if kind == "rdzv:c10d":
         writes = sum(f[5][0] for f in formed) / n
         reads = sum(f[5][1] for f in formed) / n
-    return Result(label, n, create_s, end - start, writes, None, reads)
+    cpu = sum(f[6] for f in formed)
+    return Result(label, n, create_s, end - start, writes, None, reads, cpu)
 
 
 pool_events: tuple = ()
