@@ -34,7 +34,7 @@ from torch.distributed.elastic.rendezvous import (
 from waiting import wait_until
 
 from rdzv import create_handler
-from rdzv.rendezvous.backend import DURABLE, ELASTIC, LIVENESS, SPARES
+from rdzv.backends.api import DURABLE, ELASTIC, LIVENESS, SPARES
 from rdzv.rendezvous.round_store import RoundMemberGoneError
 from rdzv.rendezvous.settings import ConfigError
 

@@ -22,13 +22,13 @@ from collections.abc import Collection
 from torch.distributed import PrefixStore, Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.api import ELASTIC, SPARES, NodeChange
 from rdzv.backends.c10d_connections import C10dConnections, unpack_cursor
 from rdzv.backends.c10d_heartbeat import Heartbeats, Liveness
 from rdzv.backends.c10d_host import Opener, open_c10d
 from rdzv.backends.c10d_store import C10dLayout, LogReader, OpCounts, StoreConnection
 from rdzv.backends.common import Change, PumpedFeed, Ticker, apply_state, encode_state
 from rdzv.backends.lazy_store import LazyStore
-from rdzv.rendezvous.backend import ELASTIC, SPARES, NodeChange
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
@@ -53,7 +53,7 @@ GROUP_CAPABILITIES = frozenset({ELASTIC, SPARES})
 
 
 class C10dBackend:
-    """`RendezvousBackend` over a TCPStore; what it can do beyond a fixed group comes from
+    """`Backend` over a TCPStore; what it can do beyond a fixed group comes from
     `capabilities` (the group's) and `liveness` (heartbeats, or none)."""
 
     def __init__(

@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from rdzv.backends.api import LIVENESS
 from rdzv.backends.c10d_store import C10dLayout, StoreConnection
-from rdzv.rendezvous.backend import LIVENESS
 from rdzv.rendezvous.model import RoundRecord
 
 log = logging.getLogger("rdzv")

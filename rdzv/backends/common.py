@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.rendezvous.backend import NodeChange
+from rdzv.backends.api import NodeChange
 from rdzv.rendezvous.model import Control, RecordError, RoundRecord, guard
 
 log = logging.getLogger("rdzv")

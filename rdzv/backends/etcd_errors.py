@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.api import StoreUnreachableError
 from rdzv.etcd import (
     EtcdAuthError,
     EtcdConnectionError,
@@ -19,7 +20,6 @@ from rdzv.etcd import (
     EtcdTLSError,
     EtcdTLSMismatchError,
 )
-from rdzv.rendezvous.backend import StoreUnreachableError
 
 
 @contextlib.contextmanager

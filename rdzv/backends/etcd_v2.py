@@ -37,6 +37,7 @@ from collections.abc import Collection
 import etcd
 from torch.distributed import Store
 
+from rdzv.backends.api import ALL_CAPABILITIES
 from rdzv.backends.common import PumpedFeed, Ticker, apply_state, encode_state
 from rdzv.backends.etcd_v2_client import (
     EtcdV2Client,
@@ -48,7 +49,6 @@ from rdzv.backends.etcd_v2_client import (
 from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
 from rdzv.backends.etcd_v2_store import EtcdV2Store
 from rdzv.layouts import EtcdV2Layout
-from rdzv.rendezvous.backend import ALL_CAPABILITIES
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
@@ -73,7 +73,7 @@ EXPIRY_SLACK = 1.0  # beyond the node key's TTL: etcd's expiry tick and the watc
 
 
 class EtcdV2Backend:
-    """`RendezvousBackend` over etcd's v2 API."""
+    """`Backend` over etcd's v2 API."""
 
     name = "etcd-v2"
     capabilities = ALL_CAPABILITIES

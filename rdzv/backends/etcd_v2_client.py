@@ -18,8 +18,8 @@ import etcd
 import urllib3
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.api import StoreUnreachableError
 from rdzv.etcd.probe import mismatch_hint
-from rdzv.rendezvous.backend import StoreUnreachableError
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")

@@ -11,10 +11,10 @@ from typing import Protocol
 import etcd
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.api import NodeChange
 from rdzv.backends.common import Change
 from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, EtcdV2UnreachableError
 from rdzv.layouts import EtcdV2Layout
-from rdzv.rendezvous.backend import NodeChange
 from rdzv.rendezvous.model import Control, NodeEntry, node_entry
 
 

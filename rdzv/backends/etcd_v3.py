@@ -15,6 +15,7 @@ from collections.abc import Collection
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
+from rdzv.backends.api import ALL_CAPABILITIES
 from rdzv.backends.etcd_errors import etcd_errors
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
@@ -29,7 +30,6 @@ from rdzv.etcd import (
     prefix_end,
 )
 from rdzv.layouts import EtcdV3Layout
-from rdzv.rendezvous.backend import ALL_CAPABILITIES
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
@@ -51,7 +51,7 @@ EXPIRY_SLACK = 1.0  # beyond lease_ttl: etcd's lease expiry tick (500 ms) and th
 
 
 class EtcdBackend:
-    """`RendezvousBackend` over etcd's v3 API."""
+    """`Backend` over etcd's v3 API."""
 
     name = "etcd-v3"
     capabilities = ALL_CAPABILITIES

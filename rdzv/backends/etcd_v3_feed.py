@@ -7,10 +7,10 @@ import logging
 from collections.abc import Collection
 from typing import Protocol
 
+from rdzv.backends.api import NodeChange
 from rdzv.backends.etcd_errors import etcd_errors
 from rdzv.etcd import EtcdClient, EtcdCompactedError, Event, KeyValue, prefix_end
 from rdzv.layouts import EtcdV3Layout
-from rdzv.rendezvous.backend import NodeChange
 from rdzv.rendezvous.model import Control, NodeEntry
 
 log = logging.getLogger("rdzv")

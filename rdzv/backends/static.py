@@ -32,11 +32,11 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
+from rdzv.backends.api import Backend
 from rdzv.backends.c10d import C10dBackend
 from rdzv.backends.c10d_heartbeat import NoHeartbeats
 from rdzv.backends.c10d_host import single_endpoint
 from rdzv.backends.c10d_store import OpCounts, StoreConnection, connect_store, serve_store
-from rdzv.rendezvous.backend import RendezvousBackend
 from rdzv.rendezvous.handler import RdzvHandler
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 
@@ -48,7 +48,7 @@ HINT = ". The static rendezvous store lives in node rank 0's process; the job ca
 class StaticHandler(RdzvHandler):
     """Checks that the group gave this node the rank it was started with; workers share the store."""
 
-    def __init__(self, settings: RendezvousSettings, backend: RendezvousBackend) -> None:
+    def __init__(self, settings: RendezvousSettings, backend: Backend) -> None:
         super().__init__(settings, backend)
         self.store_endpoint = single_endpoint(settings, "static")
         self._share_store = True

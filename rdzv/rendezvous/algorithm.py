@@ -32,9 +32,9 @@ import socket
 import time
 from collections.abc import Mapping
 
+from rdzv.backends.api import ELASTIC, LIVENESS, SPARES, Backend, ChangeFeed
 from rdzv.ports import free_port
 from rdzv.rendezvous import join_errors
-from rdzv.rendezvous.backend import ELASTIC, LIVENESS, SPARES, ChangeFeed, RendezvousBackend
 from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
@@ -46,12 +46,12 @@ log = logging.getLogger("rdzv")
 
 
 class Rendezvous:
-    """One node's side of the rendezvous over a `RendezvousBackend`."""
+    """One node's side of the rendezvous over a `Backend`."""
 
     def __init__(
         self,
         settings: RendezvousSettings,
-        backend: RendezvousBackend,
+        backend: Backend,
         *,
         node_id: str | None = None,
         host: str | None = None,

@@ -13,8 +13,8 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
+from rdzv.backends.api import Backend
 from rdzv.rendezvous.algorithm import Rendezvous
-from rdzv.rendezvous.backend import RendezvousBackend
 from rdzv.rendezvous.membership import Departures, GroupCounts
 from rdzv.rendezvous.observed import BackendObserver, ObservedBackend
 from rdzv.rendezvous.progress import ProgressCallback
@@ -27,7 +27,7 @@ log = logging.getLogger("rdzv")
 class RdzvHandler(RendezvousHandler):
     """A rendezvous handler for torch's elastic agent (and torchrun), any backend."""
 
-    def __init__(self, settings: RendezvousSettings, backend: RendezvousBackend) -> None:
+    def __init__(self, settings: RendezvousSettings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
         self.rendezvous = Rendezvous(settings, backend)
@@ -160,12 +160,12 @@ class RdzvHandler(RendezvousHandler):
         """Report every store request from now on to `observer` (rdzv.rendezvous.observed)."""
         backend = self.backend
         inner = backend.inner if isinstance(backend, ObservedBackend) else backend
-        observed: RendezvousBackend = ObservedBackend(inner, observer)  # type: ignore[assignment]
+        observed: Backend = ObservedBackend(inner, observer)  # type: ignore[assignment]
         self.backend = self.rendezvous.backend = observed
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """What the backend can do (`rdzv.rendezvous.backend.ELASTIC`, ...)."""
+        """What the backend can do (`rdzv.backends.api.ELASTIC`, ...)."""
         return self.backend.capabilities
 
     @property

@@ -19,12 +19,12 @@ from rdzv.rendezvous.progress import not_back, previous_round, rejoin_wanted
 from rdzv.rendezvous.settings import RendezvousSettings
 
 if TYPE_CHECKING:  # annotations only
-    from rdzv.rendezvous.backend import RendezvousBackend
+    from rdzv.backends.api import Backend
 
 
 def timed_out(
     settings: RendezvousSettings,
-    backend: RendezvousBackend,
+    backend: Backend,
     target: int,
     control: Control,
     nodes: Mapping[str, NodeEntry],
@@ -46,7 +46,7 @@ def timed_out(
     )
 
 
-def no_room(run_id: str, backend: RendezvousBackend, sealed: RoundRecord) -> RendezvousError:
+def no_room(run_id: str, backend: Backend, sealed: RoundRecord) -> RendezvousError:
     """A full group runs without this node and the backend keeps no spares."""
     return RendezvousError(
         f"rendezvous '{run_id}' on {backend.describe()}: the group of "
@@ -56,7 +56,7 @@ def no_room(run_id: str, backend: RendezvousBackend, sealed: RoundRecord) -> Ren
     )
 
 
-def closed_while_waiting(run_id: str, backend: RendezvousBackend, node_id: str, control: Control) -> Exception:
+def closed_while_waiting(run_id: str, backend: Backend, node_id: str, control: Control) -> Exception:
     """The run closed during this node's join: a graceful exit for a node outside the group."""
     sealed = control.sealed
     if sealed is not None and sealed.rank_of(node_id) is None:
@@ -67,7 +67,7 @@ def closed_while_waiting(run_id: str, backend: RendezvousBackend, node_id: str, 
     return closed_run(run_id, backend, finished=False)
 
 
-def closed_run(run_id: str, backend: RendezvousBackend, *, finished: bool) -> RendezvousClosedError:
+def closed_run(run_id: str, backend: Backend, *, finished: bool) -> RendezvousClosedError:
     """The run is closed: the job is ending, or (`finished`, found by a node that never joined
     it) a job with this run id finished before."""
     if not finished:
@@ -86,7 +86,7 @@ def closed_run(run_id: str, backend: RendezvousBackend, *, finished: bool) -> Re
     )
 
 
-def unreadable_state(run_id: str, backend: RendezvousBackend, control: Control) -> RendezvousStateError:
+def unreadable_state(run_id: str, backend: Backend, control: Control) -> RendezvousStateError:
     """A record of the run cannot be read, so no new round can form."""
     # Running members were left alone (their view is the one before the bad write); a new
     # round cannot be formed on a state nobody can read.

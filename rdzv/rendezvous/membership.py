@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
 
 if TYPE_CHECKING:  # annotations only: the view itself needs no torch
-    from rdzv.rendezvous.backend import ChangeFeed, RendezvousBackend
+    from rdzv.backends.api import Backend, ChangeFeed
 
 
 @dataclass
@@ -22,7 +22,7 @@ class RoundMembership:
     `newcomers`."""
 
     record: RoundRecord
-    backend: RendezvousBackend
+    backend: Backend
     watch_nodes: bool
     _feed: ChangeFeed | None = None
     lost: set[str] = field(default_factory=set)

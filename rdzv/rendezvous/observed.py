@@ -1,6 +1,6 @@
 """A hook for watching a backend's store requests: how long each took and whether it failed.
 
-`ObservedBackend` wraps a `RendezvousBackend` and tells a `BackendObserver` about every call
+`ObservedBackend` wraps a `Backend` and tells a `BackendObserver` about every call
 that is one request (or one short exchange) to the store: announce, seal, read_control, ...
 Waiting on a feed (`ChangeFeed.poll`) is not a request and is not reported. The observer is
 called on the caller's thread after the request; it must be cheap and never raise.
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from rdzv.rendezvous.backend import RendezvousBackend
+from rdzv.backends.api import Backend
 
 # Backend methods that talk to the store once per call; the rest pass through untimed.
 REQUESTS = (
@@ -40,7 +40,7 @@ class BackendObserver(Protocol):
 class ObservedBackend:
     """Delegates everything to `inner`; the calls named in REQUESTS are timed for `observer`."""
 
-    def __init__(self, inner: RendezvousBackend, observer: BackendObserver) -> None:
+    def __init__(self, inner: Backend, observer: BackendObserver) -> None:
         self._inner = inner
         self._observer = observer
         for op in REQUESTS:
@@ -63,7 +63,7 @@ class ObservedBackend:
         return timed
 
     @property
-    def inner(self) -> RendezvousBackend:
+    def inner(self) -> Backend:
         return self._inner
 
     def __getattr__(self, name: str) -> Any:

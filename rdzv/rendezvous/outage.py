@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.rendezvous.backend import StoreUnreachableError
+from rdzv.backends.api import StoreUnreachableError
 
 log = logging.getLogger("rdzv")
 

@@ -14,7 +14,7 @@ from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings
 
 if TYPE_CHECKING:  # annotations only
-    from rdzv.rendezvous.backend import RendezvousBackend
+    from rdzv.backends.api import Backend
 
 ProgressCallback = Callable[[dict[str, object]], None]
 PROGRESS_INTERVAL = 5.0
@@ -55,7 +55,7 @@ class ProgressReports:
 
     def report(
         self,
-        backend: RendezvousBackend,
+        backend: Backend,
         target: int,
         control: Control,
         *,

@@ -3,7 +3,8 @@
 A backend provides: per-node liveness (a lease or heartbeat that removes the node's record when
 it dies), an atomic "announce and maybe claim coordination of round N", a compare-and-set of the
 sealed-round record, and a feed of changes to wait on instead of polling. Everything else (who
-completes a round, when, with which ranks, what counts as waiting) is in `algorithm.py`.
+completes a round, when, with which ranks, what counts as waiting) is in
+`rdzv.rendezvous.algorithm`.
 
 Cursors (the ints returned by `read_control`, `announce`, `read_nodes`, set on records as
 `RoundRecord.cursor` and `Control.cursor`) are opaque to the algorithm: it only hands them back
@@ -55,7 +56,7 @@ class ChangeFeed(Protocol):
     def close(self) -> None: ...
 
 
-# Capability names (`RendezvousBackend.capabilities`).
+# Capability names (`Backend.capabilities`).
 ELASTIC = "elastic"  # min < max; members are told (num_nodes_waiting) when the group should change
 SPARES = "spares"  # nodes beyond max_nodes wait outside the full group until a member leaves
 LIVENESS = "liveness"  # a dead node's records disappear by themselves (lease, TTL or heartbeat)
@@ -63,7 +64,7 @@ DURABLE = "durable"  # the state outlives any one node (no node hosts the store)
 ALL_CAPABILITIES = frozenset({ELASTIC, SPARES, LIVENESS, DURABLE})
 
 
-class RendezvousBackend(Protocol):
+class Backend(Protocol):
     """What the algorithm needs from a store (see the module docstring)."""
 
     name: str
