@@ -246,6 +246,9 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         observe = getattr(handler, "observe_backend", None)
         if callable(observe):
             observe(recorder)  # our handlers: every store request timed
+        lag = getattr(handler, "keep_alive_lag", None)
+        if callable(lag):
+            recorder.watch_keep_alive(lag)
         reporter.info(
             "metrics", f"metrics at http://{endpoint.host}:{endpoint.port}/metrics (and /healthz)", port=endpoint.port
         )

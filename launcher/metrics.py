@@ -45,6 +45,28 @@ class WorkerGroupCollector(Collector):
         yield family
 
 
+class KeepAliveCollector(Collector):
+    """`rdzv_launcher_keep_alive_lag_seconds`, read from the handler when collected; absent
+    where the backend cannot tell (etcd-v2, c10d, static)."""
+
+    def __init__(self, run_id: str) -> None:
+        self._run_id = run_id
+        self.source: Callable[[], float | None] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        source = self.source
+        lag = source() if source is not None else None
+        if lag is None:
+            return
+        family = GaugeMetricFamily(
+            "rdzv_launcher_keep_alive_lag_seconds",
+            "How long this node's oldest unanswered etcd lease keep-alive has waited (0: all answered).",
+            labels=["run_id"],
+        )
+        family.add_metric([self._run_id], lag)
+        yield family
+
+
 class PrometheusRecorder:
     """A `launcher.recorder.Recorder` that keeps Prometheus metrics in `self.registry`."""
 
@@ -54,6 +76,8 @@ class PrometheusRecorder:
         self._recovery = RecoveryTracker()
         self._states = WorkerGroupCollector(run_id)
         reg.register(self._states)
+        self._keep_alive = KeepAliveCollector(run_id)
+        reg.register(self._keep_alive)
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, run, registry=reg).labels(run_id)
@@ -150,3 +174,6 @@ class PrometheusRecorder:
 
     def watch_worker_group(self, state: Callable[[], str]) -> None:
         self._states.source = state
+
+    def watch_keep_alive(self, lag: Callable[[], float | None]) -> None:
+        self._keep_alive.source = lag

@@ -48,6 +48,10 @@ class Recorder(Protocol):
         """`state()` names the worker group's state; read when metrics are collected."""
         ...
 
+    def watch_keep_alive(self, lag: Callable[[], float | None]) -> None:
+        """`lag()` is the handler's keep-alive lag (None: unknown); read when collected."""
+        ...
+
 
 class NullRecorder:
     """Metrics off: every call is a no-op."""
@@ -74,6 +78,9 @@ class NullRecorder:
         pass
 
     def watch_worker_group(self, state: Callable[[], str]) -> None:
+        pass
+
+    def watch_keep_alive(self, lag: Callable[[], float | None]) -> None:
         pass
 
 

@@ -99,6 +99,8 @@ def test_scrapes_follow_a_node_loss(etcd35, tmp_path: Path) -> None:
         assert value(scraped[0], "rdzv_launcher_restarts_total", cause=MEMBERSHIP) == 0
         assert value(scraped[0], "rdzv_launcher_store_request_seconds_count", backend="etcd", op="announce")
         assert {value(s, "rdzv_launcher_node_rank") for s in scraped} == {0, 1}
+        lags = [value(s, "rdzv_launcher_keep_alive_lag_seconds") for s in scraped]
+        assert all(lag is not None and 0 <= lag < 3 for lag in lags), lags  # served; below lease_ttl
 
         survivor, lost = nodes
         lost.kill()  # SIGKILL: the launcher's process group and its workers
@@ -241,6 +243,7 @@ def test_the_docs_name_every_launcher_metric() -> None:
 
     recorder = PrometheusRecorder("docs", "etcd")
     recorder.watch_worker_group(lambda: "HEALTHY")
+    recorder.watch_keep_alive(lambda: 0.0)
     served = {family.name + ("_total" if family.type == "counter" else "") for family in recorder.registry.collect()}
     docs = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
     assert served and all(f"`{name}`" in docs for name in served), [n for n in served if f"`{n}`" not in docs]

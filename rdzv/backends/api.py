@@ -142,6 +142,11 @@ class Backend(Protocol):
         others' feeds report its record gone: lease TTL plus the store's expiry granularity."""
         ...
 
+    def keep_alive_lag(self) -> float | None:
+        """Seconds this node's oldest unanswered liveness refresh has waited (0.0: all
+        answered; None: the backend cannot tell). No request: for metrics."""
+        ...
+
     def round_store(self, record: RoundRecord) -> Store:
         """A torch Store scoped to one round, for the agent and bootstrap."""
         ...

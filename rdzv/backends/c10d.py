@@ -359,6 +359,9 @@ class C10dBackend:
 
     def round_store(self, record: RoundRecord) -> Store:
         return LazyStore(lambda: PrefixStore(self.keys.store(record.round), self.connections.agent_store()))
+    def keep_alive_lag(self) -> float | None:
+        return None  # heartbeats are plain store requests: their latency is in the request metrics
+
 
     def clean_hint(self) -> str:
         return f"restart the node that serves the store ({self.where}): the run's state lives only in that process"

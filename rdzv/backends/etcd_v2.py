@@ -331,6 +331,9 @@ class EtcdV2Backend:
 
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)
+    def keep_alive_lag(self) -> float | None:
+        return None  # TTL refreshes are plain requests: their latency is in the request metrics
+
 
     def clean_hint(self) -> str:
         s = self.settings

@@ -345,6 +345,12 @@ class EtcdBackend:
         # etcd revokes expired leases on a 500 ms tick; the delete then reaches every watch.
         return self.settings.lease_ttl + EXPIRY_SLACK
 
+    def keep_alive_lag(self) -> float | None:
+        session = self._session
+        if session is None:
+            return None
+        return self.client.lease_keeper.keep_alive_lag(session.lease_id)
+
     def clean_hint(self) -> str:
         s = self.settings
         prefix = "" if s.prefix == DEFAULT_PREFIX else f" --prefix={s.prefix}"

@@ -100,6 +100,11 @@ class RdzvHandler(RendezvousHandler):
             self._cannot_check(exc)
             return Departures()
 
+    def keep_alive_lag(self) -> float | None:
+        """Seconds this node's oldest unanswered liveness refresh (etcd lease keep-alive) has
+        waited; None where the backend cannot tell. No request."""
+        return self.backend.keep_alive_lag()
+
     @property
     def notice_time(self) -> float:
         """Seconds within which a member that died is seen as gone (0: never seen)."""
