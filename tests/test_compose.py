@@ -398,10 +398,10 @@ def test_trainer_commands_parse_with_rdzv_launch(
         )
         rs = rdzv_settings.parse_settings(params)
         assert set(rs.endpoints) == advertised
-        assert rs.tls == (variant == "tls")
+        assert rs.access.tls == (variant == "tls")
         mounts = {_volume_target(v): str(v).split(":")[0] for v in svc.get("volumes", [])}
         if variant == "tls":
-            files = {"cacert": rs.cacert, "cert": rs.cert, "key": rs.key}
+            files = {"cacert": rs.access.cacert, "cert": rs.access.cert, "key": rs.access.key}
             assert {k: Path(v or "").name for k, v in files.items()} == {
                 "cacert": "ca.crt", "cert": "client.crt", "key": "client.key"
             }

@@ -41,7 +41,7 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
-from rdzv.rendezvous.settings import RendezvousSettings
+from rdzv.rendezvous.settings import RendezvousSettings, config_bool
 
 log = logging.getLogger("rdzv")
 
@@ -393,7 +393,7 @@ def _apply_claim(control: Control, key: str, raw: bytes) -> None:
 
 def create_backend(settings: RendezvousSettings) -> C10dBackend:
     """The backend for `--rdzv-backend=c10d` (rdzv-launch) and `rdzv-c10d` (torchrun)."""
-    opener, where = open_c10d(settings)
+    opener, where = open_c10d(settings, is_host=config_bool(settings.config, "is_host"))
     backend = C10dBackend(
         settings, opener, where=where, liveness=Heartbeats(settings.lease_ttl, settings.run_id)
     )

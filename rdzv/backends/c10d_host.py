@@ -22,24 +22,11 @@ SPOF_HINT = (
 Opener = Callable[[OpCounts], StoreConnection]
 
 
-def flag(settings: RendezvousSettings, name: str) -> bool | None:
-    """A boolean --rdzv-conf setting (None: not given)."""
-    raw = settings.extra.get(name)
-    if raw is None or raw == "":
-        return None
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if text in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise ConfigError(f"rendezvous setting {name}={raw!r} is not a boolean")
-
-
 def single_endpoint(settings: RendezvousSettings, backend: str) -> tuple[str, int]:
     """The one HOST:PORT a TCPStore backend takes (no TLS, no authentication)."""
     if len(settings.endpoints) != 1:
         raise ConfigError(f"the {backend} backend takes one HOST:PORT endpoint, got {','.join(settings.endpoints)}")
-    if settings.tls or settings.user:
+    if settings.access.secured:
         raise ConfigError(
             f"the {backend} backend has no TLS or authentication (TCPStore offers neither); "
             "use the etcd backend for that"
@@ -48,20 +35,21 @@ def single_endpoint(settings: RendezvousSettings, backend: str) -> tuple[str, in
     return host, int(port)
 
 
-def open_c10d(settings: RendezvousSettings) -> tuple[Opener, str]:
-    """torch's rules for who serves the store: `is_host` if given, else the node whose host name
-    or address is the endpoint's (port 0: this node, for single-node runs). A node that would
-    host but finds the port taken (another agent on this machine got there first) connects.
-    Returns the opener of this node's connection and where the store is, for messages."""
+def open_c10d(settings: RendezvousSettings, is_host: bool | None) -> tuple[Opener, str]:
+    """torch's rules for who serves the store: `is_host` if given (--rdzv-conf), else the node
+    whose host name or address is the endpoint's (port 0: this node, for single-node runs). A
+    node that would host but finds the port taken (another agent on this machine got there
+    first) connects. Returns the opener of this node's connection and where the store is, for
+    messages."""
     host, port = single_endpoint(settings, "c10d")
-    hosting = flag(settings, "is_host")
+    hosting = is_host
     if hosting is None:
         hosting = port == 0 or is_this_host(host)
     if hosting:
         try:
             store = serve_store(port, settings.read_timeout)
         except RuntimeError as exc:
-            if flag(settings, "is_host"):
+            if is_host:
                 raise RendezvousConnectionError(
                     f"c10d: cannot serve the store on port {port} (is_host=true): {exc}"
                 ) from exc

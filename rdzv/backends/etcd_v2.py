@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import etcd
 from torch.distributed import Store
@@ -60,7 +60,7 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
-from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_number
 
 log = logging.getLogger("rdzv")
 
@@ -78,13 +78,13 @@ class EtcdV2Backend:
     name = "etcd-v2"
     capabilities = ALL_CAPABILITIES
 
-    def __init__(self, settings: RendezvousSettings, client: EtcdV2Client) -> None:
+    def __init__(self, settings: RendezvousSettings, client: EtcdV2Client, *, store_ttl: float) -> None:
         self.settings = settings
         self.client = client
         self.keys = EtcdV2Layout(settings.run_prefix)
         self.lease_ttl = whole_seconds(settings.lease_ttl)
         self.run_ttl = self.lease_ttl * RUN_TTL_LEASES
-        self.store_ttl = _store_ttl(settings)
+        self.store_ttl = store_ttl
         self._node_id: str | None = None
         self._lock = threading.Lock()
         self._owned: set[str] = set()  # keys this node keeps alive (its node key and claims)
@@ -337,7 +337,7 @@ class EtcdV2Backend:
 
     def clean_hint(self) -> str:
         s = self.settings
-        scheme = "https" if s.tls else "http"
+        scheme = "https" if s.access.tls else "http"
         host = s.endpoints[0].split("://")[-1]
         return (
             "remove the run through etcd's v2 API with "
@@ -354,25 +354,23 @@ class EtcdV2Backend:
         return float(ttl) if ttl is not None else None
 
 
-def _store_ttl(settings: RendezvousSettings) -> float:
-    raw = settings.extra.get("store_ttl")
-    if raw in (None, ""):
+def _store_ttl(config: Mapping[str, object]) -> float:
+    """--rdzv-conf's store_ttl (seconds, at least 60), else torch's etcd-v2 default."""
+    value = config_number(config, "store_ttl")
+    if value is None:
         return DEFAULT_STORE_TTL
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"rendezvous setting store_ttl={raw!r} is not a number of seconds") from None
     if value < 60:
-        raise ConfigError(f"rendezvous setting store_ttl={raw!r} must be at least 60 seconds")
+        raise ConfigError(f"rendezvous setting store_ttl={config['store_ttl']!r} must be at least 60 seconds")
     return value
 
 
 def create_backend(settings: RendezvousSettings) -> EtcdV2Backend:
     """The backend for `--rdzv-backend=etcd-v2` (rdzv-launch) and `rdzv-etcd-v2` (torchrun)."""
+    store_ttl = _store_ttl(settings.config)
     client = EtcdV2Client.shared(settings)
     try:
         client.check(settings.run_prefix)
     except BaseException:
         client.close()
         raise
-    return EtcdV2Backend(settings, client)
+    return EtcdV2Backend(settings, client, store_ttl=store_ttl)

@@ -7,12 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import etcd
 import urllib3
@@ -21,6 +18,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 from rdzv.backends.api import StoreUnreachableError
 from rdzv.etcd.probe import mismatch_hint
 from rdzv.rendezvous.settings import RendezvousSettings
+from rdzv.shared_clients import SharedClients
 
 log = logging.getLogger("rdzv")
 # python-etcd logs every failed request at ERROR before raising; we translate and report the
@@ -73,30 +71,25 @@ class EtcdV2Client:
     next endpoint (python-etcd's own failover forgets endpoints it failed on), and each request
     is bounded by `timeout`. Shared per process and configuration, reference-counted."""
 
-    _shared: ClassVar[dict[tuple[Any, ...], EtcdV2Client]] = {}
-    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
-    _live: ClassVar[weakref.WeakSet[EtcdV2Client]] = weakref.WeakSet()
-    # A fork()ed child's inherited clients, kept so that their sockets are never closed here.
-    _inherited: ClassVar[list[EtcdV2Client]] = []
-
     def __init__(self, settings: RendezvousSettings) -> None:
         self.endpoints = settings.endpoints
         self.timeout = settings.read_timeout
-        self._tls = settings.tls
+        access = settings.access
+        self._tls = access.tls
         self._probed: dict[int, tuple[float, str | None]] = {}  # index -> (valid until, hint)
-        cert: str | tuple[str, str] | None = settings.cert
-        if settings.cert and settings.key:
-            cert = (settings.cert, settings.key)
+        cert: str | tuple[str, str] | None = access.cert
+        if access.cert and access.key:
+            cert = (access.cert, access.key)
         self._clients = [
             etcd.Client(
                 host=host,
                 port=port,
-                protocol="https" if settings.tls else "http",
+                protocol="https" if access.tls else "http",
                 read_timeout=settings.read_timeout,
                 cert=cert,
-                ca_cert=settings.cacert,
-                username=settings.user,
-                password=settings.password,
+                ca_cert=access.cacert,
+                username=access.user,
+                password=access.password,
                 per_host_pool_size=POOL_SIZE,
             )
             for host, port in map(_host_port, settings.endpoints)
@@ -105,48 +98,21 @@ class EtcdV2Client:
             # Read by urllib3 when it creates a connection pool, i.e. before the first request.
             client.http.connection_pool_kw["retries"] = RETRIES
         self._current = 0
-        self._key: tuple[Any, ...] | None = None
-        self._refs = 0
-        self._forked = False  # inherited across fork(): see _disown_after_fork
-        EtcdV2Client._live.add(self)
+        self._forked = False  # inherited across fork(): see _disown
+        _clients.track(self)
 
     @classmethod
     def shared(cls, settings: RendezvousSettings) -> EtcdV2Client:
-        key = (settings.endpoints, settings.tls, settings.cacert, settings.cert, settings.key,
-               settings.user, settings.password, settings.read_timeout)
-        with cls._shared_lock:
-            client = cls._shared.get(key)
-            if client is None:
-                client = cls._shared[key] = cls(settings)
-                client._key = key
-            client._refs += 1
-            return client
-
-    @classmethod
-    def _disown_after_fork(cls) -> None:
-        """In a fork()ed child: forget the parent's clients, so the child opens its own.
-
-        Their pooled keep-alive connections are sockets the parent still uses: two processes
-        writing requests and reading answers on one connection garble both (etcd answers
-        "400 Bad Request", or one reads the other's answer). Inherited clients refuse every
-        request and ``close()`` leaves their sockets alone.
-        """
-        cls._shared_lock = threading.Lock()
-        cls._shared = {}
-        inherited = list(cls._live)
-        for client in inherited:
-            client._forked = True
-        cls._inherited.extend(inherited)
-        cls._live = weakref.WeakSet()
+        """A process-wide client per endpoints, TLS/auth and timeout, reference-counted: every
+        caller must :meth:`close` its reference."""
+        key = (settings.endpoints, settings.access, settings.read_timeout)
+        return _clients.acquire(key, lambda: cls(settings))
 
     def close(self) -> None:
         if self._forked:
             return  # the parent's sockets: closing them here is not ours to do
-        with self._shared_lock:
-            self._refs -= 1
-            if self._refs > 0 or self._key is None:
-                return
-            self._shared.pop(self._key, None)
+        if not _clients.release(self):
+            return
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.http.clear()
@@ -221,8 +187,16 @@ class EtcdV2Client:
             self.call(lambda c: c.read(path, timeout=quick))
 
 
+def _disown(client: EtcdV2Client) -> None:
+    """In a fork()ed child: an inherited client's pooled keep-alive connections are sockets the
+    parent still uses, and two processes writing requests and reading answers on one connection
+    garble both (etcd answers "400 Bad Request", or one reads the other's answer). It refuses
+    every request, and ``close()`` leaves its sockets alone."""
+    client._forked = True
+
+
 # fork() copies the clients and their open sockets: a child starts with none.
-os.register_at_fork(after_in_child=EtcdV2Client._disown_after_fork)
+_clients: SharedClients[EtcdV2Client] = SharedClients(_disown)
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:

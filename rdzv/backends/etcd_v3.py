@@ -354,7 +354,7 @@ class EtcdBackend:
     def clean_hint(self) -> str:
         s = self.settings
         prefix = "" if s.prefix == DEFAULT_PREFIX else f" --prefix={s.prefix}"
-        conf = " (with the job's --rdzv-conf for TLS and auth)" if s.tls or s.user else ""
+        conf = " (with the job's --rdzv-conf for TLS and auth)" if s.access.secured else ""
         return (
             f"remove the run with `rdzv clean --rdzv-endpoint={','.join(s.endpoints)}{prefix} "
             f"--rdzv-id={s.run_id}`{conf}"
@@ -375,16 +375,17 @@ class EtcdBackend:
 
 def connect(settings: RendezvousSettings) -> EtcdClient:
     """A (process-shared) client, checked now so a bad endpoint fails fast and clearly."""
+    access = settings.access
     client = EtcdClient.shared(
         list(settings.endpoints),
         timeout=settings.read_timeout,
         connect_timeout=min(settings.read_timeout, 5.0),
-        ca_cert=settings.cacert,
-        cert=settings.cert,
-        key=settings.key,
-        tls=settings.tls,
-        user=settings.user,
-        password=settings.password,
+        ca_cert=access.cacert,
+        cert=access.cert,
+        key=access.key,
+        tls=access.tls,
+        user=access.user,
+        password=access.password,
     )
     try:
         with etcd_errors(f"etcd {','.join(settings.endpoints)}"):

@@ -7,11 +7,8 @@ Watch stream (:class:`~rdzv.etcd.watch.WatchHub`). See docs/etcd-client.md.
 
 from __future__ import annotations
 
-import os
-import threading
-import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from rdzv.etcd.errors import EtcdError, EtcdLeaseNotFoundError
 from rdzv.etcd.lease import Lease, LeaseKeeper, OnLost
@@ -29,6 +26,7 @@ from rdzv.etcd.proto import etcd_min_pb2 as pb
 from rdzv.etcd.results import KeyValue, RangeResult, StatusResult, TxnResult
 from rdzv.etcd.transport import Transport
 from rdzv.etcd.watch import Watch, WatchHub
+from rdzv.shared_clients import SharedClients
 
 __all__ = ["EtcdClient"]
 
@@ -41,14 +39,6 @@ class EtcdClient:
     ``tls=True`` or a ``ca_cert``/``cert`` is given. ``timeout`` is the default per-call
     deadline (seconds); ``connect_timeout`` bounds how long an unreachable endpoint is tried.
     """
-
-    _shared: ClassVar[dict[tuple[Any, ...], EtcdClient]] = {}
-    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
-    # Every live client, so that a fork()ed child can disown them (see _disown_after_fork).
-    _live: ClassVar[weakref.WeakSet[EtcdClient]] = weakref.WeakSet()
-    # A child's inherited clients, kept referenced: freeing one would run gRPC's channel
-    # teardown on sockets that are still the parent's.
-    _inherited: ClassVar[list[EtcdClient]] = []
 
     def __init__(
         self,
@@ -74,11 +64,9 @@ class EtcdClient:
             user=user,
             password=password,
         )
-        self._shared_key: tuple[Any, ...] | None = None
-        self._refs = 0
         self._keeper = LeaseKeeper(self._transport)
         self._hub = WatchHub(self._transport)
-        EtcdClient._live.add(self)
+        _clients.track(self)
 
     # -- sharing and lifetime ----------------------------------------------------------------
 
@@ -92,50 +80,18 @@ class EtcdClient:
         """
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         cfg = (tuple(e.strip() for e in items if e.strip()), tuple(sorted(kwargs.items())))
-        with cls._shared_lock:
-            client = cls._shared.get(cfg)
-            if client is None or client.closed:
-                client = cls(endpoints, **kwargs)
-                client._shared_key = cfg
-                cls._shared[cfg] = client
-            client._refs += 1
-            return client
-
-    @classmethod
-    def _disown_after_fork(cls) -> None:
-        """In a fork()ed child: forget the parent's clients, so the child opens its own.
-
-        The parent's channels are gRPC state whose threads (ours and gRPC's) do not exist here
-        and whose sockets the parent still uses; its locks may have been held at fork time. A
-        child that used or even closed them would hang or corrupt the parent's streams, so the
-        inherited clients are only marked: every call raises, ``close()`` does nothing.
-        """
-        cls._shared_lock = threading.Lock()
-        cls._shared = {}
-        inherited = list(cls._live)
-        for client in inherited:
-            client._transport.disown()
-        cls._inherited.extend(inherited)
-        cls._live = weakref.WeakSet()
+        return _clients.acquire(cfg, lambda: cls(endpoints, **kwargs))
 
     @property
     def refcount(self) -> int:
         """References held on a shared client (0 for a private one)."""
-        return self._refs
+        return _clients.refcount(self)
 
     def close(self) -> None:
         """Release the client (one reference, for a shared one). Idempotent."""
         if self._transport.forked:
             return  # the parent's channels and threads: not ours to tear down
-        if self._shared_key is not None:
-            with self._shared_lock:
-                if self._refs > 0:
-                    self._refs -= 1
-                if self._refs > 0:
-                    return
-                if self._shared.get(self._shared_key) is self:
-                    del self._shared[self._shared_key]
-        if not self._transport.refuse_calls():
+        if not _clients.release(self) or not self._transport.refuse_calls():
             return
         self._hub.close()
         self._keeper.close()
@@ -389,5 +345,14 @@ class EtcdClient:
         return st
 
 
+def _disown(client: EtcdClient) -> None:
+    """In a fork()ed child: the parent's channels are gRPC state whose threads (ours and gRPC's)
+    do not exist here and whose sockets the parent still uses, and its locks may have been held
+    at fork time. A child that used or even closed them would hang or corrupt the parent's
+    streams, so an inherited client is only marked: every call raises, ``close()`` does nothing.
+    """
+    client._transport.disown()
+
+
 # fork() copies the clients but not the threads serving them: a child starts afresh.
-os.register_at_fork(after_in_child=EtcdClient._disown_after_fork)
+_clients: SharedClients[EtcdClient] = SharedClients(_disown, reusable=lambda client: not client.closed)

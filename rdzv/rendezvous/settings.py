@@ -15,6 +15,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from rdzv.endpoints import EndpointError, normalized
@@ -161,6 +162,18 @@ def _count(key: str, raw: object) -> int:
     return value
 
 
+def config_number(config: Mapping[str, object], key: str) -> float | None:
+    """The number `config` holds at `key` (a finite number, 0 or more), None if not given."""
+    raw = config.get(key)
+    return None if raw is None or raw == "" else _number(key, raw)
+
+
+def config_bool(config: Mapping[str, object], key: str) -> bool | None:
+    """The boolean `config` holds at `key` (true/false, 1/0, ...), None if not given."""
+    raw = config.get(key)
+    return None if raw is None or raw == "" else _bool(key, raw)
+
+
 def _bool(key: str, raw: object) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -202,6 +215,24 @@ def password_from(config: Mapping[str, object]) -> str | None:
 
 
 @dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd beyond its endpoints: TLS files and authentication (only the etcd
+    backends have any; the TCPStore backends refuse a job that asks for them)."""
+
+    tls: bool = False
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def secured(self) -> bool:
+        """TLS or authentication asked for."""
+        return self.tls or self.user is not None
+
+
+@dataclass(frozen=True)
 class RendezvousSettings:
     """One handler's settings, as parsed from torch's `RendezvousParameters` (`parse_settings`)."""
 
@@ -219,13 +250,10 @@ class RendezvousSettings:
     prefix: str = DEFAULT_PREFIX
     rank_hint: int | None = None
     local_world_size: int | None = None  # shown by `rdzv status`; the launcher passes it
-    cacert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    tls: bool = False
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    extra: dict[str, object] = field(default_factory=dict, repr=False)
+    access: EtcdAccess = EtcdAccess()
+    # --rdzv-conf as given (checked by check_config), read-only: a backend reads the keys only
+    # it knows (etcd-v2's store_ttl, c10d's is_host) into typed values in its create_backend.
+    config: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
     @property
     def run_prefix(self) -> str:
@@ -276,12 +304,14 @@ def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> Re
         prefix=prefix,
         rank_hint=_optional_count(params, "rank_hint"),
         local_world_size=_optional_count(params, "local_world_size"),
-        cacert=str(cacert) if cacert else None,
-        cert=str(_lookup(params, "cert")) if _lookup(params, "cert") else None,
-        key=str(_lookup(params, "key")) if _lookup(params, "key") else None,
-        tls=url_tls or protocol == "https" or bool(cacert),
-        user=str(user) if user else None,
-        # From the environment or a file: check_config refused `password=` on the command line.
-        password=password_from(params.config) if user else None,
-        extra=dict(params.config),
+        access=EtcdAccess(
+            tls=url_tls or protocol == "https" or bool(cacert),
+            cacert=str(cacert) if cacert else None,
+            cert=str(_lookup(params, "cert")) if _lookup(params, "cert") else None,
+            key=str(_lookup(params, "key")) if _lookup(params, "key") else None,
+            user=str(user) if user else None,
+            # From the environment or a file: check_config refused `password=` on the command line.
+            password=password_from(params.config) if user else None,
+        ),
+        config=MappingProxyType(dict(params.config)),
     )
