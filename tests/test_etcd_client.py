@@ -73,7 +73,7 @@ def test_endpoint_parsing_and_repr() -> None:
     )
     try:
         assert c.endpoints == ["h1:1", "h2:2"]
-        assert "sekrit-pw" not in repr(c) and "sekrit-pw" not in str(vars(c._transport).get("_md"))
+        assert "sekrit-pw" not in repr(c) and "sekrit-pw" not in str(vars(c._transport).get("_metadata"))
     finally:
         c.close()
     c = EtcdClient("https://a:1,b:2")
@@ -530,7 +530,7 @@ def test_auth(etcd_auth: AuthInfo) -> None:
             c.watch("/outside")
         # A token etcd no longer knows is replaced transparently (one re-auth).
         c._transport._token = "bogus.1"
-        c._transport._md = (("hasleader", "true"), ("token", "bogus.1"))
+        c._transport._metadata = (("hasleader", "true"), ("token", "bogus.1"))
         assert c.get(p + "k") is not None
         lease = c.lease_grant(2)
         c.keep_alive(lease.id, lease.ttl)

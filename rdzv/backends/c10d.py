@@ -27,8 +27,10 @@ from rdzv.backends.c10d_connections import C10dConnections, unpack_cursor
 from rdzv.backends.c10d_heartbeat import Heartbeats, Liveness
 from rdzv.backends.c10d_host import Opener, open_c10d
 from rdzv.backends.c10d_store import C10dLayout, LogReader, OpCounts, StoreConnection
-from rdzv.backends.common import Change, PumpedFeed, Ticker, apply_state, encode_state
 from rdzv.backends.lazy_store import LazyStore
+from rdzv.backends.pumped_feed import Change, PumpedFeed
+from rdzv.backends.state_document import apply_state, encode_state
+from rdzv.backends.ticker import Ticker
 from rdzv.rendezvous.model import (
     Control,
     NodeEntry,

@@ -11,7 +11,7 @@ from torch.distributed import TCPStore
 
 from rdzv.backends.c10d_host import Opener
 from rdzv.backends.c10d_store import C10dLayout, OpCounts, StoreConnection
-from rdzv.backends.common import encode_state
+from rdzv.backends.state_document import encode_state
 
 ROUND_STORE_TIMEOUT = 300.0
 

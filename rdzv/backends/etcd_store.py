@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from torch.distributed import DistStoreError, Store
 
-from rdzv.backends.common import to_bytes as _to_bytes
+from rdzv.backends.store_values import to_bytes
 from rdzv.etcd import Compare, EtcdClient, EtcdConnectionError, EtcdError, EtcdTLSError, Op
 
 T = TypeVar("T")
@@ -73,7 +73,7 @@ class EtcdStore(Store):
 
     # ------------------------------------------------------------------ writes
     def set(self, key: str, value: str | bytes) -> None:
-        data = _to_bytes(value)
+        data = to_bytes(value)
         self._patiently(
             f"set({key!r})",
             lambda: self._client.put(self._key(key), data, lease=self._lease, idempotent=True),
@@ -83,7 +83,7 @@ class EtcdStore(Store):
         pairs = list(zip(keys, values, strict=True))
         for start in range(0, len(pairs), TXN_BATCH):
             ops = [
-                Op.put(self._key(k), _to_bytes(v), lease=self._lease)
+                Op.put(self._key(k), to_bytes(v), lease=self._lease)
                 for k, v in pairs[start : start + TXN_BATCH]
             ]
             self._patiently("multi_set", lambda ops=ops: self._client.txn([], ops, [], idempotent=True))
@@ -116,8 +116,8 @@ class EtcdStore(Store):
 
     def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
         full = self._key(key)
-        want, new = _to_bytes(expected), _to_bytes(desired)
-        guard = Compare.create_revision(full) == 0 if want == b"" else Compare.value(full) == want
+        expected_value, new = to_bytes(expected), to_bytes(desired)
+        guard = Compare.create_revision(full) == 0 if expected_value == b"" else Compare.value(full) == expected_value
         # Safe to repeat: if a lost first attempt applied, the retry reads back `desired`.
         result = self._patiently(
             f"compare_set({key!r})",
@@ -128,7 +128,7 @@ class EtcdStore(Store):
         if result.succeeded:
             return new
         kvs = result.responses[0].kvs
-        return kvs[0].value if kvs else want
+        return kvs[0].value if kvs else expected_value
 
     def delete_key(self, key: str) -> bool:
         return self._patiently(

@@ -38,7 +38,6 @@ import etcd
 from torch.distributed import Store
 
 from rdzv.backends.api import ALL_CAPABILITIES
-from rdzv.backends.common import PumpedFeed, Ticker, apply_state, encode_state
 from rdzv.backends.etcd_v2_client import (
     EtcdV2Client,
     EtcdV2Error,
@@ -48,6 +47,9 @@ from rdzv.backends.etcd_v2_client import (
 )
 from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
 from rdzv.backends.etcd_v2_store import EtcdV2Store
+from rdzv.backends.pumped_feed import PumpedFeed
+from rdzv.backends.state_document import apply_state, encode_state
+from rdzv.backends.ticker import Ticker
 from rdzv.layouts import EtcdV2Layout
 from rdzv.rendezvous.model import (
     Control,

@@ -12,8 +12,8 @@ import etcd
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import NodeChange
-from rdzv.backends.common import Change
 from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, EtcdV2UnreachableError
+from rdzv.backends.pumped_feed import Change
 from rdzv.layouts import EtcdV2Layout
 from rdzv.rendezvous.model import Control, NodeEntry, node_entry
 

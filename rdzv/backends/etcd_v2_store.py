@@ -24,8 +24,8 @@ from typing import Any
 import etcd
 from torch.distributed import DistStoreError, Store
 
-from rdzv.backends.common import to_bytes
 from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, index_of, whole_seconds
+from rdzv.backends.store_values import to_bytes
 
 
 def key_of(name: str) -> str:
@@ -96,15 +96,15 @@ class EtcdV2Store(Store):
                     continue  # somebody else added in between: read again
 
     def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
-        path, want, new = self._path(key), to_bytes(expected), to_bytes(desired)
-        guard: dict[str, Any] = {"prevExist": False} if not want else {"prevValue": pack(want)}
+        path, expected_value, new = self._path(key), to_bytes(expected), to_bytes(desired)
+        guard: dict[str, Any] = {"prevExist": False} if not expected_value else {"prevValue": pack(expected_value)}
         with self._errors(f"compare_set({key!r})"):
             try:
                 self._client.write(path, pack(new), ttl=self._ttl, **guard)
                 return new
             except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
                 found = self._snapshot()[0].get(key)
-        return want if found is None else found  # torch's answer for a missing key: `expected`
+        return expected_value if found is None else found  # torch's answer for a missing key: `expected`
 
     def delete_key(self, key: str) -> bool:
         with self._errors(f"delete_key({key!r})"):

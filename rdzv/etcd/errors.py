@@ -75,7 +75,7 @@ def error_from_rpc(e: grpc.RpcError, where: str) -> EtcdError:
     name = code.name if code is not None else "UNKNOWN"
     low = details.lower()
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or (
-        code == grpc.StatusCode.INVALID_ARGUMENT and any(t in low for t in _AUTH_TEXT)
+        code == grpc.StatusCode.INVALID_ARGUMENT and any(phrase in low for phrase in _AUTH_TEXT)
     ):
         return EtcdAuthError(f"etcd at {where} refused: {details}", code=name)
     if "lease not found" in low:
@@ -90,8 +90,8 @@ def error_from_rpc(e: grpc.RpcError, where: str) -> EtcdError:
 
 def cause_of(details: str) -> str:
     """A short human-readable cause from a gRPC error text."""
-    d = details or ""
-    low = d.lower()
+    text = details or ""
+    low = text.lower()
     if "connection refused" in low:
         return "connection refused"
     if "handshake failed" in low:
@@ -105,7 +105,7 @@ def cause_of(details: str) -> str:
                 "TLS handshake failed: server rejected the client certificate "
                 "(missing, or not signed by a CA the server trusts)"
             )
-        tail = d[low.index("handshake failed") + len("handshake failed") :].strip(" :")
+        tail = text[low.index("handshake failed") + len("handshake failed") :].strip(" :")
         return f"TLS handshake failed: {tail}" if tail else "TLS handshake failed"
     if "handshake read failed" in low:
         # A TLS client whose server hung up mid-handshake (the client's probe tells whether
@@ -128,10 +128,10 @@ def cause_of(details: str) -> str:
             if "failed to connect" in low
             else "connection closed"
         )
-    if "etcdserver:" in d:
-        return d[d.index("etcdserver:") :]
-    m = re.search(r"last error: (?:\w+: )?(?:[\w.:\[\]-]+: )?(.*)$", d)
-    return m.group(1) if m else d
+    if "etcdserver:" in text:
+        return text[text.index("etcdserver:") :]
+    match = re.search(r"last error: (?:\w+: )?(?:[\w.:\[\]-]+: )?(.*)$", text)
+    return match.group(1) if match else text
 
 
 def is_tls_failure(details: str) -> bool:

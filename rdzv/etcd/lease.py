@@ -42,7 +42,9 @@ class Lease:
 
 
 @dataclass
-class _Kept:
+class _KeptLease:
+    """One lease the keeper refreshes, with its owners and what etcd last answered."""
+
     lease_id: int
     ttl: float
     expires: float  # monotonic: by then the lease has surely expired unless refreshed
@@ -54,7 +56,7 @@ class _Kept:
 
     @property
     def interval(self) -> float:
-        return min(i for i, _ in self.owners.values())
+        return min(interval for interval, _ in self.owners.values())
 
 
 class LeaseKeeper(StreamOwner):
@@ -65,7 +67,7 @@ class LeaseKeeper(StreamOwner):
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
         self._cond = threading.Condition()
-        self._leases: dict[int, _Kept] = {}
+        self._leases: dict[int, _KeptLease] = {}
         self._reg_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -104,14 +106,14 @@ class LeaseKeeper(StreamOwner):
             if self._closed:
                 raise EtcdError("etcd client is closed")
             reg = next(self._reg_ids)
-            k = self._leases.get(lease_id)
-            if k is None:
+            kept = self._leases.get(lease_id)
+            if kept is None:
                 # Unknown TTL: assume ~3 intervals until etcd tells us the real one.
                 assumed = ttl if ttl is not None else 3 * interval
-                k = _Kept(lease_id, assumed, now + assumed, now if ttl is None else now + interval)
-                self._leases[lease_id] = k
-            k.owners[reg] = (interval, on_lost)
-            k.next_due = min(k.next_due, now + interval)
+                kept = _KeptLease(lease_id, assumed, now + assumed, now if ttl is None else now + interval)
+                self._leases[lease_id] = kept
+            kept.owners[reg] = (interval, on_lost)
+            kept.next_due = min(kept.next_due, now + interval)
             self._ensure_thread()
             self._cond.notify_all()
         return reg
@@ -119,15 +121,15 @@ class LeaseKeeper(StreamOwner):
     def unregister(self, lease_id: int, registration: int | None = None) -> None:
         """Drop one registration (the given one, else the latest); refreshing stops with the last."""
         with self._cond:
-            k = self._leases.get(lease_id)
-            if k is None:
+            kept = self._leases.get(lease_id)
+            if kept is None:
                 return
             if registration is None:
-                if k.owners:
-                    k.owners.pop(next(reversed(k.owners)))
+                if kept.owners:
+                    kept.owners.pop(next(reversed(kept.owners)))
             else:
-                k.owners.pop(registration, None)
-            if not k.owners:
+                kept.owners.pop(registration, None)
+            if not kept.owners:
                 del self._leases[lease_id]
             self._cond.notify_all()
 
@@ -139,10 +141,10 @@ class LeaseKeeper(StreamOwner):
         has answered them all; None when the lease is not kept). It grows while etcd is slow,
         stalled or out of reach; past the TTL the lease is only unconfirmed (module docstring)."""
         with self._cond:
-            k = self._leases.get(lease_id)
-            if k is None:
+            kept = self._leases.get(lease_id)
+            if kept is None:
                 return None
-            return 0.0 if k.pending_since is None else max(time.monotonic() - k.pending_since, 0.0)
+            return 0.0 if kept.pending_since is None else max(time.monotonic() - kept.pending_since, 0.0)
 
     def close(self) -> None:
         with self._cond:
@@ -162,21 +164,21 @@ class LeaseKeeper(StreamOwner):
 
     def _open_stream(self) -> None:
         idx, channel = self._transport.stream_channel()
-        md = self._transport.metadata()
-        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        metadata = self._transport.metadata()
+        outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         with self._cond:
             if self._closed:
                 return
-            call = channel.lease.LeaseKeepAlive(requests(q), metadata=md)
-            self._queue, self._call, self._endpoint_idx = q, call, idx
+            call = channel.lease.LeaseKeepAlive(requests(outbox), metadata=metadata)
+            self._queue, self._call, self._endpoint_idx = outbox, call, idx
             self._opened_at = time.monotonic()
             self._broken = None
             gen = self._stream_gen
             # A new stream may follow a gap: refresh everything right away.
             now = time.monotonic()
-            for k in self._leases.values():
-                k.next_due = now
-                k.pending_since = None
+            for kept in self._leases.values():
+                kept.next_due = now
+                kept.pending_since = None
         threading.Thread(
             target=self._read, args=(call, gen, idx), name="rdzv-etcd-keepalive-rx", daemon=True
         ).start()
@@ -201,35 +203,35 @@ class LeaseKeeper(StreamOwner):
         with self._cond:
             if gen != self._stream_gen:
                 return  # late answer from a stream we already replaced
-            k = self._leases.get(resp.ID)
-            if k is None:
+            kept = self._leases.get(resp.ID)
+            if kept is None:
                 return
             if resp.TTL <= 0:
-                lost.append(self._pop_lost_locked(k))
+                lost.append(self._pop_lost_locked(kept))
             else:
-                sent = k.pending_since if k.pending_since is not None else now
-                k.ttl = float(resp.TTL)
-                k.expires = sent + resp.TTL
-                k.pending_since = None
-                if k.unconfirmed_since is not None:
+                sent = kept.pending_since if kept.pending_since is not None else now
+                kept.ttl = float(resp.TTL)
+                kept.expires = sent + resp.TTL
+                kept.pending_since = None
+                if kept.unconfirmed_since is not None:
                     log.warning(
                         "etcd lease %x is still alive: etcd answered again after %.0f s past its "
-                        "local expiry", k.lease_id, now - k.unconfirmed_since,
+                        "local expiry", kept.lease_id, now - kept.unconfirmed_since,
                     )
-                    k.unconfirmed_since = None
+                    kept.unconfirmed_since = None
         self._fire(lost)
 
-    def _pop_lost_locked(self, k: _Kept) -> tuple[int, list[OnLost]]:
-        self._leases.pop(k.lease_id, None)
-        return k.lease_id, [cb for _, cb in k.owners.values() if cb is not None]
+    def _pop_lost_locked(self, kept: _KeptLease) -> tuple[int, list[OnLost]]:
+        self._leases.pop(kept.lease_id, None)
+        return kept.lease_id, [callback for _, callback in kept.owners.values() if callback is not None]
 
     @staticmethod
     def _fire(lost: list[tuple[int, list[OnLost]]]) -> None:
         for lease_id, callbacks in lost:
             log.warning("etcd lease %x lost", lease_id)
-            for cb in callbacks:
+            for callback in callbacks:
                 try:
-                    cb(lease_id)
+                    callback(lease_id)
                 except Exception:
                     log.exception("on_lost callback for lease %x failed", lease_id)
 
@@ -281,12 +283,12 @@ class LeaseKeeper(StreamOwner):
         etcd's answer is; see the module docstring)."""
         now = time.monotonic()
         with self._cond:
-            for k in self._leases.values():
-                if now >= k.expires and k.unconfirmed_since is None:
-                    k.unconfirmed_since = now
+            for kept in self._leases.values():
+                if now >= kept.expires and kept.unconfirmed_since is None:
+                    kept.unconfirmed_since = now
                     log.warning(
                         "etcd lease %x: no answer from etcd for %.0f s, past its TTL; kept as "
-                        "live until etcd answers", k.lease_id, now - k.expires + k.ttl,
+                        "live until etcd answers", kept.lease_id, now - kept.expires + kept.ttl,
                     )
 
     def _tick(self) -> None:
@@ -294,27 +296,27 @@ class LeaseKeeper(StreamOwner):
         self._note_unconfirmed()
         now = time.monotonic()
         with self._cond:
-            q = self._queue
+            outbox = self._queue
             stalled = False
             wake = now + 1.0
-            for k in list(self._leases.values()):
+            for kept in list(self._leases.values()):
                 # Refresh a little early when another lease is due anyway: with hundreds of
                 # leases this batches their keep-alives into a few wake-ups per second.
-                slack = min(0.2, k.interval * 0.1)
-                if now >= k.next_due - slack and q is not None:
-                    q.put(pb.LeaseKeepAliveRequest(ID=k.lease_id))
-                    if k.pending_since is None:
-                        k.pending_since = now
-                    k.next_due = now + k.interval
-                if k.pending_since is not None:
+                slack = min(0.2, kept.interval * 0.1)
+                if now >= kept.next_due - slack and outbox is not None:
+                    outbox.put(pb.LeaseKeepAliveRequest(ID=kept.lease_id))
+                    if kept.pending_since is None:
+                        kept.pending_since = now
+                    kept.next_due = now + kept.interval
+                if kept.pending_since is not None:
                     # No answer for a while: the member is stuck or partitioned.
-                    stall = max(0.5, min(self._transport.timeout, k.ttl / 3.0))
-                    if now - k.pending_since > stall:
+                    stall = max(0.5, min(self._transport.timeout, kept.ttl / 3.0))
+                    if now - kept.pending_since > stall:
                         stalled = True
-                    wake = min(wake, k.pending_since + stall + 0.01)
-                wake = min(wake, k.next_due)
-                if k.unconfirmed_since is None:
-                    wake = min(wake, k.expires)
+                    wake = min(wake, kept.pending_since + stall + 0.01)
+                wake = min(wake, kept.next_due)
+                if kept.unconfirmed_since is None:
+                    wake = min(wake, kept.expires)
             if stalled and self._broken is None and self._queue is not None:
                 log.info("etcd keep-alive stream stalled; switching endpoint")
                 self._broken = (self._endpoint_idx, None)

@@ -20,11 +20,11 @@ def to_bytes(x: Bytesish) -> bytes:
 
 def prefix_end(prefix: Bytesish) -> bytes:
     """The range end covering every key that starts with ``prefix`` (etcd's GetPrefixRangeEnd)."""
-    p = bytearray(to_bytes(prefix))
-    for i in range(len(p) - 1, -1, -1):
-        if p[i] < 0xFF:
-            p[i] += 1
-            return bytes(p[: i + 1])
+    end = bytearray(to_bytes(prefix))
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
     # Empty or all-0xff prefix: "\0" means "to the end of the keyspace".
     return b"\0"
 
@@ -125,10 +125,10 @@ class Compare:
         return CompareTarget(pb.Compare.LEASE, "lease", to_bytes(key), range_end)
 
     def __repr__(self) -> str:
-        c = self.pb
-        op = {0: "==", 1: ">", 2: "<", 3: "!="}[c.result]
-        field_name = c.WhichOneof("target_union")
-        return f"Compare({field_name}({c.key!r}) {op} {getattr(c, field_name or 'version')!r})"
+        message = self.pb
+        op = {0: "==", 1: ">", 2: "<", 3: "!="}[message.result]
+        field_name = message.WhichOneof("target_union")
+        return f"Compare({field_name}({message.key!r}) {op} {getattr(message, field_name or 'version')!r})"
 
 
 class CompareTarget:
@@ -154,9 +154,9 @@ class CompareTarget:
             if not isinstance(other, int) or isinstance(other, bool):
                 raise TypeError(f"Compare.{self._field}(...) compares with an int")
             val = other
-        c = pb.Compare(result=result, target=self._target, key=self._key, range_end=self._range_end)
-        setattr(c, self._field, val)
-        return Compare(c)
+        message = pb.Compare(result=result, target=self._target, key=self._key, range_end=self._range_end)
+        setattr(message, self._field, val)
+        return Compare(message)
 
     def __eq__(self, other: object) -> Compare:  # type: ignore[override]
         return self._make(pb.Compare.EQUAL, other)
@@ -228,7 +228,7 @@ def txn_request(
     compares: Iterable[Compare], success: Iterable[Op], failure: Iterable[Op]
 ) -> pb.TxnRequest:
     return pb.TxnRequest(
-        compare=[c.pb for c in compares],
-        success=[o.pb for o in success],
-        failure=[o.pb for o in failure],
+        compare=[compare.pb for compare in compares],
+        success=[op.pb for op in success],
+        failure=[op.pb for op in failure],
     )

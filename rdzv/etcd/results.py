@@ -84,13 +84,13 @@ class StatusResult:
 
     @classmethod
     def from_pb(cls, endpoint: str, resp: pb.StatusResponse) -> StatusResult:
-        h = resp.header
+        header = resp.header
         return cls(
             endpoint=endpoint,
             version=resp.version,
-            member_id=int(h.member_id),
+            member_id=int(header.member_id),
             leader=int(resp.leader),
-            revision=int(h.revision),
+            revision=int(header.revision),
             raft_term=int(resp.raftTerm),
             raft_index=int(resp.raftIndex),
             db_size=int(resp.dbSize),

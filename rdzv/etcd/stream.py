@@ -14,10 +14,10 @@ from typing import Any
 CLOSE = object()  # sentinel that ends a request iterator
 
 
-def requests(q: queue.SimpleQueue[object]) -> Iterator[Any]:
+def requests(outbox: queue.SimpleQueue[object]) -> Iterator[Any]:
     """The request iterator handed to gRPC: whatever is queued, until CLOSE."""
     while True:
-        item = q.get()
+        item = outbox.get()
         if item is CLOSE:
             return
         yield item

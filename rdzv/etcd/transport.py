@@ -84,7 +84,7 @@ class Transport:
         self._lock = threading.Lock()
         self._channels: list[Channel | None] = [None] * len(self._endpoints)
         self._cur = 0
-        self._md: Metadata = _BASE_MD
+        self._metadata: Metadata = _BASE_MD
         self._token: str | None = None
         self._auth_lock = threading.Lock()
         self._closed = False
@@ -171,7 +171,7 @@ class Transport:
         """What every request carries: ``hasleader`` and, with a user, a fresh auth token."""
         if self.user is not None and self._token is None:
             self.authenticate()
-        return self._md
+        return self._metadata
 
     def authenticate(self) -> None:
         """Get a token now unless one is held (nothing to do without a user)."""
@@ -183,14 +183,14 @@ class Transport:
             req = pb.AuthenticateRequest(name=self.user, password=self._password)
             resp = self.call("auth", "Authenticate", req, None, retry=True, auth=False)
             self._token = resp.token
-            self._md = (*_BASE_MD, ("token", resp.token))
+            self._metadata = (*_BASE_MD, ("token", resp.token))
 
-    def invalidate_token(self, md: Metadata | None = None) -> None:
-        """Drop the token (only if ``md`` still carries it) so the next call authenticates."""
+    def invalidate_token(self, metadata: Metadata | None = None) -> None:
+        """Drop the token (only if ``metadata`` still carries it) so the next call authenticates."""
         with self._auth_lock:
-            if md is None or md is self._md:
+            if metadata is None or metadata is self._metadata:
                 self._token = None
-                self._md = _BASE_MD
+                self._metadata = _BASE_MD
 
     # -- streams (the lease keeper's and the watch hub's) ------------------------------------
 
@@ -228,7 +228,7 @@ class Transport:
         total = self.timeout if timeout is None else timeout
         start = time.monotonic()
         deadline = start + total
-        n = len(self._endpoints)
+        endpoint_count = len(self._endpoints)
         failures: dict[str, str] = {}
         mismatched: dict[str, str] = {}  # endpoint -> what to change (TLS on one side only)
         connect_failed: set[int] = set()
@@ -241,19 +241,19 @@ class Transport:
                 raise self.closed_error()
             idx = self._cur
             channel = self._channel(idx)
-            md = self.metadata() if auth else _BASE_MD
+            metadata = self.metadata() if auth else _BASE_MD
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._gave_up(failures, f"no answer within {total:g}s")
             per_try = remaining
-            if retry and n > 1:
+            if retry and endpoint_count > 1:
                 # Leave time to try another member if this one hangs.
                 # A member whose leader just died holds the request until the deadline, so
                 # never give one member the whole budget.
                 per_try = max(remaining / 2, min(remaining, 1.0))
             try:
                 stub = getattr(channel, service)
-                return getattr(stub, method)(request, timeout=per_try, metadata=md)
+                return getattr(stub, method)(request, timeout=per_try, metadata=metadata)
             except grpc.RpcError as e:
                 code = e.code()
                 details = e.details() or ""
@@ -266,8 +266,8 @@ class Transport:
                         mismatched[address] = failures[address] = mismatch
                     if is_tls_failure(details) or mismatch is not None:
                         tls_failed.add(idx)
-                        if len(tls_failed) == n:
-                            if len(mismatched) == n:
+                        if len(tls_failed) == endpoint_count:
+                            if len(mismatched) == endpoint_count:
                                 raise EtcdTLSMismatchError(
                                     "; ".join(mismatched.values()), code="UNAVAILABLE"
                                 ) from None
@@ -282,12 +282,12 @@ class Transport:
                     if is_connect_failure(details):
                         connect_failed.add(idx)
                         if (
-                            len(connect_failed | tls_failed) == n
+                            len(connect_failed | tls_failed) == endpoint_count
                             and time.monotonic() - start >= self.connect_timeout
                         ):
                             raise self._gave_up(failures) from None
                     attempts += 1
-                    if attempts % n == 0:
+                    if attempts % endpoint_count == 0:
                         # Every member failed once: pause before the next round.
                         pause = min(backoff, deadline - time.monotonic())
                         if pause > 0:
@@ -296,7 +296,7 @@ class Transport:
                     continue
                 if code == _DEADLINE:
                     failures[address] = f"no answer within {per_try:.3g}s"
-                    if retry and n > 1 and deadline - time.monotonic() > 0.01:
+                    if retry and endpoint_count > 1 and deadline - time.monotonic() > 0.01:
                         self._rotate(idx)
                         continue
                     if not retry:
@@ -307,7 +307,7 @@ class Transport:
                     raise self._gave_up(failures) from None
                 if auth and self.user is not None and not reauthed and token_expired(details):
                     reauthed = True
-                    self.invalidate_token(md)
+                    self.invalidate_token(metadata)
                     continue
                 if code == grpc.StatusCode.CANCELLED and self._closed:
                     raise EtcdError("etcd client is closed") from None

@@ -47,13 +47,13 @@ class Event:
 _FILTERS = {"noput": pb.WatchCreateRequest.NOPUT, "nodelete": pb.WatchCreateRequest.NODELETE}
 
 
-def _filter_value(f: str | int) -> int:
-    if isinstance(f, int):
-        return f
+def _filter_value(watch_filter: str | int) -> int:
+    if isinstance(watch_filter, int):
+        return watch_filter
     try:
-        return _FILTERS[f.lower()]
+        return _FILTERS[watch_filter.lower()]
     except KeyError:
-        raise ValueError(f"unknown watch filter {f!r}; use 'noput' or 'nodelete'") from None
+        raise ValueError(f"unknown watch filter {watch_filter!r}; use 'noput' or 'nodelete'") from None
 
 
 class Watch:
@@ -247,26 +247,26 @@ class WatchHub(StreamOwner):
         with self._lock:
             if self._closed:
                 raise EtcdError("etcd client is closed")
-            w = Watch(
+            watch = Watch(
                 self,
                 self._next_id,
                 key,
                 range_end,
                 start_revision,
-                [_filter_value(f) for f in filters],
+                [_filter_value(watch_filter) for watch_filter in filters],
                 prev_kv,
             )
             self._next_id += 1
-            self._watches[w.watch_id] = w
+            self._watches[watch.watch_id] = watch
             # Registration and enqueueing share the lock with stream (re)opening, so each
             # live watch is created exactly once per stream.
             if self._queue is not None:
-                self._queue.put(w._create_request())
+                self._queue.put(watch._create_request())
             self._ensure_thread()
             self._wake.notify_all()
         # Wait for etcd's "created" so events written after watch() returns are never missed.
-        if not w._created.wait(timeout):
-            w.cancel()
+        if not watch._created.wait(timeout):
+            watch.cancel()
             why = f"; last error: {self._last_error}" if self._last_error else ""
             raise EtcdConnectionError(
                 f"etcd watch on {key!r} not established within {timeout:g}s "
@@ -274,17 +274,17 @@ class WatchHub(StreamOwner):
             )
         # Refusals (permission denied, bad auth) fail fast here; compaction is reported by
         # get() so callers handle it in one place.
-        err = w._error
+        err = watch._error
         if err is not None and not isinstance(err, EtcdCompactedError):
-            w.cancel()
+            watch.cancel()
             raise err
-        return w
+        return watch
 
-    def _cancel(self, w: Watch) -> None:
+    def _cancel(self, watch: Watch) -> None:
         with self._lock:
-            if self._watches.pop(w.watch_id, None) is not None and self._queue is not None:
+            if self._watches.pop(watch.watch_id, None) is not None and self._queue is not None:
                 self._queue.put(
-                    pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=w.watch_id))
+                    pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=watch.watch_id))
                 )
 
     def close(self) -> None:
@@ -295,8 +295,8 @@ class WatchHub(StreamOwner):
             self._teardown_locked()
             self._wake.notify_all()
             thread = self._thread
-        for w in watches:
-            w._fail(EtcdError("etcd client closed"))
+        for watch in watches:
+            watch._fail(EtcdError("etcd client closed"))
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
@@ -320,15 +320,15 @@ class WatchHub(StreamOwner):
             idx = -1
             try:
                 idx, channel = self._transport.stream_channel()
-                md = self._transport.metadata()
-                q: queue.SimpleQueue[object] = queue.SimpleQueue()
+                metadata = self._transport.metadata()
+                outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
                 with self._lock:
                     if self._closed:
                         return
-                    for w in self._watches.values():
-                        q.put(w._create_request())
-                    call = channel.watch.Watch(requests(q), metadata=md)
-                    self._queue, self._call = q, call
+                    for watch in self._watches.values():
+                        outbox.put(watch._create_request())
+                    call = channel.watch.Watch(requests(outbox), metadata=metadata)
+                    self._queue, self._call = outbox, call
                 for resp in call:
                     backoff = 0.05
                     self._last_error = ""
@@ -363,42 +363,42 @@ class WatchHub(StreamOwner):
         with self._lock:
             watches = list(self._watches.values())
             self._watches.clear()
-        for w in watches:
-            w._fail(err)
+        for watch in watches:
+            watch._fail(err)
 
     def _dispatch(self, resp: pb.WatchResponse) -> None:
-        w = self._watches.get(resp.watch_id)
-        if w is None:
+        watch = self._watches.get(resp.watch_id)
+        if watch is None:
             return  # cancelled meanwhile, or a progress response for the whole stream
         if resp.canceled and "invalid auth token" in resp.cancel_reason:
             # The stream's token expired: re-authenticate and re-create everything.
             raise _StaleToken(resp.cancel_reason)
         if resp.created:
             if resp.canceled:
-                self._drop(w, self._cancel_error(w, resp))
+                self._drop(watch, self._cancel_error(watch, resp))
                 return
-            w._on_created(resp.header.revision)
+            watch._on_created(resp.header.revision)
         if resp.events:
-            w._deliver(resp.events)
+            watch._deliver(resp.events)
         elif not resp.created and not resp.canceled:
-            w._on_progress(resp.header.revision)
+            watch._on_progress(resp.header.revision)
         if resp.canceled and not resp.created:
-            self._drop(w, self._cancel_error(w, resp))
+            self._drop(watch, self._cancel_error(watch, resp))
 
-    def _drop(self, w: Watch, err: EtcdError) -> None:
+    def _drop(self, watch: Watch, err: EtcdError) -> None:
         with self._lock:
-            self._watches.pop(w.watch_id, None)
-        w._fail(err)
+            self._watches.pop(watch.watch_id, None)
+        watch._fail(err)
 
     @staticmethod
-    def _cancel_error(w: Watch, resp: pb.WatchResponse) -> EtcdError:
+    def _cancel_error(watch: Watch, resp: pb.WatchResponse) -> EtcdError:
         if resp.compact_revision:
             return EtcdCompactedError(
                 resp.compact_revision,
-                f"etcd watch on {w.key!r} from revision {w._next_rev} needs compacted history "
+                f"etcd watch on {watch.key!r} from revision {watch._next_rev} needs compacted history "
                 f"(oldest available: {resp.compact_revision}); re-read and watch again",
             )
         reason = resp.cancel_reason or "cancelled by server"
         if "permission denied" in reason or "auth" in reason:
-            return EtcdAuthError(f"etcd watch on {w.key!r} rejected: {reason}")
-        return EtcdError(f"etcd watch on {w.key!r} cancelled: {reason}")
+            return EtcdAuthError(f"etcd watch on {watch.key!r} rejected: {reason}")
+        return EtcdError(f"etcd watch on {watch.key!r} cancelled: {reason}")

@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from torch.distributed import DistStoreError, Store
 
+from rdzv.backends.delegating_store import DelegatingStore
 from rdzv.rendezvous.membership import Departures
 
 # How long one slice of a blocking read lasts: the delay between a departure being seen and the
@@ -34,23 +35,27 @@ class RoundMemberGoneError(DistStoreError):
         self.departures = departures
 
 
-class GuardedRoundStore(Store):
+class GuardedRoundStore(DelegatingStore):
     """Delegates to the backend's round store; `get`, `multi_get` and `wait` also end when
     `departures()` names someone. Non-blocking calls pass straight through."""
 
     def __init__(self, inner: Store, round_no: int, departures: Callable[[], Departures]) -> None:
         super().__init__()
-        self._inner = inner
+        self._round_store = inner
         self._round = round_no
         self._departures = departures
         self.set_timeout(inner.timeout)
+
+    @property
+    def inner(self) -> Store:
+        return self._round_store
 
     def get(self, key: str) -> bytes:
         return self.multi_get([key])[0]
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
         self.wait(keys)
-        return self._inner.multi_get(keys)
+        return self.inner.multi_get(keys)
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
         total = (timeout if timeout is not None else self.timeout).total_seconds()
@@ -64,7 +69,7 @@ class GuardedRoundStore(Store):
             step = min(SLICE, left)
             started = time.monotonic()
             try:
-                self._inner.wait(keys, timedelta(seconds=step))
+                self.inner.wait(keys, timedelta(seconds=step))
                 return
             except RuntimeError as exc:  # DistStoreError, DistNetworkError
                 gone = self._departures()
@@ -73,30 +78,6 @@ class GuardedRoundStore(Store):
                 # A slice that ran its length timed out; anything quicker is the store failing.
                 if time.monotonic() - started < 0.9 * step:
                     raise
-
-    def set(self, key: str, value: str | bytes) -> None:
-        self._inner.set(key, value)
-
-    def add(self, key: str, amount: int) -> int:
-        return self._inner.add(key, amount)
-
-    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
-        return self._inner.compare_set(key, expected, desired)
-
-    def append(self, key: str, value: str | bytes) -> None:
-        self._inner.append(key, value)
-
-    def check(self, keys: list[str]) -> bool:
-        return self._inner.check(keys)
-
-    def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
-        self._inner.multi_set(keys, values)
-
-    def delete_key(self, key: str) -> bool:
-        return self._inner.delete_key(key)
-
-    def num_keys(self) -> int:
-        return self._inner.num_keys()
 
 
 def _shown(keys: list[str]) -> str:
