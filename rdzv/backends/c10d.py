@@ -359,11 +359,11 @@ class C10dBackend:
     def notice_time(self) -> float:
         return self.liveness.notice_time()
 
-    def round_store(self, record: RoundRecord) -> Store:
-        return LazyStore(lambda: PrefixStore(self.keys.store(record.round), self.connections.agent_store()))
     def keep_alive_lag(self) -> float | None:
         return None  # heartbeats are plain store requests: their latency is in the request metrics
 
+    def round_store(self, record: RoundRecord) -> Store:
+        return LazyStore(lambda: PrefixStore(self.keys.store(record.round), self.connections.agent_store()))
 
     def clean_hint(self) -> str:
         return f"restart the node that serves the store ({self.where}): the run's state lives only in that process"

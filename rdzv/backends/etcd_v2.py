@@ -331,11 +331,11 @@ class EtcdV2Backend:
         # Keys expire on etcd's 500 ms sync tick; the delete then ends a long poll.
         return self.lease_ttl + EXPIRY_SLACK
 
-    def round_store(self, record: RoundRecord) -> Store:
-        return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)
     def keep_alive_lag(self) -> float | None:
         return None  # TTL refreshes are plain requests: their latency is in the request metrics
 
+    def round_store(self, record: RoundRecord) -> Store:
+        return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)
 
     def clean_hint(self) -> str:
         s = self.settings
