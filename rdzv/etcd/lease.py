@@ -51,7 +51,9 @@ class _KeptLease:
     next_due: float
     # registration id -> (interval, on_lost); several owners may keep one lease.
     owners: dict[int, tuple[float, OnLost | None]] = field(default_factory=dict)
-    pending_since: float | None = None  # send time of the oldest unanswered keep-alive
+    pending_since: float | None = None  # send time of the oldest unanswered keep-alive on this stream
+    # Send time of the first keep-alive since etcd last answered, across stream re-opens.
+    unanswered_since: float | None = None
     unconfirmed_since: float | None = None  # when `expires` passed with etcd silent
 
     @property
@@ -144,7 +146,11 @@ class LeaseKeeper(StreamOwner):
             kept = self._leases.get(lease_id)
             if kept is None:
                 return None
-            return 0.0 if kept.pending_since is None else max(time.monotonic() - kept.pending_since, 0.0)
+            now = time.monotonic()
+            since = kept.unanswered_since
+            if since is None and now > kept.next_due:
+                since = kept.next_due  # due and not sent: no stream is open
+            return 0.0 if since is None else max(now - since, 0.0)
 
     def close(self) -> None:
         with self._cond:
@@ -213,6 +219,7 @@ class LeaseKeeper(StreamOwner):
                 kept.ttl = float(resp.TTL)
                 kept.expires = sent + resp.TTL
                 kept.pending_since = None
+                kept.unanswered_since = None
                 if kept.unconfirmed_since is not None:
                     log.warning(
                         "etcd lease %x is still alive: etcd answered again after %.0f s past its "
@@ -307,6 +314,8 @@ class LeaseKeeper(StreamOwner):
                     outbox.put(pb.LeaseKeepAliveRequest(ID=kept.lease_id))
                     if kept.pending_since is None:
                         kept.pending_since = now
+                    if kept.unanswered_since is None:
+                        kept.unanswered_since = now
                     kept.next_due = now + kept.interval
                 if kept.pending_since is not None:
                     # No answer for a while: the member is stuck or partitioned.
