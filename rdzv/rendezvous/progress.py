@@ -20,6 +20,8 @@ ProgressCallback = Callable[[dict[str, object]], None]
 PROGRESS_INTERVAL = 5.0
 # How many names of missing members a progress report carries.
 MISSING_SHOWN = 20
+# How often a waiting node that does not coordinate re-reads the records to name who is missing.
+NAMES_INTERVAL = 30.0
 
 
 def previous_round(control: Control, target: int) -> RoundRecord | None:
@@ -52,6 +54,9 @@ class ProgressReports:
         self.settings = settings
         self.callback: ProgressCallback | None = None
         self._last = 0.0
+        # A non-coordinator reads the records for names at most every NAMES_INTERVAL: with
+        # hundreds of nodes waiting, a full read each from every one adds up.
+        self._names: tuple[int, float, list[str]] | None = None  # (target, read at, names)
 
     def report(
         self,
@@ -74,13 +79,16 @@ class ProgressReports:
             return
         self._last = now
         s = self.settings
-        previous = previous_round(control, target)
+        previous = None if spare else previous_round(control, target)
         missing: list[str] = []
-        if previous is not None:
-            # Who has not come back, by name: worth a read of the records every few seconds.
-            if nodes is None:
-                nodes, _ = backend.read_nodes()
+        if previous is not None and nodes is not None:
             missing = not_back(previous, nodes, target)
+        elif previous is not None:
+            names = self._names
+            if names is None or names[0] != target or now - names[1] >= NAMES_INTERVAL:
+                nodes, _ = backend.read_nodes()
+                self._names = names = (target, now, not_back(previous, nodes, target))
+            missing = names[2]
         if joined is None:
             joined = len(nodes) if nodes is not None else backend.count_nodes()
         last_call = control.last_call.get(target)
