@@ -92,8 +92,9 @@ class RdzvHandler(RendezvousHandler):
     # leave gracefully on a signal; torch's agent (torchrun) does not know them.
 
     def departures(self) -> Departures:
-        """Members of the current round that left or were lost, seen so far (no request).
-        Always present when `num_nodes_waiting()` counts them; empty once the run is closed."""
+        """Members of the current round that left or were lost, seen so far (no request once
+        the membership watch is open). Always present when `num_nodes_waiting()` counts them;
+        empty once the run is closed."""
         try:
             return self.rendezvous.departures()
         except RendezvousConnectionError as exc:

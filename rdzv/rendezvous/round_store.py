@@ -3,13 +3,14 @@
 torch's agent assigns worker ranks through the round's store right after the rendezvous: each
 node posts its role info and waits for rank 0's answer. A member killed between the seal and
 its post would hold the others there for the store's whole timeout (300 s), then fail them.
-`GuardedRoundStore` waits in short slices and, between them, asks the handler whether a member
-left (no request: the membership watch answers); if one did, the wait ends with
-`RoundMemberGoneError`, which rdzv-launch's agent answers with a new rendezvous.
+`GuardedRoundStore` waits one short slice for the keys, then polls for them, asking the handler
+between polls whether a member left (answered from the membership watch); if one did, the wait
+ends with `RoundMemberGoneError`, which rdzv-launch's agent answers with a new rendezvous.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,8 +20,8 @@ from torch.distributed import DistStoreError, Store
 from rdzv.backends.delegating_store import DelegatingStore
 from rdzv.rendezvous.membership import Departures
 
-# How long one slice of a blocking read lasts: the delay between a departure being seen and the
-# wait ending.
+# The first blocking wait, then the polling interval: the delay between a departure being seen
+# and the wait ending.
 SLICE = 1.0
 
 
@@ -59,25 +60,34 @@ class GuardedRoundStore(DelegatingStore):
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
         total = (timeout if timeout is not None else self.timeout).total_seconds()
-        deadline = time.monotonic() + total
-        while True:
+        # As torch's stores: a zero timeout waits without a deadline.
+        deadline = time.monotonic() + total if total > 0 else math.inf
+        # Usually the keys come within the first slice: one blocking, event-driven wait.
+        first = min(SLICE, deadline - time.monotonic())
+        started = time.monotonic()
+        try:
+            self.inner.wait(keys, timedelta(seconds=first))
+            return
+        except RuntimeError as exc:  # DistStoreError, DistNetworkError
+            self._raise_if_gone(keys, exc)
+            # A wait that ran its length timed out; anything quicker is the store failing.
+            if time.monotonic() - started < 0.9 * first:
+                raise
+        # A slow peer: poll, asking about departures in between (a timed-out wait per slice
+        # would cost a watch on etcd and two warning lines on a TCPStore each time).
+        while not self.inner.check(keys):
+            self._raise_if_gone(keys, None)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DistStoreError(
                     f"round {self._round}'s store: timed out after {total:g} s waiting for {_shown(keys)}"
                 )
-            step = min(SLICE, left)
-            started = time.monotonic()
-            try:
-                self.inner.wait(keys, timedelta(seconds=step))
-                return
-            except RuntimeError as exc:  # DistStoreError, DistNetworkError
-                gone = self._departures()
-                if gone:
-                    raise RoundMemberGoneError(self._round, gone, keys) from exc
-                # A slice that ran its length timed out; anything quicker is the store failing.
-                if time.monotonic() - started < 0.9 * step:
-                    raise
+            time.sleep(min(SLICE, left))
+
+    def _raise_if_gone(self, keys: list[str], cause: BaseException | None) -> None:
+        gone = self._departures()
+        if gone:
+            raise RoundMemberGoneError(self._round, gone, keys) from cause
 
 
 def _shown(keys: list[str]) -> str:
