@@ -178,6 +178,23 @@ def _start_metrics(s: LaunchSettings) -> MetricsEndpoint | None:
     return MetricsEndpoint(s.metrics_port, s.run_id, s.backend)
 
 
+def _create_handler(params: Any, s: LaunchSettings) -> Any:
+    """Our handler for `params`; what it rejects becomes one line for the user."""
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    from rdzv.registry import create_handler
+
+    try:
+        return create_handler(params)
+    except (ValueError, TypeError, KeyError) as exc:
+        # Settings the handler rejects (rdzv-conf values and the like).
+        raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None
+    except RendezvousError:
+        raise
+    except Exception as exc:
+        raise LaunchFailed(f"cannot set up the {s.backend} rendezvous at {s.endpoint}: {type(exc).__name__}: {exc}") from None
+
+
 def launch(s: LaunchSettings, reporter: Reporter) -> None:
     """Run the job on this node. Raises ChildFailedError, SignalException or a rendezvous error."""
     nproc = resolve_nproc(s.nproc_spec)
@@ -186,13 +203,12 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.utils import macros
 
     from launcher.elastic_agent import RdzvAgent
     from launcher.progress import ReportingHandler
     from launcher.recorder import NULL_RECORDER, Recorder
-    from rdzv.registry import create_handler
 
     _check_event_handler(s.event_log_handler)
     try:
@@ -227,14 +243,11 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     endpoint = _start_metrics(s)
     recorder: Recorder = endpoint.recorder if endpoint is not None else NULL_RECORDER
     try:
-        handler = create_handler(params)
-    except (ValueError, TypeError, KeyError) as exc:
-        # Settings the handler rejects (rdzv-conf values and the like).
-        raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None
-    except RendezvousError:
+        handler = _create_handler(params, s)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()  # an in-process caller goes on: free the port
         raise
-    except Exception as exc:
-        raise LaunchFailed(f"cannot set up the {s.backend} rendezvous at {s.endpoint}: {type(exc).__name__}: {exc}") from None
     # The handler holds the etcd password now; workers must not inherit it (/proc/<pid>/environ).
     os.environ.pop(str(s.rdzv_configs.get("password_env") or "RDZV_ETCD_PASSWORD"), None)
 
