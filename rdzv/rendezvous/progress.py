@@ -36,10 +36,10 @@ def not_back(previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], targe
     return [previous.name_of(i) for i in previous.ids if i not in nodes or nodes[i].info.want < target]
 
 
-def listed(names: list[str]) -> str:
-    """'a, b, c, d, e and 3 more'."""
-    shown = ", ".join(names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+def listed(names: list[str], limit: int = 5) -> str:
+    """'a, b, c, d, e and 3 more': at most `limit` names."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def rejoin_wanted(target: int, missing: list[str]) -> str:

@@ -19,6 +19,7 @@ from torch.distributed import DistStoreError, Store
 
 from rdzv.backends.delegating_store import DelegatingStore
 from rdzv.rendezvous.membership import Departures
+from rdzv.rendezvous.progress import listed
 
 # The first blocking wait, then the polling interval: the delay between a departure being seen
 # and the wait ending.
@@ -30,7 +31,7 @@ class RoundMemberGoneError(DistStoreError):
 
     def __init__(self, round_no: int, departures: Departures, keys: list[str]) -> None:
         super().__init__(
-            f"round {round_no} cannot complete: {departures.describe()} (was waiting for {_shown(keys)})"
+            f"round {round_no} cannot complete: {departures.describe()} (was waiting for {listed(keys, 3)})"
         )
         self.round = round_no
         self.departures = departures
@@ -80,7 +81,7 @@ class GuardedRoundStore(DelegatingStore):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DistStoreError(
-                    f"round {self._round}'s store: timed out after {total:g} s waiting for {_shown(keys)}"
+                    f"round {self._round}'s store: timed out after {total:g} s waiting for {listed(keys, 3)}"
                 )
             time.sleep(min(SLICE, left))
 
@@ -88,7 +89,3 @@ class GuardedRoundStore(DelegatingStore):
         gone = self._departures()
         if gone:
             raise RoundMemberGoneError(self._round, gone, keys) from cause
-
-
-def _shown(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
