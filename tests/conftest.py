@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from etcd_certs import make_certs  # noqa: E402
+from etcd_fault_proxy import FaultProxy  # noqa: E402
 from etcd_harness import (  # noqa: E402 - needs the sys.path entry above
     VERSIONS,
     AuthInfo,
@@ -53,6 +54,23 @@ def etcd34(request: pytest.FixtureRequest) -> EtcdServer:
 @pytest.fixture(scope="module")
 def etcd35(request: pytest.FixtureRequest) -> EtcdServer:
     return _server(request, "3.5")
+
+
+@pytest.fixture(scope="module")
+def _etcd34_fault_proxy(etcd34: EtcdServer) -> Iterator[FaultProxy]:
+    with FaultProxy(etcd34.endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def etcd_fault_proxy(_etcd34_fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """A started fault-injecting proxy (tests/etcd_fault_proxy.py) in front of ``etcd34``:
+    dial ``proxy.endpoint``. Each test starts and ends with no rules and zeroed counters."""
+    _etcd34_fault_proxy.reset()
+    try:
+        yield _etcd34_fault_proxy
+    finally:
+        _etcd34_fault_proxy.reset()
 
 
 @pytest.fixture(params=VERSIONS, ids=_IDS)
