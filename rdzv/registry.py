@@ -9,13 +9,23 @@ backend a job picks.
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.settings import check_config, check_run_id, parse_settings
+from rdzv.rendezvous.settings import (
+    RendezvousSettings,
+    check_config,
+    check_run_id,
+    parse_settings,
+)
 
 if TYPE_CHECKING:  # annotations only
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+
+    from rdzv.backends.api import Backend
+    from rdzv.rendezvous.handler import RdzvHandler
 
 
 @dataclass(frozen=True)
@@ -68,11 +78,42 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     check_run_id(params.run_id)
     check_config(params.config)
     settings = parse_settings(params, default_port=entry.default_port)
-    from rdzv.rendezvous.handler import RdzvHandler  # torch: only once a handler is wanted
+    from rdzv.rendezvous.handler import RdzvHandler  # noqa: F811 - torch: only once a handler is wanted
 
     module = importlib.import_module(entry.module)
-    backend = module.create_backend(settings)
     handler_class: type[RdzvHandler] = getattr(module, entry.handler) if entry.handler else RdzvHandler
-    handler = handler_class(settings, backend)
-    backend.open_session()
-    return handler
+    return start_handler(settings, lambda: module.create_backend(settings), handler_class)
+
+
+def start_handler(
+    settings: RendezvousSettings,
+    create_backend: Callable[[], Backend],
+    handler_class: type[RdzvHandler],
+) -> RdzvHandler:
+    """Connect, make the handler and open this node's session. A store that is reached but
+    busy or silent (StoreBusyError: a stall, a leader election, an overloaded etcd) is waited
+    for until join_timeout, saying so: thousands of nodes start in the same second, and the
+    ones that start during a hiccup must not exit. A refused connection, an unknown host, TLS
+    and auth errors still end it at once."""
+    from rdzv.backends.api import StoreBusyError
+    from rdzv.rendezvous.outage import ride_out
+
+    backend: Backend | None = None
+
+    def start() -> RdzvHandler:
+        nonlocal backend
+        if backend is None:
+            backend = create_backend()
+        handler = handler_class(settings, backend)
+        backend.open_session()
+        return handler
+
+    deadline = time.monotonic() + settings.join_timeout
+    return ride_out(
+        start, lambda: deadline, run_id=settings.run_id, where=_where(settings),
+        join_timeout=settings.join_timeout, retried=StoreBusyError,
+    )
+
+
+def _where(settings: RendezvousSettings) -> str:
+    return f"{settings.backend} {','.join(settings.endpoints)}"

@@ -35,6 +35,13 @@ class StoreUnreachableError(RendezvousConnectionError):
     would only delay the message."""
 
 
+class StoreBusyError(StoreUnreachableError):
+    """The store was reached but did not serve the request: it accepts connections and stays
+    silent (stalled, electing a leader, overloaded) or turns requests away until it has room.
+    Unlike a refused connection or an unknown host (a wrong endpoint, said at once), a node
+    that starts during such a spell waits for the store (`rdzv.registry`)."""
+
+
 @dataclass(frozen=True)
 class NodeChange:
     """A node record appeared/changed (`entry` set) or disappeared (`entry` None)."""

@@ -23,6 +23,8 @@ from datetime import timedelta
 from torch.distributed import DistStoreError, TCPStore
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
+from rdzv.backends.api import StoreBusyError
+
 log = logging.getLogger("rdzv")
 
 HOLE = "-"  # fills a log slot whose writer died between reserving and writing it
@@ -164,6 +166,9 @@ def connect_store(host: str, port: int, timeout: float, *, where: str, advice: s
         )
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "timed out" in str(exc) and _listening(host, port):
+            # Accepting connections but not answering (its host stalled): worth waiting for.
+            raise StoreBusyError(f"{where}: accepts connections but did not answer within {timeout:g} s") from exc
         raise RendezvousConnectionError(
             f"{where}: cannot connect within {timeout:g} s: {first}. {advice}"
         ) from exc

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.backends.api import StoreUnreachableError
+from rdzv.backends.api import StoreBusyError, StoreUnreachableError
 from rdzv.etcd import (
     EtcdAuthError,
+    EtcdBusyError,
     EtcdConnectionError,
     EtcdError,
     EtcdTLSError,
@@ -33,6 +34,9 @@ def etcd_errors(where: str) -> Iterator[None]:
         raise RendezvousConnectionError(f"{where}: TLS handshake failed: {exc}") from exc
     except EtcdAuthError as exc:
         raise RendezvousConnectionError(f"{where}: authentication/authorization failed: {exc}") from exc
+    except EtcdBusyError as exc:
+        # Reached but silent, overloaded or electing a leader: it passes; wait within deadlines.
+        raise StoreBusyError(f"{where}: {exc}") from exc
     except EtcdConnectionError as exc:
         # No answer in time (stalled, restarting, no quorum): worth retrying within deadlines.
         raise StoreUnreachableError(f"{where}: {exc}") from exc

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Collection, Mapping
 
 import etcd
@@ -93,6 +94,8 @@ class EtcdV2Backend:
         self._leading: set[str] = set()  # why we keep the state document alive (role names)
         self._lost = False
         self._keeper: int | None = None
+        # When the oldest refresh etcd has not answered yet was started (None: all answered).
+        self._unanswered_since: float | None = None
 
     def describe(self) -> str:
         return self.client.describe()
@@ -112,12 +115,17 @@ class EtcdV2Backend:
         with self._lock:
             owned = sorted(self._owned)
             lead = bool(self._leading)
+            if self._unanswered_since is None:
+                self._unanswered_since = time.monotonic()
         for key in owned:
             try:
                 self.client.refresh(key, self.lease_ttl)
+                with self._lock:
+                    self._unanswered_since = None
             except etcd.EtcdKeyNotFound:
                 # Expired before we got to it (stalled process, etcd unreachable too long).
                 with self._lock:
+                    self._unanswered_since = None  # an answer all the same
                     self._owned.discard(key)
                     if self._node_id is not None and key == self.keys.node(self._node_id):
                         self._lost = True
@@ -332,7 +340,11 @@ class EtcdV2Backend:
         return self.lease_ttl + EXPIRY_SLACK
 
     def keep_alive_lag(self) -> float | None:
-        return None  # TTL refreshes are plain requests: their latency is in the request metrics
+        with self._lock:
+            if self._keeper is None:
+                return None
+            since = self._unanswered_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def round_store(self, record: RoundRecord) -> Store:
         return EtcdV2Store(self.client, self.keys.store(record.round), ttl=self.store_ttl)

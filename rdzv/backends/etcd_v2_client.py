@@ -15,7 +15,7 @@ import etcd
 import urllib3
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.backends.api import StoreUnreachableError
+from rdzv.backends.api import StoreBusyError, StoreUnreachableError
 from rdzv.etcd.probe import mismatch_hint
 from rdzv.rendezvous.settings import RendezvousSettings
 from rdzv.shared_clients import SharedClients
@@ -47,6 +47,11 @@ class EtcdV2Error(Exception):
 
 class EtcdV2UnreachableError(EtcdV2Error):
     """No endpoint answered (refused, timed out): may well work later."""
+
+
+class EtcdV2SilentError(EtcdV2UnreachableError):
+    """An endpoint accepted the connection and did not answer in time (a stalled etcd), as
+    opposed to refusing it: worth waiting for even before a node has joined."""
 
 
 def whole_seconds(seconds: float) -> int:
@@ -147,7 +152,9 @@ class EtcdV2Client:
             return result
         if len(mismatched) == len(self._clients):
             raise EtcdV2Error("; ".join(mismatched))  # a setting to change, not an outage
-        raise EtcdV2UnreachableError("cannot reach etcd: " + "; ".join(failures))
+        silent = any("timed out" in failure.lower() for failure in failures)
+        cls = EtcdV2SilentError if silent else EtcdV2UnreachableError
+        raise cls("cannot reach etcd: " + "; ".join(failures))
 
     def _mismatch(self, index: int, reason: str) -> str | None:
         """What to change when endpoint `index` hung up because one side speaks TLS and the
@@ -219,6 +226,8 @@ def explain(where: str, exc: Exception) -> RendezvousConnectionError:
         detail = ("the server has no v2 API (HTTP 404 on /v2/keys). Start etcd with --enable-v2 "
                   "(etcd 3.4/3.5; the v2 API is gone in 3.6), or use --rdzv-backend=etcd, which "
                   "speaks the v3 API.")
+    elif isinstance(exc, EtcdV2SilentError):
+        return StoreBusyError(f"{where}: {exc}")  # a stalled etcd: worth waiting for
     elif isinstance(exc, EtcdV2UnreachableError):
         return StoreUnreachableError(f"{where}: {exc}")  # worth retrying within deadlines
     elif isinstance(exc, EtcdV2Error):

@@ -24,6 +24,7 @@ if "GRPC_VERBOSITY" not in os.environ:
 from rdzv.etcd.client import EtcdClient  # noqa: E402 - after the gRPC set-up above
 from rdzv.etcd.errors import (  # noqa: E402
     EtcdAuthError,
+    EtcdBusyError,
     EtcdCompactedError,
     EtcdConnectionError,
     EtcdError,
@@ -41,6 +42,7 @@ __all__ = [
     "Compare",
     "CompareTarget",
     "EtcdAuthError",
+    "EtcdBusyError",
     "EtcdClient",
     "EtcdCompactedError",
     "EtcdConnectionError",

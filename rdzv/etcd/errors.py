@@ -24,6 +24,13 @@ class EtcdConnectionError(EtcdError):
     """
 
 
+class EtcdBusyError(EtcdConnectionError):
+    """etcd was reached but did not serve the request: it accepts connections and stays silent
+    (stalled, a long fsync, a GC pause), sheds load ("too many requests"), is electing a leader,
+    or is out of space. Unlike a refused connection or an unknown host (a wrong endpoint), this
+    passes by itself or by an operator's hand: worth waiting for."""
+
+
 class EtcdAuthError(EtcdError):
     """Wrong user/password, missing credentials, or permission denied."""
 
@@ -139,15 +146,51 @@ def is_tls_failure(details: str) -> bool:
     return "handshake failed" in low or "unwrap failed" in low or "tsi_data_corrupted" in low
 
 
+# etcd's answers that a request was turned away before it reached the raft log (so it was not
+# applied and may be sent again), and those after which its outcome is unknown.
+_REJECTED_UNAPPLIED = (
+    "etcdserver: too many requests",
+    "etcdserver: no leader",
+    "etcdserver: not capable",
+    "database space exceeded",
+)
+_OUTCOME_UNKNOWN = (
+    "etcdserver: leader changed",
+    "etcdserver: request timed out",
+    "etcdserver: server stopped",
+)
+NO_SPACE_REMEDY = (
+    "etcdserver: mvcc: database space exceeded (its NOSPACE alarm is raised: compact and "
+    "defragment etcd, then disarm the alarm; docs/cluster.md)"
+)
+
+
+def busy_cause(details: str) -> str | None:
+    """What an etcd answer says about its load, when it says etcd is busy or out of space
+    rather than that the request is wrong: such a request may succeed later."""
+    low = details.lower()
+    if "database space exceeded" in low:
+        return NO_SPACE_REMEDY
+    for text in (*_REJECTED_UNAPPLIED, *_OUTCOME_UNKNOWN):
+        if text in low:
+            return text
+    return None
+
+
 def never_sent(details: str) -> bool:
     # The request provably did not reach etcd's state machine: safe to send elsewhere.
     low = details.lower()
     return (
         "failed to connect to all addresses" in low
         or "errors resolving" in low
-        or "etcdserver: no leader" in low
-        or "etcdserver: not capable" in low
+        or any(text in low for text in _REJECTED_UNAPPLIED)
     )
+
+
+def is_silent_endpoint(cause: str) -> bool:
+    """Whether a connection failure's cause (`cause_of`) means the endpoint accepted the
+    connection and did not answer, as opposed to refused, unresolvable or rejected TLS."""
+    return cause == "connect timeout" or cause.startswith("no answer within")
 
 
 def is_connect_failure(details: str) -> bool:

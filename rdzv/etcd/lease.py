@@ -7,7 +7,10 @@ time of the request that was answered + TTL); when it passes without an answer (
 without quorum, or out of reach), the lease is only noted as unconfirmed and refreshed on: an
 etcd that is down for everyone cannot have handed our place to anyone, and it keeps leases
 across a restart or a quorum loss (a new leader renews them). The first answer decides.
-A broken or stalled stream is re-opened on the client's next endpoint.
+A broken or stalled stream is re-opened on the client's next endpoint (with one endpoint, a
+stalled stream is kept: re-opening it would only send the same keep-alives to the same silent
+member). Retries never add load to a struggling etcd: at most one keep-alive per lease is
+outstanding, re-opens back off with jitter, and a new stream spreads its first keep-alives.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +35,11 @@ from rdzv.etcd.transport import Transport
 log = logging.getLogger("rdzv.etcd")
 
 OnLost = Callable[[int], None]
+
+# A new stream's first keep-alives are spread over up to this many seconds (and a quarter of
+# each lease's interval); re-opening a broken stream backs off up to REOPEN_BACKOFF_MAX s.
+REOPEN_SPREAD = 1.0
+REOPEN_BACKOFF_MAX = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,7 @@ class LeaseKeeper(StreamOwner):
         self._broken: tuple[int, BaseException | None] | None = None
         self._endpoint_idx = -1
         self._opened_at = 0.0
+        self._answered = False  # the live stream has had an answer (it worked, at least once)
 
     # -- registration --------------------------------------------------------------------
 
@@ -178,12 +188,15 @@ class LeaseKeeper(StreamOwner):
             call = channel.lease.LeaseKeepAlive(requests(outbox), metadata=metadata)
             self._queue, self._call, self._endpoint_idx = outbox, call, idx
             self._opened_at = time.monotonic()
+            self._answered = False
             self._broken = None
             gen = self._stream_gen
-            # A new stream may follow a gap: refresh everything right away.
+            # A new stream may follow a gap: refresh everything soon, but spread over a moment,
+            # so that many clients re-opening at once (etcd back from a stall) do not all send
+            # at the same instant.
             now = time.monotonic()
             for kept in self._leases.values():
-                kept.next_due = now
+                kept.next_due = now + random.uniform(0, min(kept.interval / 4, REOPEN_SPREAD))
                 kept.pending_since = None
         threading.Thread(
             target=self._read, args=(call, gen, idx), name="rdzv-etcd-keepalive-rx", daemon=True
@@ -209,6 +222,7 @@ class LeaseKeeper(StreamOwner):
         with self._cond:
             if gen != self._stream_gen:
                 return  # late answer from a stream we already replaced
+            self._answered = True
             kept = self._leases.get(resp.ID)
             if kept is None:
                 return
@@ -259,10 +273,10 @@ class LeaseKeeper(StreamOwner):
             if broken is not None:
                 idx, err = broken
                 self._transport.stream_failed(idx, err)
-                if time.monotonic() - self._opened_at > 5.0:
-                    backoff = 0.05  # the stream had been healthy: retry promptly
-                self._sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                if self._answered and time.monotonic() - self._opened_at > 5.0:
+                    backoff = 0.05  # the stream had worked for a while: retry promptly
+                self._sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, REOPEN_BACKOFF_MAX)
             if need_open:
                 try:
                     self._open_stream()
@@ -275,8 +289,8 @@ class LeaseKeeper(StreamOwner):
                     log.debug("etcd keep-alive stream: %s", e)
                     self._transport.stream_failed(-1, None)
                     self._note_unconfirmed()
-                    self._sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    self._sleep(random.uniform(backoff / 2, backoff))
+                    backoff = min(backoff * 2, REOPEN_BACKOFF_MAX)
                     continue
             self._tick()
 
@@ -311,15 +325,21 @@ class LeaseKeeper(StreamOwner):
                 # leases this batches their keep-alives into a few wake-ups per second.
                 slack = min(0.2, kept.interval * 0.1)
                 if now >= kept.next_due - slack and outbox is not None:
-                    outbox.put(pb.LeaseKeepAliveRequest(ID=kept.lease_id))
+                    # One keep-alive outstanding per lease: a silent etcd gets no queue of
+                    # them to answer all at once when it comes back.
                     if kept.pending_since is None:
+                        outbox.put(pb.LeaseKeepAliveRequest(ID=kept.lease_id))
                         kept.pending_since = now
                     if kept.unanswered_since is None:
                         kept.unanswered_since = now
                     kept.next_due = now + kept.interval
                 if kept.pending_since is not None:
-                    # No answer for a while: the member is stuck or partitioned.
+                    # No answer for a while: the member is stuck or partitioned. With another
+                    # member to try, move on soon; with one, only past the TTL (by then the
+                    # connection itself is suspect, and gRPC's keepalive has had its chance).
                     stall = max(0.5, min(self._transport.timeout, kept.ttl / 3.0))
+                    if len(self._transport.endpoints) == 1:
+                        stall = max(stall, kept.ttl)
                     if now - kept.pending_since > stall:
                         stalled = True
                     wake = min(wake, kept.pending_since + stall + 0.01)

@@ -5,12 +5,18 @@
 * Reads are retried on another endpoint (also after a per-try deadline). Writes are only
   retried when the request provably never reached etcd (connect failure, "no leader"
   rejection) unless the caller marks them safe to repeat.
+* An etcd that is reached but busy (silent, "too many requests", electing a leader, out of
+  space) is asked again after a pause with full jitter, within the call's deadline, so that
+  thousands of clients turned away at once do not come back at once; at the deadline the call
+  raises ``EtcdBusyError``, which callers may wait out. A refused connection or an unknown host
+  is an ``EtcdConnectionError``: a wrong endpoint, not worth waiting for.
 * Every call carries ``hasleader: true`` so a member cut off from the leader rejects it at
   once instead of hanging until the deadline. gRPC errors become EtcdError here, once.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -20,13 +26,16 @@ import grpc
 
 from rdzv.etcd.endpoints import Channel, channel_options, parse_endpoints, tls_credentials
 from rdzv.etcd.errors import (
+    EtcdBusyError,
     EtcdConnectionError,
     EtcdError,
     EtcdTLSError,
     EtcdTLSMismatchError,
+    busy_cause,
     cause_of,
     error_from_rpc,
     is_connect_failure,
+    is_silent_endpoint,
     is_tls_failure,
     never_sent,
     token_expired,
@@ -40,6 +49,9 @@ _BASE_MD: Metadata = (("hasleader", "true"),)
 # How long a protocol probe's verdict on an endpoint holds (no probe per retry), and its bound.
 PROBE_HOLDS = 30.0
 PROBE_TIMEOUT = 1.0
+# Pauses between tries of a busy etcd: drawn from [0, cap], the cap doubling up to BUSY_PAUSE_MAX.
+BUSY_PAUSE_FIRST = 0.05
+BUSY_PAUSE_MAX = 1.0
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -236,6 +248,7 @@ class Transport:
         reauthed = False
         attempts = 0
         backoff = 0.05
+        busy_pause = BUSY_PAUSE_FIRST
         while True:
             if self._closed:
                 raise self.closed_error()
@@ -258,6 +271,23 @@ class Transport:
                 code = e.code()
                 details = e.details() or ""
                 address = channel.address
+                busy = busy_cause(details)
+                if busy is not None:
+                    # Reached, but turned away or left unsettled: ask again later (the same
+                    # member, or the next one), with jitter so a herd does not return at once.
+                    failures[address] = busy
+                    if not retry and not never_sent(details):
+                        raise EtcdBusyError(
+                            f"etcd at {address}: {busy}; the write was not retried and may or "
+                            "may not have been applied", code=code.name if code else None,
+                        ) from None
+                    if endpoint_count > 1:
+                        self._rotate(idx)
+                    pause = min(random.uniform(0, busy_pause), deadline - time.monotonic())
+                    if pause > 0:
+                        time.sleep(pause)
+                    busy_pause = min(busy_pause * 2, BUSY_PAUSE_MAX)
+                    continue
                 if code == _UNAVAILABLE:
                     failures[address] = cause_of(details)
                     self._rotate(idx)
@@ -300,7 +330,7 @@ class Transport:
                         self._rotate(idx)
                         continue
                     if not retry:
-                        raise EtcdConnectionError(
+                        raise EtcdBusyError(
                             f"etcd at {address} timed out after {per_try:.3g}s; the request "
                             "was not retried and may or may not have been applied"
                         ) from None
@@ -360,14 +390,21 @@ class Transport:
         self._probed[idx] = (now + PROBE_HOLDS, hint)
         return hint
 
-    def _describe(self, failures: dict[str, str]) -> str:
+    def _describe(self, failures: dict[str, str], state: str = "unreachable") -> str:
         if len(self._endpoints) == 1:
             addr = self._endpoints[0].address
-            return f"etcd at {addr} unreachable: {failures.get(addr, 'no answer')}"
+            return f"etcd at {addr} {state}: {failures.get(addr, 'no answer')}"
         parts = [f"{e.address} ({failures.get(e.address, 'not tried')})" for e in self._endpoints]
-        return "etcd unreachable: " + ", ".join(parts)
+        return f"etcd {state}: " + ", ".join(parts)
 
     def _gave_up(self, failures: dict[str, str], default: str | None = None) -> EtcdConnectionError:
+        """The error for a call that ran out of time: `EtcdBusyError` when some member was
+        reached and silent or busy (worth waiting for), else refused/unresolvable everywhere."""
         if not failures and default:
             failures = {self.endpoint: default}
+        busy = any(
+            is_silent_endpoint(cause) or busy_cause(cause) is not None for cause in failures.values()
+        )
+        if busy:
+            return EtcdBusyError(self._describe(failures, "not answering"), code="UNAVAILABLE")
         return EtcdConnectionError(self._describe(failures), code="UNAVAILABLE")

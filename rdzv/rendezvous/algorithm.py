@@ -383,12 +383,19 @@ class Rendezvous:
         joined: int | None = None,
     ) -> None:
         """The join timed out: say how many came and which members of the previous round did
-        not come back, by name (`nodes`: the records as the coordinator sees them)."""
+        not come back, by name (`nodes`: the records as the coordinator sees them). When the
+        store went silent, say that instead, without asking it anything more (what this node
+        wrote goes with its lease)."""
+        silent_for = self.backend.keep_alive_lag() or 0.0
+        silent = join_errors.is_silent(silent_for)
         if nodes is None:
-            nodes, _ = self.backend.read_nodes()
-        self.backend.retract(self.node_id, target)
+            nodes = {} if silent else self.backend.read_nodes()[0]
+        if not silent:
+            self.backend.retract(self.node_id, target)
         present = len(nodes) if joined is None else joined
-        raise join_errors.timed_out(self.settings, self.backend, target, control, nodes, present)
+        raise join_errors.timed_out(
+            self.settings, self.backend, target, control, nodes, present, silent_for
+        )
 
     def _closed_watch(self) -> ChangeFeed:
         if self._closed_feed is None:

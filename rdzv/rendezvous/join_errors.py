@@ -22,6 +22,16 @@ if TYPE_CHECKING:  # annotations only
     from rdzv.backends.api import Backend
 
 
+# An unanswered keep-alive older than this (seconds) means the store went silent: a healthy one
+# answers within milliseconds.
+SILENT_AFTER = 2.0
+
+
+def is_silent(keep_alive_lag: float | None) -> bool:
+    """Whether a backend's `keep_alive_lag()` says the store stopped answering."""
+    return keep_alive_lag is not None and keep_alive_lag >= SILENT_AFTER
+
+
 def timed_out(
     settings: RendezvousSettings,
     backend: Backend,
@@ -29,15 +39,24 @@ def timed_out(
     control: Control,
     nodes: Mapping[str, NodeEntry],
     present: int,
+    silent_for: float = 0.0,
 ) -> RendezvousTimeoutError:
     """Round `target` did not form within join_timeout with `present` nodes; names the
-    previous round's members that did not come back (from the node records `nodes`)."""
+    previous round's members that did not come back (from the node records `nodes`), or says
+    that the store has not answered for `silent_for` s (`is_silent`), which is then the news."""
     s = settings
     missing = not_back(previous_round(control, target), nodes, target)
     need = max(s.min_nodes - present, 1)
     waiting = f"waiting for {need} more"
     if missing:
         waiting += f", or for {rejoin_wanted(target, missing)}"
+    if is_silent(silent_for):
+        seen = f" {present} of min {s.min_nodes} node(s) were present as last seen." if nodes else ""
+        return RendezvousTimeoutError(
+            f"rendezvous '{s.run_id}' round {target} did not complete within "
+            f"{s.join_timeout:g} s: {backend.describe()} not answering for {silent_for:.0f} s "
+            f"(this node's keep-alives go unanswered).{seen}"
+        )
     return RendezvousTimeoutError(
         f"rendezvous '{s.run_id}' round {target} did not complete within "
         f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "

@@ -1,20 +1,23 @@
 """Riding out a store outage while a node joins: retry with backoff until the join's deadline.
 
-A store that stalls, restarts or loses its quorum for a while must not end a job that can go on
-once it is back: the join is simply tried again. Only `StoreUnreachableError` (the backend's
-"no answer in time") is retried; credential, TLS, protocol and state errors end the join at once.
+A store that stalls, restarts, sheds load or loses its quorum for a while must not end a job
+that can go on once it is back: the join is simply tried again. Only `StoreUnreachableError`
+(the backend's "no answer in time"; a narrower class where the caller says so) is retried;
+credential, TLS, protocol and state errors end the join at once. Pauses are drawn at random
+below a doubling cap, so that nodes turned away together do not all come back together.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.backends.api import StoreUnreachableError
+from rdzv.backends.api import StoreBusyError, StoreUnreachableError
 
 log = logging.getLogger("rdzv")
 
@@ -34,34 +37,37 @@ def ride_out(
     run_id: str,
     where: str,
     join_timeout: float,
+    retried: type[StoreUnreachableError] = StoreUnreachableError,
 ) -> T:
-    """`attempt()` until it returns, retrying it while the store is unreachable and the
-    monotonic `deadline()` (read again before each retry: a spare's moves on) is ahead."""
+    """`attempt()` until it returns, retrying it while it raises `retried` and the monotonic
+    `deadline()` (read again before each retry: a spare's moves on) is ahead."""
     since: float | None = None  # when the first failed attempt began
     warned: float | None = None
-    delay = RETRY_FIRST
+    cap = RETRY_FIRST
     while True:
         started = time.monotonic()
         try:
             result = attempt()
-        except StoreUnreachableError as exc:
+        except retried as exc:
             since = started if since is None else since
             now = time.monotonic()
             end = deadline()
+            state = "not answering" if isinstance(exc, StoreBusyError) else "unreachable"
             if now >= end:
                 raise RendezvousConnectionError(
-                    f"rendezvous '{run_id}': {where} unreachable for {now - since:.0f} s, past "
+                    f"rendezvous '{run_id}': {where} {state} for {now - since:.0f} s, past "
                     f"join_timeout ({join_timeout:g} s); last error: {exc}"
                 ) from exc
             if warned is None or now - warned >= WARN_EVERY:
                 warned = now
                 until = time.strftime("%H:%M:%S", time.localtime(time.time() + end - now))
                 log.warning(
-                    "rendezvous %s: %s unreachable for %.0f s, retrying until %s (join_timeout): %s",
-                    run_id, where, now - since, until, exc,
+                    "rendezvous %s: %s %s for %.0f s, retrying until %s (join_timeout): %s",
+                    run_id, where, state, now - since, until, exc,
                 )
-            time.sleep(min(delay, end - now))
-            delay = min(delay * 2, RETRY_MAX)
+            # At least a tenth of the cap: a pause of ~0 would only add load.
+            time.sleep(min(random.uniform(cap / 10, cap), max(end - now, 0.0)))
+            cap = min(cap * 2, RETRY_MAX)
             continue
         if warned is not None and since is not None:
             log.warning("rendezvous %s: %s answers again after %.0f s", run_id, where, time.monotonic() - since)
