@@ -17,7 +17,7 @@ from etcd_harness import EtcdServer
 from rdzv_testlib import NodeProcess, new_run_id, node_group
 from waiting import wait_until
 
-from rdzv.etcd import EtcdClient, EtcdConnectionError
+from rdzv.etcd import EtcdClient, EtcdConnectionError, EtcdError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,8 +38,8 @@ def _node_keys(endpoint: str, run_id: str) -> list[str]:
         return [kv.key.decode() for kv in client.range(prefix, prefix=True, keys_only=True).kvs]
 
 
-def _resynced(caplog: pytest.LogCaptureFixture) -> bool:
-    return any("history was compacted; resynchronised" in r.getMessage() for r in caplog.records)
+def _resynced(caplog: pytest.LogCaptureFixture, why: str = "history was compacted") -> bool:
+    return any(why in r.getMessage() and "; resynchronised" in r.getMessage() for r in caplog.records)
 
 
 def test_coordinator_waiting_for_nodes_survives_compaction(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
@@ -92,6 +92,31 @@ def test_membership_watch_survives_compaction(etcd: EtcdServer, caplog: pytest.L
             wait_until(lambda: a.num_nodes_waiting() == 2, 20, "the newcomer, through the new watch")
             infos = [g.join(a).result(timeout=60), late_future.result(timeout=60)]
             assert sorted(i.rank for i in infos) == [0, 1] and {i.world_size for i in infos} == {2}
+        finally:
+            b.kill()
+
+
+def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    """etcd may cancel a watch for reasons other than compaction: the feed starts over from a
+    fresh read instead of going blind, so a later departure is still seen."""
+    caplog.set_level(logging.INFO, logger="rdzv")
+    run_id = new_run_id("cancel")
+    with node_group("etcd", etcd.endpoint, run_id) as g:
+        a = g.node(2, 3)
+        future = g.join(a)
+        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
+        try:
+            b.wait_rounds(1)
+            future.result(timeout=60)
+            assert a.num_nodes_waiting() == 0
+            # What the watch hub does with a server's cancel response (no reason we can provoke
+            # on a healthy etcd without compaction): the watch fails with the reason.
+            feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
+            feed._watch._fail(EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
+            assert a.num_nodes_waiting() == 0  # resynchronised: nothing changed meanwhile
+            assert _resynced(caplog, "etcd cancelled the watch")
+            b.kill()
+            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, through the new watch")
         finally:
             b.kill()
 

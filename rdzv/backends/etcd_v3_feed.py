@@ -1,5 +1,6 @@
 """The etcd v3 backend's change feed: one etcd watch, decoded for the algorithm, that starts
-over from a fresh read when the history it needs was compacted away."""
+over from a fresh read when the history it needs was compacted away or etcd cancelled it for
+any other reason (a departure must never go unseen because a watch quietly ended)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from typing import Protocol
 
 from rdzv.backends.api import NodeChange
 from rdzv.backends.etcd_errors import etcd_errors
-from rdzv.etcd import EtcdClient, EtcdCompactedError, Event, KeyValue, prefix_end
+from rdzv.etcd import (
+    EtcdAuthError,
+    EtcdClient,
+    EtcdCompactedError,
+    EtcdError,
+    Event,
+    KeyValue,
+    prefix_end,
+)
 from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import Control, NodeEntry
 
@@ -59,7 +68,13 @@ class EtcdChangeFeed:
             try:
                 events = self._watch.get(timeout)
             except EtcdCompactedError:
-                return self._resync()
+                return self._resync("watch history was compacted")
+            except EtcdAuthError:
+                raise  # refused: watching again would be refused again
+            except EtcdError as exc:
+                if self._source.client.closed:
+                    raise
+                return self._resync(f"etcd cancelled the watch ({exc})")
             if events is None:
                 return None
             return self._changes(events)
@@ -82,9 +97,9 @@ class EtcdChangeFeed:
                 self._source.apply_control(self.control, key, event.kv, event.type == "DELETE")
         return out
 
-    def _resync(self) -> list[NodeChange]:
-        # History we needed was compacted away: start over from one read of everything this
-        # feed covers (one revision, so control and nodes agree) and report the difference.
+    def _resync(self, why: str) -> list[NodeChange]:
+        # The watch cannot go on: start over from one read of everything this feed covers
+        # (one revision, so control and nodes agree) and report the difference.
         control, nodes, revision = self._source.snapshot(*self._range)
         self._watch.cancel()
         self._watch = self._source.client.watch(
@@ -93,10 +108,7 @@ class EtcdChangeFeed:
         control.cursor = revision
         self.control.reset_to(control)
         gone, self._known = self._known - nodes.keys(), set(nodes)
-        log.info(
-            "rendezvous %s: watch history was compacted; resynchronised at revision %d",
-            self._run_id, revision,
-        )
+        log.info("rendezvous %s: %s; resynchronised at revision %d", self._run_id, why, revision)
         return [NodeChange(nid, None) for nid in sorted(gone)] + [
             NodeChange(nid, entry) for nid, entry in nodes.items()
         ]
