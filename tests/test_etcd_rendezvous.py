@@ -199,3 +199,23 @@ def test_num_nodes_waiting_makes_no_requests(etcd) -> None:
 
 
 _ = (os, FAST_CONF)
+
+
+def test_a_round_too_big_for_one_record_is_refused_unwritten(etcd34, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sealed record nobody could read would mark the run corrupt: the coordinator refuses
+    it before writing, naming the limit (lowered here so that 3 nodes exceed it)."""
+    from rdzv.rendezvous import join_errors, sealing
+
+    monkeypatch.setattr(sealing, "MAX_ROUND_RECORD", 300)
+    monkeypatch.setattr(join_errors, "MAX_ROUND_RECORD", 300)
+    run_id = new_run_id("big")
+    with node_group("etcd", etcd34.endpoint, run_id, join_timeout="8") as g:
+        nodes = [g.node(3, 3, local_addr=f"{'h' * 80}{i}") for i in range(3)]
+        futures = [g.join(n) for n in nodes]
+        refused = []
+        for future in futures:
+            with pytest.raises(Exception) as caught:  # noqa: B017 - the coordinator's, or others' timeout
+                future.result(timeout=60)
+            refused.append(str(caught.value))
+    assert any("MiB limit a sealed record may have; nothing was written" in m for m in refused), refused
+    assert _keys(etcd34.endpoint, f"/rdzv/{run_id}/ctl/current") == []

@@ -35,11 +35,12 @@ from collections.abc import Mapping
 from rdzv.backends.api import ELASTIC, LIVENESS, SPARES, Backend, ChangeFeed
 from rdzv.ports import free_port
 from rdzv.rendezvous import join_errors
+from rdzv.rendezvous.eligible import EligibleView
 from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
 from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
-from rdzv.rendezvous.sealing import build_record
+from rdzv.rendezvous.sealing import build_record, oversize
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -295,7 +296,9 @@ class Rendezvous:
         # and control changes in that window are not missed.
         feed = self.backend.watch(cursor, control, nodes=True, known=set(nodes))
         previous = control.sealed if control.round == target - 1 else None
-        prev_ids = set(previous.ids) if previous else set()
+        view = EligibleView(target, set(previous.ids) if previous else set())
+        for node_id, entry in nodes.items():
+            view.put(node_id, entry)
         last_call: float | None = None
         log.info("rendezvous %s: coordinating round %d", s.run_id, target)
         try:
@@ -307,19 +310,14 @@ class Rendezvous:
                     return control  # our claim lapsed with our lease
                 if self.node_id not in nodes:
                     return control  # our own record was overwritten: announce it again
-                eligible = [
-                    e for e in nodes.values() if e.info.want >= target or e.info.node_id not in prev_ids
-                ]
-                live_prev = prev_ids & nodes.keys()
-                eligible_ids = {e.info.node_id for e in eligible}
-                prev_done = live_prev <= eligible_ids  # no live member still runs the old round
-                count = len(eligible)
+                count = len(view.eligible)
+                prev_done = view.prev_done  # no live member still runs the old round
                 now = time.monotonic()
                 seal_now = False
                 if prev_done and count >= s.max_nodes:
                     seal_now = True
                 elif prev_done and count >= s.min_nodes:
-                    if live_prev:
+                    if view.live_prev:
                         seal_now = True  # the previous group is back: no last call
                     elif last_call is None:
                         last_call = now + s.last_call_timeout
@@ -329,11 +327,14 @@ class Rendezvous:
                 else:
                     last_call = None
                 if seal_now:
-                    departed = bool(prev_ids - nodes.keys())
                     record = build_record(
-                        target, eligible, previous, live_prev, departed,
-                        min_nodes=s.min_nodes, max_nodes=s.max_nodes,
+                        target, [nodes[i] for i in view.eligible], previous, view.live_prev,
+                        view.departed, min_nodes=s.min_nodes, max_nodes=s.max_nodes,
                     )
+                    size = oversize(record)
+                    if size is not None:
+                        self.backend.retract(self.node_id, target)
+                        raise join_errors.round_too_large(s.run_id, self.backend, record, size)
                     # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
                     # delivered): the backend records where members start watching.
                     sealed = self.backend.seal(control, record, self.node_id, nodes_cursor)
@@ -355,12 +356,18 @@ class Rendezvous:
                     self.backend, target, control, role="coordinator",
                     spare=self._spare(control, target), nodes=nodes, joined=count,
                 )
+                # Everything queued is applied before the next look (one look per wake-up,
+                # not per batch: thousands of announcements arrive in many batches).
                 changes = feed.poll(max(min(waits), 0.01))
-                for change in changes or ():
-                    if change.entry is None:
-                        nodes.pop(change.node_id, None)
-                    else:
-                        nodes[change.node_id] = change.entry
+                while changes is not None:
+                    for change in changes:
+                        if change.entry is None:
+                            nodes.pop(change.node_id, None)
+                            view.drop(change.node_id)
+                        else:
+                            nodes[change.node_id] = change.entry
+                            view.put(change.node_id, change.entry)
+                    changes = feed.poll(0)
         finally:
             feed.close()
 

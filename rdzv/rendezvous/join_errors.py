@@ -14,7 +14,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
-from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
+from rdzv.rendezvous.model import MAX_ROUND_RECORD, Control, NodeEntry, RoundRecord
 from rdzv.rendezvous.progress import not_back, previous_round, rejoin_wanted
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -62,6 +62,18 @@ def timed_out(
         f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "
         f"(max {s.max_nodes}) on {backend.describe()}; {waiting}. "
         "Raise join_timeout in --rdzv-conf to wait longer."
+    )
+
+
+def round_too_large(run_id: str, backend: Backend, record: RoundRecord, size: int) -> RendezvousError:
+    """Round `record` would not fit in one sealed record (`size` bytes): refused, unwritten."""
+    per_node = size / max(record.world_size, 1)
+    return RendezvousError(
+        f"rendezvous '{run_id}' on {backend.describe()}: round {record.round} of "
+        f"{record.world_size} nodes needs a {size / 2**20:.2f} MiB sealed record "
+        f"(~{per_node:.0f} bytes per node: id and host name), more than the "
+        f"{MAX_ROUND_RECORD / 2**20:g} MiB limit a sealed record may have; nothing was written. "
+        "Use shorter host names (--local-addr) or fewer nodes per job (--nnodes)."
     )
 
 

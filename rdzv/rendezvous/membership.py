@@ -54,13 +54,13 @@ class RoundMembership:
             self._feed.close()
 
     def apply(self, node_id: str, entry: NodeEntry | None) -> None:
-        members = self.record.ids
+        member = self.record.rank_of(node_id) is not None
         if entry is None:
-            if node_id in members:
+            if member:
                 self.lost.add(node_id)
             self.newcomers.discard(node_id)
             self.rejoining.discard(node_id)
-        elif node_id in members:
+        elif member:
             if entry.info.want > self.record.round:
                 self.rejoining.add(node_id)
         else:
@@ -88,8 +88,10 @@ class RoundMembership:
 
     def moved_on(self, me: str) -> bool:
         """Every other member asked for a new round, left, or formed one already."""
-        others = set(self.record.ids) - {me}
-        return self.feed.control.round > self.record.round or others <= self.lost | self.rejoining
+        # `lost` and `rejoining` hold members only: count them instead of listing the round.
+        moved = len((self.lost | self.rejoining) - {me})
+        others = self.record.world_size - (self.record.rank_of(me) is not None)
+        return self.feed.control.round > self.record.round or moved >= others
 
 
 @dataclass(frozen=True)

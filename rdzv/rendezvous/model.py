@@ -10,6 +10,8 @@ record that does not decode is noted in `Control.corrupt` and leaves the state a
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import math
@@ -22,7 +24,7 @@ log = logging.getLogger("rdzv")
 
 FORMAT = 1  # "v" of the records; a record without it is read as version 1
 MAX_NODE_RECORD = 16 * 1024  # a node record is ~200 bytes
-MAX_ROUND_RECORD = 1024 * 1024  # ~14 bytes per node: room for tens of thousands
+MAX_ROUND_RECORD = 1024 * 1024  # ids and hosts: ~80 bytes per node with 64-character hosts
 MAX_NODE_ID = 128
 
 
@@ -182,11 +184,17 @@ class RoundRecord:
     def full(self) -> bool:
         return len(self.ids) >= self.max_nodes
 
+    @functools.cached_property
+    def _ranks(self) -> dict[str, int]:
+        # Looked up for every node of a big round: a dict, not a scan of `ids` each time.
+        return {node_id: rank for rank, node_id in enumerate(self.ids)}
+
+    @functools.cached_property
+    def _host_counts(self) -> collections.Counter[str]:
+        return collections.Counter(self.hosts)
+
     def rank_of(self, node_id: str) -> int | None:
-        try:
-            return self.ids.index(node_id)
-        except ValueError:
-            return None
+        return self._ranks.get(node_id)
 
     def name_of(self, node_id: str) -> str:
         """How messages name a member: its host, with its id where hosts are not unique."""
@@ -194,7 +202,7 @@ class RoundRecord:
         host = self.hosts[rank] if rank is not None and len(self.hosts) == len(self.ids) else None
         if host is None:
             return node_id
-        return host if self.hosts.count(host) == 1 else f"{host}[{node_id}]"
+        return host if self._host_counts[host] == 1 else f"{host}[{node_id}]"
 
     def encode(self) -> bytes:
         doc = asdict(self)

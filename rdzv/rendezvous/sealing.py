@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from rdzv.rendezvous.model import NodeEntry, RoundRecord
+from rdzv.rendezvous.model import MAX_ROUND_RECORD, NodeEntry, RoundRecord
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
 
 
@@ -50,3 +50,11 @@ def build_record(
         restarts=restarts,
         hosts=tuple(by_id[i].host for i in ids),
     )
+
+
+def oversize(record: RoundRecord) -> int | None:
+    """The encoded size of `record` when it is more than a sealed record may have (every
+    reader refuses it, and etcd's default request limit is only half again as big), else None.
+    Checked before the seal is written: a record nobody can read would mark the run corrupt."""
+    size = len(record.encode())
+    return size if size > MAX_ROUND_RECORD else None
