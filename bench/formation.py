@@ -2,43 +2,63 @@
 
     python bench/formation.py                       # the table in docs/benchmarks.md
     python bench/formation.py --sizes 64,256 --torch-sizes 64 --repeats 1
+    python bench/formation.py --sizes 1024 --compare '' --no-reform    # formation alone, min = max = N
 
-For each backend and N it reports the median time from a common start instant to the last
-node leaving next_rendezvous(), the handler-creation time, and etcd writes per node (raft
-proposals committed, read from etcd's /metrics before handler creation and after formation,
-so lease grants count; for our c10d, which has no etcd, the TCPStore operations its nodes
-issued, counted by the backend, writes with reads in parentheses). torch's own handlers run
-side by side in the same run; a run that fails or does not form within the timeout is recorded
-as a failure with its error. Each pool process collects its garbage after creating its handlers,
-before the start instant (the processes serve run after run, so what earlier runs left must not
-fall into a later run's window), and reports the CPU time it spent from the start instant to its
-last node's return.
+For each backend and N: the time from a common start instant to the last node leaving
+next_rendezvous() (handler creation happens before that instant), then, with --reform (the
+default), the time to re-form after one node is SIGKILLed: the nodes run as threads in a pool
+of processes (bench/node_pool.py) plus one process holding a single node, killed after
+formation; survivors notice the loss (num_nodes_waiting() > 0, polled every
+--monitor-interval as torch's agent does; torch's handlers never count a lost member there, so
+their survivors are told at the kill, as failing collectives would tell them) and call
+next_rendezvous() again. With --reform the job is min_nodes = N - 1, max_nodes = N, so the
+re-formed round of N - 1 can seal; the first formation still seals at once, as all N come
+(max_nodes reached: no last call). With --no-reform it is min = max = N, as before.
+
+etcd's own /metrics are read before handler creation, after formation, just before the kill
+and after re-formation (bench/etcd_metrics.py): raft commits, gRPC calls and messages, bytes
+sent to and received from clients, per node; database size, keys and revisions per phase.
+After each round every node writes probe/<rank> to the round's store once (outside the timed
+windows), and the failures are counted. Errors and warnings the nodes saw are counted by kind
+(bench/error_kinds.py). torch's own handlers run side by side in the same run (--compare); a
+run that fails or does not form within the timeout is recorded as a failure with its error.
+Each pool process collects its garbage after creating its handlers, before the start instant,
+and reports the CPU time it spent from the start instant to its last node's return.
+
+The rdzv package measured is the one in RDZV_BENCH_PACKAGE_ROOT when set (a worktree of
+another commit, for A/B runs), else this checkout's; its commit is printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import multiprocessing as mp
+import json
 import os
-import re
-import statistics
+import signal
+import subprocess
 import sys
-import threading
 import time
 import traceback
-import urllib.request
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+PACKAGE_ROOT = Path(os.environ.get("RDZV_BENCH_PACKAGE_ROOT") or ROOT).resolve()
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(PACKAGE_ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from error_kinds import counted, typical  # noqa: E402 - bench/, found through the path above
+from etcd_metrics import Cost, scrape  # noqa: E402
+from formation_report import LEGEND, Result, fmt, median, table  # noqa: E402
+from node_pool import STAGES, Job, NodePool, Report  # noqa: E402
+
+__all__ = ["NodePool", "Result", "run_one"]  # bench/metrics_overhead.py uses these
 
 BACKENDS = {
-    # label: (backend name for create_handler, creator module, needs)
+    # label: backend kind
     "rdzv etcd (v3)": "rdzv:etcd",
     "rdzv etcd-v2": "rdzv:etcd-v2",
     "rdzv c10d": "rdzv:c10d",
@@ -47,223 +67,182 @@ BACKENDS = {
 }
 
 
-@dataclass
-class Job:
-    kind: str  # "rdzv:etcd", "torch:c10d", ...
-    endpoint: str
-    run_id: str
-    n_total: int
-    n_local: int
-    conf: dict[str, str]
-
-
-def _make_handler(job: Job):  # noqa: ANN202 - returns torch's RendezvousHandler
-    from torch.distributed.elastic.rendezvous import RendezvousParameters
-
-    source, name = job.kind.split(":", 1)
-    # `_bench_*` keys are the benchmark's own; handlers refuse keys they do not know.
-    conf = {k: v for k, v in job.conf.items() if not k.startswith("_bench")}
-    params = RendezvousParameters(name, job.endpoint, job.run_id, job.n_total, job.n_total, **conf)
-    if source == "rdzv":
-        from rdzv import create_handler
-
-        handler = create_handler(params)
-        metrics = job.conf.get("_bench_metrics")  # bench/metrics_overhead.py: off | on
-        return handler if metrics is None else _launcher_path(handler, job.run_id, metrics == "on")
-    from torch.distributed.elastic.rendezvous import registry
-
-    return registry.handler_registry.create_handler(params)
-
-
-def _launcher_path(handler, run_id: str, metrics: bool):  # noqa: ANN001, ANN202
-    """The handler as rdzv-launch wraps it (launcher.progress), with its metrics recorder or none."""
-    from launcher.metrics import PrometheusRecorder
-    from launcher.progress import ReportingHandler
-    from launcher.recorder import NULL_RECORDER
-    from launcher.report import Reporter
-
-    recorder = PrometheusRecorder(run_id, "etcd") if metrics else NULL_RECORDER
-    if metrics:
-        handler.observe_backend(recorder)
-    reporter = Reporter("bench", "text", True)
-    return ReportingHandler(handler, reporter, 5.0, 1, 1, "bench", recorder)
-
-
-def _worker(jobs: mp.Queue, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
-    """One process hosting many simulated nodes; runs jobs until it gets None."""
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        _run_job(job, results, go, done)
-
-
-def _run_job(job: Job, results: mp.Queue, go: mp.Event, done: mp.Event) -> None:
-    if True:  # one job: create this process's share of nodes, join on "go", close on "done"
-        handlers: list = []
-        errors: list[str] = []
-        t0 = time.monotonic()
-        lock = threading.Lock()
-
-        def create() -> None:
-            try:
-                h = _make_handler(job)
-                with lock:
-                    handlers.append(h)
-            except Exception as exc:  # noqa: BLE001 - recorded as the run's failure
-                with lock:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-
-        threads = [threading.Thread(target=create) for _ in range(job.n_local)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        created = time.monotonic() - t0
-        # Garbage of earlier runs in this process (its handlers, their threads' frames): a full
-        # collection of it landing inside the next window would be charged to that run.
-        gc.collect()
-        results.put(("created", created, errors[:1]))
-        go.wait()
-        start = time.time()
-        cpu_start = time.process_time()
-        finish: list[float] = []
-        join_errors: list[str] = []
-
-        def join(h) -> None:  # noqa: ANN001
-            try:
-                h.next_rendezvous()
-                with lock:
-                    finish.append(time.time())
-            except Exception as exc:  # noqa: BLE001
-                text = str(exc)[:200] or "(no message)"
-                with lock:
-                    join_errors.append(f"{type(exc).__name__}: {text}")
-
-        threads = [threading.Thread(target=join, args=(h,), daemon=True) for h in handlers]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + float(job.conf.get("_bench_timeout", "120"))
-        for t in threads:
-            t.join(max(deadline - time.monotonic(), 0.1))
-        alive = sum(t.is_alive() for t in threads)
-        if alive:
-            join_errors.append(f"{alive} node(s) still waiting at the timeout")
-        ops = [0, 0]  # store writes, reads (backends that count them: our c10d)
-        for h in handlers:
-            counts = getattr(getattr(h, "backend", None), "counts", None)
-            if counts is not None:
-                ops[0] += counts.writes
-                ops[1] += counts.reads
-        cpu = time.process_time() - cpu_start  # every thread of this process, background ones too
-        results.put(("formed", start, max(finish) if finish else None, len(finish), join_errors[:1], ops, cpu))
-        done.wait()
-        closers = [threading.Thread(target=_shutdown, args=(h,), daemon=True) for h in handlers]
-        for t in closers:
-            t.start()
-        for t in closers:
-            t.join(10)
-        results.put(("closed",))
-
-
-def _shutdown(handler) -> None:  # noqa: ANN001
-    with contextlib.suppress(Exception):
-        handler.shutdown()
-
-
-def proposals(metrics_url: str) -> int:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    match = re.search(r"^etcd_server_proposals_committed_total (\S+)$", text, re.M)
-    return int(float(match.group(1))) if match else -1
-
-
-@dataclass
-class Result:
-    label: str
-    n: int
-    create_s: float | None
-    form_s: float | None
-    writes_per_node: float | None
-    error: str | None
-    reads_per_node: float | None = None
-    cpu_s: float | None = None  # CPU seconds of the pool processes in the window, summed
-
-
-def run_one(pool, label: str, kind: str, n: int, endpoint: str, metrics_url: str, conf: dict) -> Result:
-    jobs, results, procs = pool
-    nprocs = len(procs)
+def run_one(
+    pool: NodePool, label: str, kind: str, n: int, endpoint: str, metrics_url: str, conf: dict,
+    *, reform: bool = False, notice: str = "auto", monitor_interval: float = 0.1,
+) -> Result:
+    """One formation of N nodes (and, with `reform`, one re-formation after a SIGKILL)."""
+    timeout = float(conf.get("_bench_timeout", "120"))
+    reform = reform and n >= 2
+    how = notice if notice != "auto" else ("poll" if kind.startswith("rdzv:") else "told")
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
-    shares = [n // nprocs + (1 if i < n % nprocs else 0) for i in range(nprocs)]
-    go, done = pool_events
-    go.clear()
-    done.clear()
-    before = proposals(metrics_url)
-    active = [s for s in shares if s]
-    for share in active:
-        jobs.put(Job(kind, endpoint, run_id, n, share, conf))
-    created = [results.get() for _ in active]
-    errors = [e for c in created for e in c[2]]
-    create_s = max(c[1] for c in created)
-    go.set()
-    formed = [results.get() for _ in active]
-    after = proposals(metrics_url)
-    done.set()
-    for _ in active:
-        results.get()
-    errors += [e for f in formed for e in f[4]]
-    count = sum(f[3] for f in formed)
-    if errors or count < n:
-        return Result(label, n, create_s, None, None, errors[0] if errors else f"{count}/{n} formed")
-    start = min(f[1] for f in formed)
-    end = max(f[2] for f in formed)
-    writes = (after - before) / n if before >= 0 and "etcd" in kind else None
-    reads = None
+    pooled = n - 1 if reform else n
+    nprocs = len(pool.procs)
+    shares = [s for s in (pooled // nprocs + (1 if i < pooled % nprocs else 0) for i in range(nprocs)) if s]
+
+    def job(share: int, victim: bool = False) -> Job:
+        return Job(kind, endpoint, run_id, n - 1 if reform else n, n, share, conf, reform, how, monitor_interval, victim)
+
+    stages = pool.stages
+    stages.reset()
+    etcd = "etcd" in kind
+    before = scrape(metrics_url)
+    for share in shares:
+        pool.jobs.put(job(share))
+    victim = pool.single_node_process(job(1, victim=True)) if reform else None
+    everyone = len(shares) + (victim is not None)
+    slack = timeout + 120
+    try:
+        created = pool.collect("created", everyone, 3 * timeout + 300)
+        stages.open("go")
+        formed = pool.collect("formed", everyone, slack)
+        after_form = scrape(metrics_url)
+        stages.open("probe")
+        probed = pool.collect("probed", everyone, slack)
+        before_kill = scrape(metrics_url)
+        count = sum(len(f.finishes) for f in formed)
+        errors = [e for r in created + formed for e in r.errors]
+        killed_at = time.time()
+        if victim is not None:
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(30)
+        if errors or count < n:
+            stages.open("skip")
+        stages.open("killed")
+        reformed = pool.collect("reformed", len(shares), slack)
+        after_reform = scrape(metrics_url)
+        stages.open("probe_again")
+        probed_again = pool.collect("probed", len(shares), slack)
+        stages.open("done")
+        closed = pool.collect("closed", len(shares), 120)
+    except BaseException:
+        _abandon(pool, victim, len(shares))
+        raise
+    modules = {c.module for c in created if c.module}
+    strays = {m for m in modules if not Path(m).resolve().is_relative_to(PACKAGE_ROOT)}
+    if strays:
+        raise RuntimeError(f"the nodes ran rdzv from {sorted(strays)}, not from {PACKAGE_ROOT}")
+
+    seen: Counter[str] = Counter()
+    for phase, reports in (("create", created), ("form", formed), ("probe", probed),
+                           ("re-form", reformed), ("probe again", probed_again)):
+        seen += counted([e for r in reports for e in r.errors], f"{phase}: ")
+    for r in created + formed + probed + reformed + probed_again + closed:
+        seen += Counter({f"warning: {k}": v for k, v in r.warnings.items()})
+    form_cost = Cost.between(before, after_form)
+    reform_cost = Cost.between(before_kill, after_reform)
+    if etcd:
+        seen += Counter({f"etcd: {k}": v for k, v in (form_cost.failed_calls + reform_cost.failed_calls).items()})
+
+    result = Result(label, n, max(c.seconds for c in created), None, None, None, errors=seen, notice=how)
+    result.form_cost = form_cost.per_node(n) if etcd else None
+    result.writes_per_node = result.form_cost.commits if result.form_cost else None
     if kind == "rdzv:c10d":
-        writes = sum(f[5][0] for f in formed) / n
-        reads = sum(f[5][1] for f in formed) / n
-    cpu = sum(f[6] for f in formed)
-    return Result(label, n, create_s, end - start, writes, None, reads, cpu)
+        result.writes_per_node = sum(f.ops[0] for f in formed) / n
+        result.reads_per_node = sum(f.ops[1] for f in formed) / n
+    result.cpu_s = sum(f.cpu for f in formed)
+    result.probes = (sum(p.ok for p in probed), n)
+    sizes = {s for f in formed for s in f.world_sizes}
+    if errors or count < n:
+        result.error = typical(errors) if errors else f"{count}/{n} formed"
+        return result
+    if sizes != {n}:
+        result.error = f"formed with world sizes {sorted(sizes)}"
+        return result
+    result.form_s = max(t for f in formed for t in f.finishes) - min(f.start for f in formed)
+    if reform:
+        _reformation(result, reformed, probed_again, reform_cost if etcd else None, killed_at)
+    return result
 
 
-pool_events: tuple = ()
+def _reformation(result: Result, reformed: list[Report], probed_again: list[Report], cost: Cost | None, killed_at: float) -> None:
+    n = result.n
+    result.reform_tried = True
+    result.probes_again = (sum(p.ok for p in probed_again), n - 1)
+    result.reform_cost = cost.per_node(n - 1) if cost else None
+    finishes = [t for r in reformed for t in r.finishes]
+    noticed = [t for r in reformed for t in r.noticed]
+    errors = [e for r in reformed for e in r.errors]
+    sizes = {s for r in reformed for s in r.world_sizes}
+    if errors or len(finishes) < n - 1:
+        result.reform_error = typical(errors) if errors else f"{len(finishes)}/{n - 1} re-formed"
+    elif sizes != {n - 1}:
+        result.reform_error = f"re-formed with world sizes {sorted(sizes)}"
+    else:
+        result.reform_s = max(finishes) - killed_at
+        if result.notice == "poll" and noticed:
+            result.notice_s = max(noticed) - killed_at
+
+
+def _abandon(pool: NodePool, victim, processes: int) -> None:  # noqa: ANN001
+    """A run gone wrong: let every process finish it, and drop what they report."""
+    for name in ("skip", *STAGES):
+        pool.stages.open(name)
+    if victim is not None and victim.is_alive():
+        victim.kill()
+    closed, deadline = 0, time.monotonic() + 300
+    while closed < processes and time.monotonic() < deadline:
+        try:
+            closed += pool.results.get(timeout=max(deadline - time.monotonic(), 0.1)).stage == "closed"
+        except Exception:  # noqa: BLE001 - queue.Empty: give up on the pool
+            break
+
+
+def package_description(root: Path) -> str:
+    """`<path> at <commit>`, saying when rdzv/ there has changes not committed."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "rdzv")
+    return f"rdzv from {root} at {commit}" + (" with uncommitted changes in rdzv/" if dirty else "")
 
 
 def main() -> None:
-    global pool_events
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64,256,1024,4096", help="N for our etcd v3 handler")
+    ap.add_argument("--sizes", default="64,256,1024,4096", help="N for our etcd v3 handler (up to 16,384 and beyond)")
     ap.add_argument("--torch-sizes", default="64,256", help="N for the side-by-side comparison")
     ap.add_argument("--compare", default="torch:c10d,torch:etcd-v2", help="other kinds to run at --torch-sizes")
-    ap.add_argument("--procs", type=int, default=8)
+    ap.add_argument("--procs", type=int, default=8, help="pool processes hosting the nodes as threads")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--repeats-at", default="", help="N:R,... other repeat counts for some N (e.g. 1024:2)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds each round may take")
     ap.add_argument("--etcd", default="3.4", choices=["3.4", "3.5"])
+    ap.add_argument("--reform", action=argparse.BooleanOptionalAction, default=True,
+                    help="SIGKILL one node after formation and time the re-formation (min_nodes = N - 1)")
+    ap.add_argument("--notice", default="auto", choices=["auto", "poll", "told"],
+                    help="how survivors learn of the loss: poll num_nodes_waiting() (auto: rdzv's handlers) or told at the kill (auto: torch's)")
+    ap.add_argument("--monitor-interval", type=float, default=0.1, help="seconds between num_nodes_waiting() polls")
+    ap.add_argument("--lease-ttl", type=float, default=None, help="lease_ttl for rdzv's handlers (default: theirs)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args()
 
     from etcd_harness import EtcdServer, free_port
 
+    package = package_description(PACKAGE_ROOT)
+    print(package, flush=True)
     server = EtcdServer(args.etcd, enable_v2=True).start()
     store_server = None
+    runs: list[dict] = []
     try:
         endpoint = server.endpoint
         metrics_url = server.client_urls[0] + "/metrics"
         # torch's TCPStore clients warn once per connection about reverse lookups on loopback.
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-        ctx = mp.get_context("spawn")
-        jobs, results = ctx.Queue(), ctx.Queue()
-        go, done = ctx.Event(), ctx.Event()
-        pool_events = (go, done)
-        procs = [ctx.Process(target=_worker, args=(jobs, results, go, done), daemon=True) for _ in range(args.procs)]
-        for p in procs:
-            p.start()
-        pool = (jobs, results, procs)
+        pool = NodePool.start(args.procs)
         rows: list[Result] = []
         plan: list[tuple[str, str, int]] = [("rdzv etcd (v3)", "rdzv:etcd", n) for n in _ints(args.sizes)]
         for kind in filter(None, args.compare.split(",")):
             label = kind.replace(":", " ")
             plan += [(label, kind, n) for n in _ints(args.torch_sizes)]
+        repeats_at = {int(k): int(v) for k, v in (p.split(":") for p in filter(None, args.repeats_at.split(",")))}
         for label, kind, n in plan:
             conf = {"last_call_timeout": "1", "join_timeout": str(int(args.timeout)), "_bench_timeout": str(args.timeout)}
+            if args.lease_ttl is not None and kind.startswith("rdzv:"):
+                conf["lease_ttl"] = str(args.lease_ttl)
             ep = endpoint
             if kind.endswith("c10d"):
                 import torch.distributed as dist
@@ -276,68 +255,48 @@ def main() -> None:
                 ep = f"127.0.0.1:{port}"
                 conf["is_host"] = "false"
             results_n = []
-            for _ in range(args.repeats):
+            for _ in range(repeats_at.get(n, args.repeats)):
                 try:
-                    res = run_one(pool, label, kind, n, ep, metrics_url, conf)
+                    res = run_one(pool, label, kind, n, ep, metrics_url, conf, reform=args.reform,
+                                  notice=args.notice, monitor_interval=args.monitor_interval)
                 except Exception as exc:  # noqa: BLE001
                     res = Result(label, n, None, None, None, f"{type(exc).__name__}: {exc}")
                     traceback.print_exc()
                 results_n.append(res)
-                print(f"  {label:18s} N={n:5d} form={_fmt(res.form_s)} writes/node={_fmt(res.writes_per_node, 2)} {res.error or ''}", flush=True)
+                runs.append({"kind": kind, **asdict(res), "errors": dict(res.errors)})
+                sent = res.form_cost.sent_kb if res.form_cost else None
+                print(f"  {label:18s} N={n:5d} form={fmt(res.form_s)} re-form={fmt(res.reform_s)} "
+                      f"commits/node={fmt(res.writes_per_node)} KB sent/node={fmt(sent, 1)} "
+                      f"{res.error or res.reform_error or ''}", flush=True)
                 if res.error:
                     break  # a failure is the result; don't spend minutes repeating it
-            rows.append(_median(results_n))
+            rows.append(median(results_n))
             store_server = None  # noqa: F841 - stop that store's server
-        for _ in procs:
-            jobs.put(None)
-        for p in procs:
-            p.join(30)
+        pool.stop()
         print()
-        print(table(rows, args))
+        print(table(rows, _header(args, package)))
+        print()
+        print(LEGEND)
+        if args.json:
+            args.json.write_text(json.dumps({"header": _header(args, package), "runs": runs}, indent=1, default=str))
     finally:
         server.stop()
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _median(results: list[Result]) -> Result:
-    ok = [r for r in results if r.error is None]
-    if not ok:
-        return results[-1]
-    return Result(
-        ok[0].label,
-        ok[0].n,
-        statistics.median(r.create_s for r in ok if r.create_s is not None),
-        statistics.median(r.form_s for r in ok if r.form_s is not None),
-        statistics.median(r.writes_per_node for r in ok if r.writes_per_node is not None)
-        if any(r.writes_per_node is not None for r in ok) else None,
-        None,
-        statistics.median(r.reads_per_node for r in ok if r.reads_per_node is not None)
-        if any(r.reads_per_node is not None for r in ok) else None,
+def _header(args: argparse.Namespace, package: str) -> str:
+    shape = "min_nodes = N - 1, max_nodes = N" if args.reform else "min = max = N"
+    ttl = f"lease_ttl {args.lease_ttl:g} s" if args.lease_ttl is not None else "rdzv's default lease_ttl"
+    repeats = f"medians of {args.repeats}" + (f" ({args.repeats_at})" if args.repeats_at else "")
+    return (
+        f"Formation, {shape}, {args.procs} processes x N/{args.procs} threads"
+        f"{' + 1 single-node process' if args.reform else ''}, one local etcd {args.etcd}, "
+        f"last_call_timeout 1 s, {ttl}, {repeats} (a failure is shown once), "
+        f"{os.cpu_count()} CPUs; {package}."
     )
 
 
-def table(rows: list[Result], args: argparse.Namespace) -> str:
-    lines = [
-        f"Formation, min = max = N, {args.procs} processes x N/{args.procs} threads, one local etcd {args.etcd}, "
-        f"medians of {args.repeats} (a failure is shown once), {os.cpu_count()} CPUs.",
-        "",
-        "| backend | N | handler creation (s) | time to form (s) | writes per node | result |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.label} | {r.n} | {_fmt(r.create_s)} | {_fmt(r.form_s)} | {_fmt(r.writes_per_node)}"
-            f"{'' if r.reads_per_node is None else f' ({_fmt(r.reads_per_node)} reads)'} | "
-            f"{'formed' if r.error is None else 'FAILED: ' + r.error.replace('|', '/')} |"
-        )
-    return "\n".join(lines)
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 if __name__ == "__main__":

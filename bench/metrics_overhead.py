@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import re
 import statistics
@@ -88,14 +87,7 @@ def formation_times(n: int, repeats: int, timeout: float) -> dict[str, list[tupl
     server = EtcdServer("3.4").start()
     times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     try:
-        ctx = mp.get_context("spawn")
-        jobs, results = ctx.Queue(), ctx.Queue()
-        go, done = ctx.Event(), ctx.Event()
-        formation.pool_events = (go, done)
-        procs = [ctx.Process(target=formation._worker, args=(jobs, results, go, done), daemon=True) for _ in range(8)]
-        for p in procs:
-            p.start()
-        pool = (jobs, results, procs)
+        pool = formation.NodePool.start(8)
         metrics_url = server.client_urls[0] + "/metrics"
         for i, pair in enumerate(abba(repeats + 1)):
             for mode in pair:
@@ -109,10 +101,7 @@ def formation_times(n: int, repeats: int, timeout: float) -> dict[str, list[tupl
                     times[mode].append((res.form_s, res.cpu_s))
                 print(f"  formation N={n} metrics {mode}: {res.form_s:.3f} s, CPU {res.cpu_s:.3f} s"
                       + (" (warm-up, not counted)" if warmup else ""), flush=True)
-        for _ in procs:
-            jobs.put(None)
-        for p in procs:
-            p.join(30)
+        pool.stop()
     finally:
         server.stop()
     return times
