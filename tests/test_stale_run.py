@@ -1,7 +1,7 @@
 """A run whose node died right after closing it: the relaunch is refused with a remedy that works.
 
-The dead node's record and the closed marker stay until their leases expire (the run lease is
-the dying node's `lease_ttl`, not the relaunching node's). The refusal quotes an `rdzv clean`
+The dead node's record and the closed marker stay until their leases expire (the run lease's
+TTL is 3 x the dying node's `lease_ttl`, not the relaunching node's). The refusal quotes an `rdzv clean`
 command; run as quoted, it frees the id at once, without --force, and the relaunch then runs.
 """
 
@@ -20,6 +20,7 @@ import pytest
 from etcd_harness import EtcdServer
 from launcher_helpers import ENV_DUMP, clean_env, run_launcher, write_script
 
+from rdzv.backends.run_keepers import RUN_TTL_LEASES
 from rdzv.etcd import EtcdClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,8 +71,10 @@ def test_closed_run_of_a_dead_node_is_freed_by_the_quoted_command(etcd35: EtcdSe
     quoted = re.search(r"`(rdzv clean [^`]+)`", refusal[0])
     expiry = re.search(r"expire by themselves within (\d+) s", refusal[0])
     assert quoted and expiry, refusal[0]
-    # The old run's own expiry (its lease of OLD_TTL s, partly run down), not our lease_ttl of 3 s.
-    assert OLD_TTL - (time.monotonic() - died) - 2 <= int(expiry.group(1)) <= OLD_TTL, refusal[0]
+    # The old run's own expiry (its run lease of RUN_TTL_LEASES x OLD_TTL s, partly run down), not
+    # our lease_ttl of 3 s.
+    run_ttl = RUN_TTL_LEASES * OLD_TTL
+    assert run_ttl - (time.monotonic() - died) - 2 <= int(expiry.group(1)) <= run_ttl, refusal[0]
 
     # The command as quoted (it asks for confirmation: answer it), without --force.
     argv = shlex.split(quoted.group(1))

@@ -49,6 +49,7 @@ from rdzv.backends.etcd_v2_client import (
 from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
 from rdzv.backends.etcd_v2_store import EtcdV2Store
 from rdzv.backends.pumped_feed import PumpedFeed
+from rdzv.backends.run_keepers import RUN_TTL_LEASES, keeps_run
 from rdzv.backends.state_document import apply_state, encode_state
 from rdzv.backends.ticker import Ticker
 from rdzv.layouts import EtcdV2Layout
@@ -68,9 +69,7 @@ from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_num
 log = logging.getLogger("rdzv")
 
 DEFAULT_PORT = 2379
-RUN_TTL_LEASES = 3  # the state document outlives its last refresher by this many lease TTLs
 DEFAULT_STORE_TTL = 7200.0
-LEADER_RANKS = 2  # ranks of the running round that keep the state document alive
 WATCH_WAIT = 10.0  # longest long poll; a closed feed's thread ends within this
 EXPIRY_SLACK = 1.0  # beyond the node key's TTL: etcd's expiry tick and the watch event
 
@@ -105,6 +104,7 @@ class EtcdV2Backend:
         with self._lock:
             self._lost = False
             if self._keeper is None:
+                self._unanswered_since = None
                 self._keeper = Ticker.shared().add(self.settings.lease_ttl / 3, self._keep_alive)
 
     def session_lost(self) -> bool:
@@ -115,7 +115,9 @@ class EtcdV2Backend:
         with self._lock:
             owned = sorted(self._owned)
             lead = bool(self._leading)
-            if self._unanswered_since is None:
+            if not owned:
+                self._unanswered_since = None  # nothing to refresh: nothing unanswered
+            elif self._unanswered_since is None:
                 self._unanswered_since = time.monotonic()
         for key in owned:
             try:
@@ -139,9 +141,7 @@ class EtcdV2Backend:
     def _follow(self, sealed: RoundRecord | None) -> None:
         """The first ranks of the latest sealed round keep the state document alive; every
         read or feed of the state says whether that is (still) us."""
-        me = self._node_id
-        rank = sealed.rank_of(me) if sealed is not None and me is not None else None
-        self._lead("member", rank is not None and rank < LEADER_RANKS)
+        self._lead("member", keeps_run(sealed, self._node_id))
 
     def _own(self, key: str, owned: bool = True) -> None:
         with self._lock:
@@ -317,6 +317,7 @@ class EtcdV2Backend:
         with self._lock:
             Ticker.shared().remove(self._keeper)
             self._keeper = None
+            self._unanswered_since = None
             owned, self._owned = self._owned, set()
             self._leading.clear()
         for key in owned:

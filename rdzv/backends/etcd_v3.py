@@ -17,8 +17,10 @@ from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from rdzv.backends.api import ALL_CAPABILITIES
 from rdzv.backends.etcd_errors import etcd_errors
+from rdzv.backends.etcd_run_lease import RunLease
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
+from rdzv.backends.run_keepers import keeps_run
 from rdzv.etcd import (
     Compare,
     EtcdClient,
@@ -27,6 +29,7 @@ from rdzv.etcd import (
     KeyValue,
     Op,
     Session,
+    TxnResult,
     prefix_end,
 )
 from rdzv.layouts import EtcdV3Layout
@@ -61,9 +64,8 @@ class EtcdBackend:
         self.client = client
         self.keys = EtcdV3Layout(settings.run_prefix)
         self._session: Session | None = None
-        self._run_lease: int | None = None
-        self._run_lease_reg: int | None = None
-        self._run_lease_lost = threading.Event()
+        self.run_lease = RunLease(client, self.keys.lease, settings.lease_ttl, self._run_lease_unreadable)
+        self._node_id: str | None = None
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -89,53 +91,16 @@ class EtcdBackend:
             raise RuntimeError("open_session() first")
         return self._session.lease_id
 
-    def _adopt_run_lease(self, lease_id: int) -> None:
-        """Keep the run lease alive too: any node of the run keeps the run's keys."""
-        if lease_id == self._run_lease and not self._run_lease_lost.is_set():
-            return
-        self._drop_run_lease()
-        self._run_lease = lease_id
-        self._run_lease_lost.clear()
-        self._run_lease_reg = self.client.keep_alive(
-            lease_id,
-            interval=self.settings.lease_ttl / 3,
-            on_lost=lambda _lease: self._run_lease_lost.set(),
-        )
-
-    def _drop_run_lease(self) -> None:
-        if self._run_lease is not None:
-            self.client.stop_keep_alive(self._run_lease, self._run_lease_reg)
-        self._run_lease, self._run_lease_reg = None, None
-
     def _ensure_run_lease(self) -> int:
-        if self._run_lease is not None and not self._run_lease_lost.is_set():
-            return self._run_lease
         with etcd_errors(self.describe()):
-            kv = self.client.get(self.keys.lease)
-            if kv is not None:
-                try:
-                    lease_id = parse_lease_id(kv.value)
-                except RecordError as exc:
-                    raise RendezvousStateError(
-                        f"rendezvous '{self.settings.run_id}' on {self.describe()}: {self.keys.lease} "
-                        f"does not hold a valid rendezvous record ({exc}). Stop the job, "
-                        f"{self.clean_hint()}, and start it again."
-                    ) from None
-                self._adopt_run_lease(lease_id)
-                return lease_id
-            lease = self.client.lease_grant(int(self.settings.lease_ttl), idempotent=True)
-            result = self.client.txn(
-                [Compare.create_revision(self.keys.lease) == 0],
-                [Op.put(self.keys.lease, str(lease.id), lease=lease.id)],
-                [Op.get(self.keys.lease)],
-            )
-            if result.succeeded:
-                self._adopt_run_lease(lease.id)
-                return lease.id
-            self.client.lease_revoke(lease.id)
-            winner = int(result.responses[0].kvs[0].value)
-            self._adopt_run_lease(winner)
-            return winner
+            return self.run_lease.ensure()
+
+    def _run_lease_unreadable(self, exc: RecordError) -> Exception:
+        return RendezvousStateError(
+            f"rendezvous '{self.settings.run_id}' on {self.describe()}: {self.keys.lease} "
+            f"does not hold a valid rendezvous record ({exc}). Stop the job, "
+            f"{self.clean_hint()}, and start it again."
+        )
 
     # ------------------------------------------------------------------ control state
     def apply_control(self, control: Control, key: str, kv: KeyValue, deleted: bool) -> None:
@@ -148,6 +113,7 @@ class EtcdBackend:
                 if not deleted:
                     control.sealed = RoundRecord.decode(value, kv.mod_revision)
                     control.token = kv.mod_revision
+                    self.run_lease.keep("member", keeps_run(control.sealed, self._node_id))
             elif key == keys.closed:
                 if not deleted and value != b"1":
                     raise RecordError(f"a closed marker holds 1, not {value[:60]!r}")
@@ -162,8 +128,13 @@ class EtcdBackend:
                 round_no = parse_round_no(key[len(keys.lastcall_dir) :])
                 deadline = None if deleted else parse_number(value, "last call deadline")
                 control.set_last_call(round_no, deadline)
-            elif key == keys.lease and not deleted:
-                self._adopt_run_lease(parse_lease_id(value))
+            elif key == keys.lease:
+                if deleted:
+                    # It lives on the run lease: gone with it. Nodes that do not keep the lease
+                    # learn here that the next write on it needs a new one.
+                    self.run_lease.lapsed()
+                else:
+                    self.run_lease.adopt(parse_lease_id(value))
 
     def node(self, key: str, kv: KeyValue) -> NodeEntry | None:
         """The node whose record is `kv`, or None when it is not a node record (warned once)."""
@@ -193,6 +164,7 @@ class EtcdBackend:
 
     def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
         keys = self.keys
+        self._node_id = node.node_id
         coord = keys.coord(node.want)
         node_put = Op.put(keys.node(node.node_id), node.encode(), lease=self._lease)
         with etcd_errors(self.describe()):
@@ -218,6 +190,7 @@ class EtcdBackend:
                 self._session.lost.set()  # expired under us: the caller re-opens and retries
                 return None, 0
         if result.succeeded:
+            self.run_lease.keep("coordinator", True)  # until the round is sealed or given up
             return node.node_id, result.revision
         coord_kvs = result.responses[1].kvs
         current_kvs = result.responses[2].kvs
@@ -249,33 +222,38 @@ class EtcdBackend:
     def seal(
         self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
     ) -> RoundRecord | None:
-        keys = self.keys
         # Revisions compare: the coordinator's view ends at its node snapshot or at the last
         # change its feed delivered, whichever is later.
         if control.cursor:
             record = dataclasses.replace(record, view_cursor=max(control.cursor, view_cursor))
-        run_lease = self._ensure_run_lease()
         with etcd_errors(self.describe()):
-            result = self.client.txn(
-                [
-                    Compare.mod_revision(keys.current) == int(control.token or 0),
-                    Compare.value(keys.coord(record.round)) == coordinator.encode(),
-                    Compare.create_revision(keys.closed) == 0,
-                ],
-                [
-                    Op.put(keys.current, record.encode(), lease=run_lease),
-                    Op.delete(keys.coord(record.round)),
-                    Op.delete(keys.lastcall(record.round)),
-                    # Older rounds' stores are unused once every live member asked for this one.
-                    Op.delete(keys.store_dir, range_end=keys.store(record.round)),
-                ],
-                [],
-                # Safe to repeat: a second attempt of an applied seal fails its compare.
-                idempotent=True,
-            )
+            result = self.run_lease.write_on(lambda lease: self._seal_txn(control, record, coordinator, lease))
+        self.run_lease.keep("coordinator", False)
         if not result.succeeded:
             return None
-        return RoundRecord.decode(record.encode(), result.revision)
+        sealed = RoundRecord.decode(record.encode(), result.revision)
+        self.run_lease.keep("member", keeps_run(sealed, coordinator))
+        return sealed
+
+    def _seal_txn(self, control: Control, record: RoundRecord, coordinator: str, run_lease: int) -> TxnResult:
+        keys = self.keys
+        return self.client.txn(
+            [
+                Compare.mod_revision(keys.current) == int(control.token or 0),
+                Compare.value(keys.coord(record.round)) == coordinator.encode(),
+                Compare.create_revision(keys.closed) == 0,
+            ],
+            [
+                Op.put(keys.current, record.encode(), lease=run_lease),
+                Op.delete(keys.coord(record.round)),
+                Op.delete(keys.lastcall(record.round)),
+                # Older rounds' stores are unused once every live member asked for this one.
+                Op.delete(keys.store_dir, range_end=keys.store(record.round)),
+            ],
+            [],
+            # Safe to repeat: a second attempt of an applied seal fails its compare.
+            idempotent=True,
+        )
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
         with etcd_errors(self.describe()):
@@ -285,6 +263,7 @@ class EtcdBackend:
 
     def retract(self, node_id: str, round_no: int) -> None:
         keys = self.keys
+        self.run_lease.keep("coordinator", False)
         # Best effort, on the way to a timeout error: a failure here must not replace that
         # error (our keys go with our lease anyway), so nothing is raised.
         with contextlib.suppress(EtcdError):
@@ -296,9 +275,10 @@ class EtcdBackend:
             )
 
     def close_run(self) -> None:
-        lease = self._ensure_run_lease()
         with etcd_errors(self.describe()):
-            self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
+            self.run_lease.write_on(
+                lambda lease: self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
+            )
 
     def withdraw(self) -> None:
         """Revoke our lease: our record and any claim vanish at once, watches keep running."""
@@ -315,11 +295,11 @@ class EtcdBackend:
             with etcd_errors(self.describe()):
                 if not self._nodes_left():
                     self.client.delete(self.keys.root, prefix=True, idempotent=True)
-                    if self._run_lease is not None:
+                    if self.run_lease.id is not None:
                         with contextlib.suppress(EtcdError):
-                            self.client.lease_revoke(self._run_lease)
+                            self.client.lease_revoke(self.run_lease.id)
         finally:
-            self._drop_run_lease()
+            self.run_lease.drop()
             self.client.close()  # shared per process: only the last user closes the channel
 
     def _nodes_left(self) -> bool:
