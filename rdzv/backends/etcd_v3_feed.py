@@ -5,6 +5,7 @@ any other reason (a departure must never go unseen because a watch quietly ended
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import Control, NodeEntry
 
 log = logging.getLogger("rdzv")
+
+RESYNC_EVERY = 1.0  # seconds: the least time between two start-overs of one feed
 
 
 class FeedSource(Protocol):
@@ -62,6 +65,7 @@ class EtcdChangeFeed:
         # Node ids the consumer holds as present: a resync reports the ones that are gone.
         self._known: set[str] = set(known) if nodes else set()
         self._watch = source.client.watch(self._range[0], range_end=end, start_revision=after + 1)
+        self._resynced_at = 0.0  # monotonic time of the last start-over
 
     def poll(self, timeout: float | None) -> list[NodeChange] | None:
         with etcd_errors(self._source.describe()):
@@ -74,6 +78,12 @@ class EtcdChangeFeed:
             except EtcdError as exc:
                 if self._source.client.closed:
                     raise
+                # An etcd that keeps cancelling gets one full read per RESYNC_EVERY, not one
+                # per poll.
+                wait = self._resynced_at + RESYNC_EVERY - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(wait, timeout or 0.0))
+                    return None
                 return self._resync(f"etcd cancelled the watch ({exc})")
             if events is None:
                 return None
@@ -101,10 +111,14 @@ class EtcdChangeFeed:
         # The watch cannot go on: start over from one read of everything this feed covers
         # (one revision, so control and nodes agree) and report the difference.
         control, nodes, revision = self._source.snapshot(*self._range)
-        self._watch.cancel()
-        self._watch = self._source.client.watch(
+        # The new watch first: if opening it fails, the old one still reports its error on
+        # the next poll (and we try again) instead of this feed going quiet for good.
+        fresh = self._source.client.watch(
             self._range[0], range_end=self._range[1], start_revision=revision + 1
         )
+        self._watch.cancel()
+        self._watch = fresh
+        self._resynced_at = time.monotonic()
         control.cursor = revision
         self.control.reset_to(control)
         gone, self._known = self._known - nodes.keys(), set(nodes)

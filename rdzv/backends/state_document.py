@@ -45,5 +45,6 @@ def _decode_state(raw: str | bytes) -> tuple[RoundRecord | None, bool]:
         raise RecordError(f"'rev' must be an integer >= 0, not {rev!r}"[:120])
     if record is not None and not isinstance(record, dict):
         raise RecordError("'sealed' must be a round record or null")
-    sealed = RoundRecord.decode(json.dumps(record), rev) if record is not None else None
+    # Re-encoded as compactly as the seal measured it (sealing.oversize): never past the limit.
+    sealed = RoundRecord.decode(json.dumps(record, separators=(",", ":")), rev) if record is not None else None
     return sealed, doc["closed"]
