@@ -103,11 +103,12 @@ def start_handler(
     def start() -> RdzvHandler:
         nonlocal backend
         if backend is None:
-            backend = create_backend()
-        handler = handler_class(settings, backend)
+            backend = create_backend()  # connected: not made again on a retry
         backend.open_session()
-        return handler
+        return handler_class(settings, backend)
 
+    # Its own join_timeout, before the join's: a node that starts during a stall may wait up
+    # to twice join_timeout in all (docs/rendezvous.md).
     deadline = time.monotonic() + settings.join_timeout
     return ride_out(
         start, lambda: deadline, run_id=settings.run_id, where=_where(settings),

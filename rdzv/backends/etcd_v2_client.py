@@ -16,7 +16,7 @@ import urllib3
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import StoreBusyError, StoreUnreachableError
-from rdzv.etcd.probe import mismatch_hint
+from rdzv.etcd.probe import accepts_connections, mismatch_hint
 from rdzv.rendezvous.settings import RendezvousSettings
 from rdzv.shared_clients import SharedClients
 
@@ -134,6 +134,7 @@ class EtcdV2Client:
             )
         failures: list[str] = []
         mismatched: list[str] = []
+        silent = False  # some member took the connection and did not answer in time
         start = self._current
         for step in range(len(self._clients)):
             index = (start + step) % len(self._clients)
@@ -147,14 +148,22 @@ class EtcdV2Client:
                 if hint is not None:
                     mismatched.append(hint)
                 failures.append(f"{self.endpoints[index]}: {reason}")
+                silent = silent or self._silent(index, reason)
                 continue
             self._current = index
             return result
         if len(mismatched) == len(self._clients):
             raise EtcdV2Error("; ".join(mismatched))  # a setting to change, not an outage
-        silent = any("timed out" in failure.lower() for failure in failures)
         cls = EtcdV2SilentError if silent else EtcdV2UnreachableError
         raise cls("cannot reach etcd: " + "; ".join(failures))
+
+    def _silent(self, index: int, reason: str) -> bool:
+        """A read that timed out is a member that took the request and is silent; a connect
+        that timed out is one only if it accepts connections (else a dropped route)."""
+        low = reason.lower()
+        if "read timed out" in low:
+            return True
+        return "timed out" in low and accepts_connections(self.endpoints[index], min(self.timeout, PROBE_TIMEOUT))
 
     def _mismatch(self, index: int, reason: str) -> str | None:
         """What to change when endpoint `index` hung up because one side speaks TLS and the

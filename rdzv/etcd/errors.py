@@ -188,8 +188,9 @@ def never_sent(details: str) -> bool:
 
 
 def is_silent_endpoint(cause: str) -> bool:
-    """Whether a connection failure's cause (`cause_of`) means the endpoint accepted the
-    connection and did not answer, as opposed to refused, unresolvable or rejected TLS."""
+    """Whether a failure's cause (`cause_of`) is silence (a timeout), as opposed to a refusal,
+    a name that does not resolve or a rejected TLS handshake. A connect timeout may also be a
+    dropped route: the transport checks that with a TCP probe."""
     return cause == "connect timeout" or cause.startswith("no answer within")
 
 

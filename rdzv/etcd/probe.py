@@ -22,6 +22,17 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def accepts_connections(address: str, timeout: float) -> bool:
+    """Whether `address` accepts a TCP connection within `timeout`: a member that does but
+    then answers nothing is stalled (worth waiting for); one that does not is out of reach or
+    not there (a dropped route, a wrong address)."""
+    try:
+        with socket.create_connection(_host_port(address), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def speaks_tls(address: str, timeout: float) -> bool | None:
     """True when the server at `address` answers a TLS ClientHello (even with an alert: it
     wants a client certificate), False when it answers otherwise or hangs up, None when it

@@ -40,7 +40,7 @@ from rdzv.etcd.errors import (
     never_sent,
     token_expired,
 )
-from rdzv.etcd.probe import mismatch_hint
+from rdzv.etcd.probe import accepts_connections, mismatch_hint
 from rdzv.etcd.proto import etcd_min_pb2 as pb
 
 Metadata = tuple[tuple[str, str], ...]
@@ -390,6 +390,16 @@ class Transport:
         self._probed[idx] = (now + PROBE_HOLDS, hint)
         return hint
 
+    def _busy(self, address: str, cause: str) -> bool:
+        """Whether a member's failure means it is there but not serving: it said so, or it
+        accepts connections and stays silent (a connect that timed out is checked with one
+        TCP probe: a dropped route or a wrong address is no etcd in trouble)."""
+        if busy_cause(cause) is not None or cause.startswith("no answer within"):
+            return True
+        return is_silent_endpoint(cause) and accepts_connections(
+            address, min(self.connect_timeout, PROBE_TIMEOUT)
+        )
+
     def _describe(self, failures: dict[str, str], state: str = "unreachable") -> str:
         if len(self._endpoints) == 1:
             addr = self._endpoints[0].address
@@ -402,9 +412,7 @@ class Transport:
         reached and silent or busy (worth waiting for), else refused/unresolvable everywhere."""
         if not failures and default:
             failures = {self.endpoint: default}
-        busy = any(
-            is_silent_endpoint(cause) or busy_cause(cause) is not None for cause in failures.values()
-        )
+        busy = any(self._busy(address, cause) for address, cause in failures.items())
         if busy:
             return EtcdBusyError(self._describe(failures, "not answering"), code="UNAVAILABLE")
         return EtcdConnectionError(self._describe(failures), code="UNAVAILABLE")
