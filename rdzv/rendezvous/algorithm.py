@@ -333,8 +333,13 @@ class Rendezvous:
                     )
                     size = oversize(record)
                     if size is not None:
+                        # Close the run: every waiting node stops now. Retracting alone would
+                        # let the next one claim the round and refuse it too, one by one.
+                        error = join_errors.round_too_large(s.run_id, self.backend, record, size)
+                        log.error("%s", error)
+                        self.backend.close_run()
                         self.backend.retract(self.node_id, target)
-                        raise join_errors.round_too_large(s.run_id, self.backend, record, size)
+                        raise error
                     # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
                     # delivered): the backend records where members start watching.
                     sealed = self.backend.seal(control, record, self.node_id, nodes_cursor)

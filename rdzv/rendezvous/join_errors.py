@@ -72,8 +72,9 @@ def round_too_large(run_id: str, backend: Backend, record: RoundRecord, size: in
         f"rendezvous '{run_id}' on {backend.describe()}: round {record.round} of "
         f"{record.world_size} nodes needs a {size / 2**20:.2f} MiB sealed record "
         f"(~{per_node:.0f} bytes per node: id and host name), more than the "
-        f"{MAX_ROUND_RECORD / 2**20:g} MiB limit a sealed record may have; nothing was written. "
-        "Use shorter host names (--local-addr) or fewer nodes per job (--nnodes)."
+        f"{MAX_ROUND_RECORD / 2**20:g} MiB limit a sealed record may have; the round was not "
+        "written and the run was closed. Use shorter host names (--local-addr) or fewer nodes "
+        "per job (--nnodes)."
     )
 
 
