@@ -30,6 +30,8 @@ from rdzv.etcd import EtcdClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
+STALL = 20.0  # seconds etcd is silent in the first test, as in issue 21
+
 WORKER = """
 import os, sys
 import torch
@@ -105,10 +107,14 @@ def test_node_started_during_an_etcd_stall_waits_and_forms(store: tuple[str, Etc
         a = start(args)
         wait_until(_waiting(a), 60, "node A waiting for its peer", a.describe)
         server.member.pause()
+        paused = time.monotonic()
         try:
             b = start(args)
             # B tries, finds etcd silent and says it waits (after its connect timeout).
             wait_until(_not_answering(b), 60, "node B saying etcd does not answer", b.describe)
+            # The outage goes on, as in the issue (20 s): past B's lease_ttl and gRPC's
+            # keepalive, so nothing may stay wedged on a connection opened during it.
+            time.sleep(max(0.0, STALL - (time.monotonic() - paused)))
             assert b.proc.poll() is None, b.describe()
         finally:
             server.member.resume()
