@@ -42,6 +42,29 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+def _within(seconds: float, make: Callable[[], TCPStore]) -> TCPStore:
+    """`make()`, given up after `seconds`: a TCPStore client whose server accepts the
+    connection but does not answer (its process frozen) waits in its handshake without any
+    deadline of its own. The abandoned attempt ends when the server answers or goes away."""
+    made: list[TCPStore] = []
+    failed: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            made.append(make())
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+
+    thread = threading.Thread(target=attempt, name="rdzv-c10d-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if failed:
+        raise failed[0]
+    if not made:
+        raise RuntimeError(f"connect timed out: no answer within {seconds:g} s")
+    return made[0]
+
+
 def _connect(make: Callable[[], TCPStore], what: str, host: str, port: int) -> TCPStore:
     for attempt in range(1, CONNECT_TRIES + 1):
         try:
@@ -159,7 +182,11 @@ def connect_store(host: str, port: int, timeout: float, *, where: str, advice: s
     A failure says where, how long we tried and what to check (`advice`)."""
     try:
         return _connect(
-            lambda: TCPStore(host.strip("[]"), port, is_master=False, timeout=timedelta(seconds=timeout)),
+            # TCPStore retries a refused connect until `timeout`; one more second to report it.
+            lambda: _within(
+                timeout + 1.0,
+                lambda: TCPStore(host.strip("[]"), port, is_master=False, timeout=timedelta(seconds=timeout)),
+            ),
             where,
             host,
             port,
