@@ -137,6 +137,13 @@ def launch_main(
     if isinstance(parsed, int):
         return parsed
     values, given = parsed
+    # From the package metadata, before anything imports torch: an unsupported torch is one
+    # line, not the traceback of whatever it lacks.
+    from rdzv.torch_support import installed_problem
+
+    problem = installed_problem()
+    if problem is not None:
+        return usage_error(prog, problem)
     reporter = Reporter(prog, values["log_format"], values["quiet"])
     # Before anything imports torch.distributed.elastic (the backend-name check does).
     from launcher.agent import prepare_logging
