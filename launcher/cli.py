@@ -99,7 +99,7 @@ def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
         return 1
     except SignalException as exc:
         reporter.error("signal", f"stopped by {signal.Signals(exc.sigval).name}; workers were stopped", signal=int(exc.sigval))
-        # torchrun's exit code for a handled signal (2.13-2.15): its SignalException ends
+        # torchrun's exit code for a handled signal (2.9-2.15): its SignalException ends
         # the program like any uncaught exception, with 1.
         return SIGNAL_EXIT
     except RendezvousError as exc:
