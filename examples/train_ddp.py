@@ -75,17 +75,23 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def choose_device(local_rank: int) -> tuple[torch.device, str]:
+    """This worker's device and process-group backend: its own GPU (the local rank's, wrapping
+    round when there are fewer GPUs than workers) with nccl, else the CPU with gloo."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device, "nccl"
+    return torch.device("cpu"), "gloo"
+
+
 @record
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device, backend = choose_device(int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device.type == "cuda"
+    # device_id binds NCCL's communicator to this GPU (no guessing in barrier()).
+    dist.init_process_group(backend, device_id=device if use_cuda else None)
     rank, world = dist.get_rank(), dist.get_world_size()
 
     data = make_data(args)

@@ -200,12 +200,12 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     nproc = resolve_nproc(s.nproc_spec)
     check_oversubscription(nproc, s.nproc_spec, s.allow_oversubscribe)
     from torch.distributed.elastic import events, metrics
-    from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.utils import macros
 
+    from launcher import torch_compat
     from launcher.elastic_agent import RdzvAgent
     from launcher.progress import ReportingHandler
     from launcher.recorder import NULL_RECORDER, Recorder
@@ -253,7 +253,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
     # Input is good (the handler accepted its settings): from here on the user hears what is
     # happening.
-    for notice in s.notices:
+    for notice in [*s.notices, *torch_compat.unhonoured_options(s, torch_compat.features())]:
         reporter.emit(notice.event, notice.message, notice.level, **notice.fields)
     if endpoint is not None:
         observe = getattr(handler, "observe_backend", None)
@@ -273,7 +273,10 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     where = f"{s.backend} at {s.endpoint}"
     reporting = ReportingHandler(handler, reporter, s.progress_interval, s.min_nodes, s.max_nodes, where, recorder)
 
-    spec = WorkerSpec(
+    features = torch_compat.features()
+    # Fields this torch lacks are left out (unhonoured_options said so above).
+    spec = torch_compat.worker_spec(
+        features,
         role=s.role,
         local_world_size=nproc,
         entrypoint=entrypoint,
@@ -297,6 +300,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         start_method=s.start_method,
         log_line_prefix_template=_with_hostname(s.log_line_prefix_template),
         shutdown_timeout=s.shutdown_timeout,
+        signals_to_handle=s.signals_to_handle,
         reporter=reporter,
         progress_interval=s.progress_interval,
         recorder=recorder,

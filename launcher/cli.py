@@ -99,7 +99,7 @@ def run(settings: LaunchSettings, reporter: Reporter, prog: str) -> int:
         return 1
     except SignalException as exc:
         reporter.error("signal", f"stopped by {signal.Signals(exc.sigval).name}; workers were stopped", signal=int(exc.sigval))
-        # torchrun's exit code for a handled signal (2.13-2.15): its SignalException ends
+        # torchrun's exit code for a handled signal (2.9-2.15): its SignalException ends
         # the program like any uncaught exception, with 1.
         return SIGNAL_EXIT
     except RendezvousError as exc:
@@ -137,6 +137,13 @@ def launch_main(
     if isinstance(parsed, int):
         return parsed
     values, given = parsed
+    # From the package metadata, before anything imports torch: an unsupported torch is one
+    # line, not the traceback of whatever it lacks.
+    from rdzv.torch_support import installed_problem
+
+    problem = installed_problem()
+    if problem is not None:
+        return usage_error(prog, problem)
     reporter = Reporter(prog, values["log_format"], values["quiet"])
     # Before anything imports torch.distributed.elastic (the backend-name check does).
     from launcher.agent import prepare_logging

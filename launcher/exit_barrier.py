@@ -1,4 +1,4 @@
-"""torch's LocalElasticAgent with an exit barrier that says what it waits for and when to stop.
+"""torch's LocalElasticAgent (as launcher.torch_compat adapts it) with an exit barrier that says what it waits for and when to stop.
 
 After its workers succeed, torch's agent waits (300 s by default) until every node of the group
 has finished too, so that no node tears down what a slower peer still uses. torch waits in
@@ -16,10 +16,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from launcher.report import Reporter
+from launcher.torch_compat import CompatAgent
 
 # torch's key names (torch.distributed.elastic.agent.server.api / utils.store).
 TERMINAL_STATE_PREFIX = "torchelastic/agent/terminal_state"
@@ -33,7 +33,7 @@ MAX_POLL = 1.0
 QUIET_FOR = 1.0
 
 
-class ExitBarrierAgent(LocalElasticAgent):
+class ExitBarrierAgent(CompatAgent):
     def __init__(self, *args: Any, reporter: Reporter, progress_interval: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reporter = reporter

@@ -20,6 +20,7 @@ from rdzv.rendezvous.settings import (
     check_run_id,
     parse_settings,
 )
+from rdzv.torch_support import check_torch
 
 if TYPE_CHECKING:  # annotations only
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
@@ -65,8 +66,10 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Create the rendezvous handler named by ``params.backend``.
 
     Raises ValueError (ConfigError for settings: run id, --rdzv-conf keys and values, endpoints)
-    before the backend loads or anything is written.
+    before the backend loads or anything is written, and UnsupportedTorchError on a torch
+    outside the supported range (rdzv.torch_support).
     """
+    check_torch()
     try:
         entry = BACKENDS[params.backend]
     except KeyError:

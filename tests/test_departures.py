@@ -34,7 +34,7 @@ from rdzv.etcd import EtcdClient
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 LEASE_TTL = 3
-SIGNAL_EXIT = 1  # torchrun's exit code when stopped by a handled signal (2.13-2.15)
+SIGNAL_EXIT = 1  # torchrun's exit code when stopped by a handled signal (2.9-2.15)
 
 # A worker: gloo all_reduce in a loop; <out>/w<pid>.json says who it is (node, rank, world,
 # restart count, round) and how far it got. Every worker stops at the same step once <out>/stop
