@@ -8,8 +8,8 @@ without quorum, or out of reach), the lease is only noted as unconfirmed and ref
 etcd that is down for everyone cannot have handed our place to anyone, and it keeps leases
 across a restart or a quorum loss (a new leader renews them). The first answer decides.
 A broken or stalled stream is re-opened on the client's next endpoint (with one endpoint, a
-stalled stream is kept: re-opening it would only send the same keep-alives to the same silent
-member). Retries never add load to a struggling etcd: at most one keep-alive per lease is
+stalled stream is kept until the lease's TTL: re-opening it sooner would only send the same
+keep-alives to the same silent member). Retries never add load to a struggling etcd: at most one keep-alive per lease is
 outstanding, re-opens back off with jitter, and a new stream spreads its first keep-alives.
 """
 
