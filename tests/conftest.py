@@ -10,6 +10,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Test files that serve gRPC in this process (the fault proxy, tests/etcd_fault_proxy.py) run
+# last. Once a gRPC server has run here, a child forked afterwards (an etcd member, a launcher)
+# can abort in gRPC's fork handler before it execs (seen in CI: 'Epoll1Poller ... epoll_wait
+# error: Bad file descriptor', the member exiting with SIGABRT); these files fork nothing.
+SERVES_GRPC = ("test_backpressure.py", "test_fault_proxy.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name in SERVES_GRPC)  # stable: the rest keep their order
+
 from etcd_certs import make_certs  # noqa: E402
 from etcd_fault_proxy import FaultProxy  # noqa: E402
 from etcd_harness import (  # noqa: E402 - needs the sys.path entry above
@@ -56,15 +66,22 @@ def etcd35(request: pytest.FixtureRequest) -> EtcdServer:
     return _server(request, "3.5")
 
 
-@pytest.fixture(scope="module")
-def _etcd34_fault_proxy(etcd34: EtcdServer) -> Iterator[FaultProxy]:
-    with FaultProxy(etcd34.endpoint) as proxy:
+@pytest.fixture(scope="session")
+def proxied_etcd(request: pytest.FixtureRequest) -> EtcdServer:
+    """The etcd 3.4 behind the fault proxy: one for the session, started before any proxy
+    serves (no etcd member is forked once gRPC has served here: see SERVES_GRPC)."""
+    return _server(request, "3.4")
+
+
+@pytest.fixture(scope="session")
+def _etcd34_fault_proxy(proxied_etcd: EtcdServer) -> Iterator[FaultProxy]:
+    with FaultProxy(proxied_etcd.endpoint) as proxy:
         yield proxy
 
 
 @pytest.fixture
 def etcd_fault_proxy(_etcd34_fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
-    """A started fault-injecting proxy (tests/etcd_fault_proxy.py) in front of ``etcd34``:
+    """A started fault-injecting proxy (tests/etcd_fault_proxy.py) in front of ``proxied_etcd``:
     dial ``proxy.endpoint``. Each test starts and ends with no rules and zeroed counters."""
     _etcd34_fault_proxy.reset()
     try:

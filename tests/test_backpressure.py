@@ -56,7 +56,7 @@ def _answers(proxy: FaultProxy, method: str) -> int:
     [TOO_MANY_REQUESTS, TOO_MANY_REQUESTS_EXHAUSTED, NO_LEADER, LEADER_CHANGED, REQUEST_TIMEOUT, NO_SPACE],
     ids=["too-many-requests", "too-many-requests-exhausted", "no-leader", "leader-changed", "request-timed-out", "nospace"],
 )
-def test_formation_rides_out_backpressure(etcd_fault_proxy: FaultProxy, etcd34: EtcdServer, error: EtcdStatus) -> None:
+def test_formation_rides_out_backpressure(etcd_fault_proxy: FaultProxy, proxied_etcd: EtcdServer, error: EtcdStatus) -> None:
     run_id = new_run_id("busy")
     rule = etcd_fault_proxy.inject(WRITES_AND_READS, error=error, fraction=0.3, seed=7)
     with node_group("etcd", etcd_fault_proxy.endpoint, run_id) as g:
@@ -70,7 +70,7 @@ def test_formation_rides_out_backpressure(etcd_fault_proxy: FaultProxy, etcd34: 
         assert infos[0].store.get(f"probe/{NODES - 1}") == b"1"
     assert rule.fired > 0, etcd_fault_proxy.stats()
     # The last node out removed the run (through the same backpressure).
-    assert _keys(etcd34, run_id) == []
+    assert _keys(proxied_etcd, run_id) == []
 
 
 def test_backpressure_until_it_passes_is_one_line(

@@ -47,9 +47,9 @@ def client(etcd_fault_proxy: FaultProxy) -> Iterator[EtcdClient]:
 
 
 @pytest.fixture
-def direct(etcd34: EtcdServer) -> Iterator[EtcdClient]:
+def direct(proxied_etcd: EtcdServer) -> Iterator[EtcdClient]:
     """The project's client on etcd itself, to see what really reached it."""
-    with EtcdClient(etcd34.endpoint, timeout=3.0) as c:
+    with EtcdClient(proxied_etcd.endpoint, timeout=3.0) as c:
         yield c
 
 
@@ -282,9 +282,9 @@ def test_rules_refuse_misspelt_methods_and_mixed_choices(etcd_fault_proxy: Fault
         etcd_fault_proxy.stall("Txn", fraction=1.5)
 
 
-def test_stop_ends_every_thread_and_call(etcd34: EtcdServer, prefix: str) -> None:
+def test_stop_ends_every_thread_and_call(proxied_etcd: EtcdServer, prefix: str) -> None:
     before = set(threading.enumerate())
-    proxy = FaultProxy(etcd34.endpoint).start()
+    proxy = FaultProxy(proxied_etcd.endpoint).start()
     client = EtcdClient(proxy.endpoint, timeout=3.0)
     channel = grpc.insecure_channel(proxy.endpoint)
     try:
