@@ -31,15 +31,29 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from rdzv.backends.api import ELASTIC, LIVENESS, SPARES, Backend, ChangeFeed
+from rdzv.backends.api import ELASTIC, LIVENESS, ROSTER_APART, SPARES, Backend, ChangeFeed
 from rdzv.ports import free_port
 from rdzv.rendezvous import join_errors
 from rdzv.rendezvous.eligible import EligibleView
 from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.model import (
+    MISSING_SHOWN,
+    Control,
+    NodeEntry,
+    NodeInfo,
+    RoundProgress,
+    RoundRecord,
+)
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
-from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
+from rdzv.rendezvous.progress import (
+    PROGRESS_INTERVAL,
+    ProgressCallback,
+    ProgressReports,
+    not_back,
+    previous_round,
+)
 from rdzv.rendezvous.sealing import build_record, oversize
 from rdzv.rendezvous.settings import RendezvousSettings
 
@@ -283,7 +297,7 @@ class Rendezvous:
                 if now >= deadline and not self._spare(control, target):
                     self._give_up(target, control)
                 spare = self._spare(control, target)
-                self._progress.report(self.backend, target, control, role="waiting", spare=spare)
+                self._progress.report(target, control, role="waiting", spare=spare)
                 feed.poll(min(max(deadline - now, 0.05), PROGRESS_INTERVAL))
         finally:
             feed.close()
@@ -300,6 +314,7 @@ class Rendezvous:
         for node_id, entry in nodes.items():
             view.put(node_id, entry)
         last_call: float | None = None
+        published = _Published()
         log.info("rendezvous %s: coordinating round %d", s.run_id, target)
         try:
             while True:
@@ -331,7 +346,7 @@ class Rendezvous:
                         target, [nodes[i] for i in view.eligible], previous, view.live_prev,
                         view.departed, min_nodes=s.min_nodes, max_nodes=s.max_nodes,
                     )
-                    size = oversize(record)
+                    size = None if ROSTER_APART in self.backend.capabilities else oversize(record)
                     if size is not None:
                         # Close the run: every waiting node stops now. Retracting alone would
                         # let the next one claim the round and refuse it too, one by one.
@@ -342,7 +357,7 @@ class Rendezvous:
                         raise error
                     # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
                     # delivered): the backend records where members start watching.
-                    sealed = self.backend.seal(control, record, self.node_id, nodes_cursor)
+                    sealed = self.backend.seal(control, record, nodes, self.node_id, nodes_cursor)
                     if sealed is not None:
                         log.info(
                             "rendezvous %s: sealed round %d with %d nodes",
@@ -353,12 +368,13 @@ class Rendezvous:
                     control, _ = self.backend.read_control()
                     return control
                 if now >= deadline and not self._spare(control, target):
-                    self._give_up(target, control, nodes, joined=count)
+                    self._give_up(target, control, not_back(previous, nodes, target, MISSING_SHOWN), count)
                 waits = [deadline - now, PROGRESS_INTERVAL]
                 if last_call is not None:
                     waits.append(last_call - now)
+                waits.append(published.publish(self.backend, target, view, previous, nodes, now))
                 self._progress.report(
-                    self.backend, target, control, role="coordinator",
+                    target, control, role="coordinator",
                     spare=self._spare(control, target), nodes=nodes, joined=count,
                 )
                 # Everything queued is applied before the next look (one look per wake-up,
@@ -391,23 +407,22 @@ class Rendezvous:
         self,
         target: int,
         control: Control,
-        nodes: Mapping[str, NodeEntry] | None = None,
+        missing: list[str] | None = None,
         joined: int | None = None,
     ) -> None:
         """The join timed out: say how many came and which members of the previous round did
-        not come back, by name (`nodes`: the records as the coordinator sees them). When the
-        store went silent, say that instead, without asking it anything more (what this node
-        wrote goes with its lease)."""
+        not come back, by name: as the coordinator sees them (`missing`, `joined`), else as it
+        last published them (no node reads every record). When the store went silent, say
+        that instead, without asking it anything more (what this node wrote goes with its
+        lease)."""
         silent_for = self.backend.keep_alive_lag() or 0.0
-        silent = join_errors.is_silent(silent_for)
-        if nodes is None:
-            nodes = {} if silent else self.backend.read_nodes()[0]
-        if not silent:
+        if not join_errors.is_silent(silent_for):
             self.backend.retract(self.node_id, target)
-        present = len(nodes) if joined is None else joined
-        raise join_errors.timed_out(
-            self.settings, self.backend, target, control, nodes, present, silent_for
-        )
+        if missing is None:
+            published = control.progress.get(target)
+            missing = list(published.missing) if published and previous_round(control, target) else []
+            joined = published.joined if published else None
+        raise join_errors.timed_out(self.settings, self.backend, target, missing, joined, silent_for)
 
     def _closed_watch(self) -> ChangeFeed:
         if self._closed_feed is None:
@@ -419,3 +434,40 @@ class Rendezvous:
         if self._membership is not None:
             self._membership.close()
             self._membership = None
+
+
+# A coordinator publishes its round's progress at once when what members act on changes (a
+# newcomer with room, a member asking for a new round, every member back), else at most every
+# PROGRESS_INTERVAL: each publish reaches every waiting and running node.
+@dataclass
+class _Published:
+    signal: tuple[bool, bool, bool] | None = None
+    counts: tuple[int, int, int, int] | None = None
+    at: float = 0.0
+
+    def publish(
+        self,
+        backend: Backend,
+        target: int,
+        view: EligibleView,
+        previous: RoundRecord | None,
+        nodes: Mapping[str, NodeEntry],
+        now: float,
+    ) -> float:
+        """Publish round `target`'s progress if due; return the seconds until it may be."""
+        joined, rejoining, not_back_count = len(view.eligible), view.rejoining, view.not_back
+        counts = (joined, joined - rejoining, rejoining, not_back_count)
+        signal = (counts[1] > 0, rejoining > 0, not_back_count == 0)
+        if counts == self.counts:
+            return PROGRESS_INTERVAL
+        if signal == self.signal and now - self.at < PROGRESS_INTERVAL:
+            return self.at + PROGRESS_INTERVAL - now
+        # Names only when published: not_back scans the previous round.
+        progress = RoundProgress(*counts, missing=tuple(not_back(previous, nodes, target, MISSING_SHOWN)))
+        try:
+            backend.publish_progress(target, progress)
+        except StoreUnreachableError as exc:
+            log.debug("rendezvous: progress of round %d not published: %s", target, exc)
+            return 0.5  # tried again soon: the seal needs the store anyway
+        self.signal, self.counts, self.at = signal, counts, now
+        return PROGRESS_INTERVAL

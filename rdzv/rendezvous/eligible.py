@@ -47,6 +47,16 @@ class EligibleView:
         return not self._prev_not_ready
 
     @property
+    def rejoining(self) -> int:
+        """Live members of the previous round that asked for this one."""
+        return len(self.live_prev) - len(self._prev_not_ready)
+
+    @property
+    def not_back(self) -> int:
+        """Live members of the previous round still in it."""
+        return len(self._prev_not_ready)
+
+    @property
     def departed(self) -> bool:
         """A member of the previous round is gone."""
         return len(self.live_prev) < len(self.prev_ids)
