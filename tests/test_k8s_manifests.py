@@ -315,3 +315,30 @@ def test_auth_job_script_on_a_real_tls_etcd(tmp_path: Path) -> None:
         # A rerun (the Job retried, or applied again) leaves the enabled cluster alone.
         again = run()
         assert again.returncode == 0 and "auth already enabled" in again.stdout, again.stdout + again.stderr
+
+
+def test_the_documented_certificates_name_every_host(tmp_path: Path) -> None:
+    """docs/cluster.md's `deploy/gen-certs.sh` command, run as written (into a temp dir), makes a
+    server certificate that names every host the manifests dial or advertise."""
+    x509 = pytest.importorskip("cryptography.x509")
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    match = re.search(r"^deploy/gen-certs\.sh deploy/certs((?: \\\n|[^\n])*)$", docs, re.M)
+    assert match, "the gen-certs command of the Kubernetes walkthrough"
+    sans = match.group(1).replace("\\\n", " ").split()
+    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(tmp_path), *sans], check=True,
+                   capture_output=True, timeout=60)
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    dns = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    dialed = set().union(*(endpoints_of(expand(a, env).split("=", 1)[1]) for _, _, c, env in trainers()
+                           for a in c["args"] if a.startswith("--rdzv-endpoint=")))
+    (auth,) = one("Job", "rdzv-etcd-auth")["spec"]["template"]["spec"]["containers"]
+    dialed |= endpoints_of(next(e["value"] for e in auth["env"] if e["name"] == "ETCDCTL_ENDPOINTS"))
+    sts = one("StatefulSet", "rdzv-etcd")
+    (etcd,) = sts["spec"]["template"]["spec"]["containers"]
+    advertised = set()
+    for name in member_names():
+        env = pod_env(etcd["env"], POD_NAME=name, POD_NAMESPACE=NAMESPACE)
+        f = flags([expand(a, env) for a in etcd["command"][1:]])
+        advertised |= {urlsplit(f[k]).hostname for k in ("advertise-client-urls", "initial-advertise-peer-urls")}
+    assert dialed == short_member_names()
+    assert dialed | advertised <= dns, (dialed | advertised) - dns

@@ -123,6 +123,7 @@ def test_requeued_job_keeps_its_run_id_and_resumes_on_a_shared_etcd(
         log = output.read_text(errors="replace")
         assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
         assert f"job {job_id} attempt 1, run slurm-{job_id}" in log
+        assert f"cleaned run slurm-{job_id}:" in log, log  # the killed attempt's keys, if any
         # The second attempt resumed from the first one's checkpoint and finished the epochs.
         assert f"resumed from {checkpoint} after epoch" in log, log
         assert torch.load(checkpoint, weights_only=False)["epoch"] == 400
