@@ -11,7 +11,7 @@ import contextlib
 import json
 import shutil
 import subprocess
-import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from etcd_harness import free_port
+from process_tracking import die_with_parent, drop_data_dir, new_data_dir, track, untrack
 from waiting import wait_until
 
 
@@ -43,7 +44,7 @@ class PrometheusServer:
         self.jobs = {name: list(targets) for name, targets in jobs.items()}
         self.interval = interval
         self.rule_files = [Path(p).resolve() for p in rule_files]
-        self.dir = Path(tempfile.mkdtemp(prefix="rdzv-prometheus-"))
+        self.dir = new_data_dir("rdzv-prometheus-")  # removed at exit even if stop() never runs
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -68,7 +69,9 @@ class PrometheusServer:
                 ["prometheus", f"--config.file={self.dir / 'prometheus.yml'}",
                  f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
                  "--log.level=warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
+        track(self.proc)
         try:
             wait_until(self._ready, timeout, "Prometheus ready", self.log_tail)
         except BaseException:
@@ -94,8 +97,10 @@ class PrometheusServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.proc is not None:
+            untrack(self.proc)
         self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        drop_data_dir(self.dir)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()

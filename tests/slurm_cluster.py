@@ -20,11 +20,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from netns import NETNS_DIR, Host, HostProcess, Network
+from process_tracking import die_with_parent, drop_data_dir, new_data_dir, track, untrack
 from waiting import wait_until
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun")
@@ -53,8 +54,8 @@ class SlurmCluster:
         self.network = network
         self.hosts = list(hosts)
         # Not under pytest's tmp dir: munged wants every directory above its socket searchable
-        # by all, and pytest's are 0700.
-        self.state = Path(tempfile.mkdtemp(prefix="rdzv-slurm-"))
+        # by all, and pytest's are 0700. Removed at exit even if close() never runs.
+        self.state = new_data_dir("rdzv-slurm-")
         self.state.chmod(0o755)
         self.conf = self.state / "slurm.conf"
         self.munge_socket = self.state / "munge" / "munge.socket"
@@ -93,7 +94,9 @@ class SlurmCluster:
                 [_bin("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
                  f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
                  f"--seed-file={mdir / 'munged.seed'}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
+        track(self._munged)
         wait_until(lambda: self.munge_socket.exists() or self._munged.poll() is not None, 30,
                    "munged's socket", self.logs)
         if self._munged.poll() is not None:
@@ -165,10 +168,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
+            untrack(p)
         self.slurmds.clear()
         self.ctld = None
         self._munged = None
-        shutil.rmtree(self.state, ignore_errors=True)
+        drop_data_dir(self.state)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
