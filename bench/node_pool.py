@@ -160,6 +160,11 @@ def _run_job(job: Job, results: Any, stages: Stages) -> None:
 
 
 def _stages(job: Job, results: Any, stages: Stages, warnings: WarningCounter) -> None:
+    # Imports first: a fresh process spends a second importing torch, which is not creation.
+    import torch.distributed.elastic.rendezvous  # noqa: F401
+
+    import rdzv.registry  # noqa: F401
+
     t0 = time.monotonic()
     handlers, errors = _create(job)
     created = time.monotonic() - t0

@@ -245,3 +245,30 @@ def test_etcd_v3_has_no_record_size_ceiling(etcd34, monkeypatch: pytest.MonkeyPa
             client.close()
         assert len(_keys(etcd34.endpoint, f"/rdzv/{run_id}/round/000000000001/rank/")) == 3
         assert len(_keys(etcd34.endpoint, f"/rdzv/{run_id}/round/000000000001/live/")) == 3
+
+
+def test_no_write_of_a_65536_node_round_nears_etcds_request_limit() -> None:
+    """What the etcd v3 coordinator writes for a round of 65,536 nodes with 64-character host
+    names: a header the size of a 2-node round's, and member keys in batches far below etcd's
+    default request limit (1.5 MiB), whatever N is. The same round listed in one record would
+    not fit (the backends that keep one refuse it before writing)."""
+    from rdzv.backends.etcd_v3 import TXN_OPS
+    from rdzv.layouts import EtcdV3Layout
+    from rdzv.rendezvous.model import MAX_ROUND_RECORD, RoundRecord
+
+    def record(n: int) -> RoundRecord:
+        ids = [f"{i:010x}" for i in range(n)]
+        hosts = [f"{i:05d}".rjust(64, "h") for i in range(n)]
+        return RoundRecord.listing(
+            ids, hosts, round=123456, master_addr=hosts[0], master_port=29500, min_nodes=n, max_nodes=n
+        )
+
+    big, small = record(65536), record(2)
+    assert len(big.encode_header()) - len(small.encode_header()) <= 12  # the digits of 65536 vs 2, three times
+    keys = EtcdV3Layout("/rdzv/" + "r" * 64)
+    batch = [
+        len(keys.live(big.round) + node_id) + len(a.encode()) + 16  # + the op's framing
+        for node_id, a in list(big.assignments().items())[-TXN_OPS:]
+    ]
+    assert sum(batch) < 64 * 1024 < 1536 * 1024
+    assert len(big.encode()) > MAX_ROUND_RECORD

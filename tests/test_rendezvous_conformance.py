@@ -418,8 +418,10 @@ def test_peer_finishing_cleanly_does_not_restart_the_others(backend: Backend) ->
         g.join_all([a, b])
         b.shutdown()
         wait_until(a.is_closed, 10, "the close to reach the other node")
-        if LIVENESS in backend.capabilities:
+        if LIVENESS in backend.capabilities and ROSTER_APART not in backend.capabilities:
             wait_until(lambda: a.num_nodes_waiting() >= 0 and a.group_counts().lost, 10, "the departure to arrive")
+        # (etcd v3 stops watching departures once the run is closed: a finishing job's N
+        # members would otherwise be sent each other's N departures.)
         assert a.num_nodes_waiting() == 0
 
 

@@ -67,12 +67,19 @@ class EtcdRoundFeed:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             changes = self._control.poll(0)
-            departed = self._departures()
+            if self.control.closed and not self._watch.cancelled:
+                # The job is ending: every member's lease goes as it finishes, and a departure
+                # then means nothing; without this each member would be sent every other's.
+                self._watch.cancel()
+            departed = None if self._watch.cancelled else self._departures()
             if changes is not None or departed is not None:
                 return (changes or []) + (departed or [])
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
+            if self._watch.cancelled:
+                time.sleep(SLICE if left is None else min(SLICE, left))
+                continue
             with etcd_errors(self._describe):
                 events = self._watch.get(SLICE if left is None else min(SLICE, left))
             if events:
