@@ -272,3 +272,23 @@ def test_no_write_of_a_65536_node_round_nears_etcds_request_limit() -> None:
     ]
     assert sum(batch) < 64 * 1024 < 1536 * 1024
     assert len(big.encode()) > MAX_ROUND_RECORD
+
+
+def test_a_waiting_node_whose_lease_lapsed_announces_again(etcd34) -> None:
+    """A node waiting for a seal whose lease lapsed (keep-alives unanswered past the TTL on an
+    overloaded box) lost its record with it: the coordinator no longer counts it. It must
+    announce again on a new lease instead of waiting for a seal that cannot come."""
+    with node_group("etcd", etcd34.endpoint) as g:
+        a, b = g.node(3, 3), g.node(3, 3)
+        fa = g.join(a)
+        wait_until(lambda: a.rendezvous._membership is None and a.backend.count_nodes() == 1, 30, "a coordinating")  # type: ignore[attr-defined]
+        fb = g.join(b)
+        wait_until(lambda: a.backend.count_nodes() == 2, 30, "b's announce")  # type: ignore[attr-defined]
+        lease = b.backend._session.lease_id  # type: ignore[attr-defined]
+        with EtcdClient(etcd34.endpoint) as client:
+            client.lease_revoke(lease)
+        wait_until(lambda: b.backend.session_lost(), 30, "b to learn its lease is gone")  # type: ignore[attr-defined]
+        c = g.node(3, 3)
+        infos = [f.result(timeout=60) for f in (fa, fb, g.join(c))]
+        assert sorted(i.rank for i in infos) == [0, 1, 2]
+        assert b.backend._session.lease_id != lease  # type: ignore[attr-defined]

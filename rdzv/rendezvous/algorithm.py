@@ -301,6 +301,10 @@ class Rendezvous:
                     return control
                 if control.coordinators.get(target) is None:
                     return control  # the coordinator is gone: re-announce and maybe take over
+                if self.backend.session_lost():
+                    # Our record went with our lease: the coordinator no longer counts us, so
+                    # waiting on would wait for nothing. Announce again on a new lease.
+                    return control
                 now = time.monotonic()
                 if now >= deadline and not self._spare(control, target):
                     self._give_up(target, control)
