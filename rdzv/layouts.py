@@ -24,6 +24,7 @@ class EtcdV3Layout:
         ctl/lastcall/<round> wall-clock end of that round's last call             [node lease]
         node/<node id>       NodeInfo JSON: who the node is, which round it wants [node lease]
         store/<round>/...    the round's torch Store                              [run lease]
+        quarantine/<host>    a quarantined host (rdzv.rendezvous.quarantine)      [own lease]
     """
 
     # Names below the run's root (`rdzv.inspect` classifies keys by them).
@@ -35,6 +36,7 @@ class EtcdV3Layout:
     LASTCALL = "ctl/lastcall/"
     NODE = "node/"
     STORE = "store/"
+    QUARANTINE = "quarantine/"  # outside the ctl/..node/ range the change feeds watch
 
     def __init__(self, run_prefix: str) -> None:
         self.root = run_prefix + "/"
@@ -46,6 +48,7 @@ class EtcdV3Layout:
         self.lastcall_dir = self.root + self.LASTCALL
         self.nodes = self.root + self.NODE
         self.store_dir = self.root + self.STORE
+        self.quarantine_dir = self.root + self.QUARANTINE
 
     def coord(self, round_no: int) -> str:
         return self.coord_dir + round_key(round_no)
@@ -69,6 +72,7 @@ class EtcdV2Layout:
         w/ctl/lastcall/<round> wall-clock end of that round's last call  [TTL lease_ttl, holder]
         w/node/<node id>       NodeInfo JSON                             [TTL lease_ttl, owner]
         store/<round>/...      the round's torch Store                   [TTL store_ttl, fixed]
+        quarantine/<host>      a quarantined host                        [TTL quarantine_ttl]
     """
 
     def __init__(self, run_prefix: str) -> None:
@@ -80,6 +84,7 @@ class EtcdV2Layout:
         self.lastcall_dir = self.ctl + "/lastcall/"
         self.nodes = self.watched + "/node"
         self.store_dir = run_prefix + "/store/"
+        self.quarantine_dir = run_prefix + "/quarantine/"  # not under /w: feeds never see it
 
     def coord(self, round_no: int) -> str:
         return self.coord_dir + round_key(round_no)

@@ -20,6 +20,7 @@ from rdzv.backends.etcd_errors import etcd_errors
 from rdzv.backends.etcd_run_lease import RunLease
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
+from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
 from rdzv.backends.run_keepers import keeps_run
 from rdzv.etcd import (
     Compare,
@@ -351,6 +352,9 @@ class EtcdBackend:
         except (EtcdError, RecordError):
             return None  # only for a message
         return float(ttl) if ttl >= 0 else None
+
+    def quarantine_board(self) -> EtcdV3QuarantineBoard:
+        return EtcdV3QuarantineBoard(self.client, self.keys, self.describe())
 
 
 def connect(settings: RendezvousSettings) -> EtcdClient:

@@ -26,6 +26,7 @@ Every node reads the count from the same sealed record, so every node agrees on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -40,8 +41,10 @@ from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
 from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
+from rdzv.rendezvous.quarantine import Quarantine, QuarantinePolicy
 from rdzv.rendezvous.sealing import build_record, oversize
-from rdzv.rendezvous.settings import RendezvousSettings
+from rdzv.rendezvous.segments import effective_max, segment_label, segment_size, usable
+from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 
 log = logging.getLogger("rdzv")
 
@@ -76,6 +79,17 @@ class Rendezvous:
         # The round in which our workers failed with no member gone, until the next join
         # reports it (the coordinator charges the job's restart budget for it).
         self._failed_round = 0
+        # Whole-segment rounds (0: off) and this node's label (rdzv.rendezvous.segments).
+        self._segment_size = segment_size(settings)
+        self._segment = segment_label(settings)
+        policy = QuarantinePolicy.from_settings(settings)
+        board = backend.quarantine_board() if policy.enabled else None
+        if policy.enabled and board is None:
+            raise ConfigError(
+                f"rendezvous setting quarantine_after: the {backend.name} backend's group is "
+                "fixed, so it cannot go on without a quarantined node"
+            )
+        self._quarantine = Quarantine(policy, board, settings.run_id)
 
     # ----------------------------------------------------------------- public operations
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
@@ -110,6 +124,7 @@ class Rendezvous:
         # Never a round number this node was in already: when the run's records lapsed (etcd
         # down past the run lease), the next round must not reuse one.
         target = max(control.round, self._last_round) + 1
+        check_quarantine = self._quarantine.enabled  # before the first announce, and when left out
         while True:
             if self._shut:
                 # Shut down while a join was still waiting (another thread): never announce
@@ -126,11 +141,18 @@ class Rendezvous:
                     self._failed_round = 0
                     return sealed
                 target = sealed.round + 1
+                check_quarantine = self._quarantine.enabled
             if SPARES not in self.backend.capabilities and sealed and self._spare(control, target):
                 raise join_errors.no_room(s.run_id, self.backend, sealed)
             if self.backend.session_lost():
                 log.warning("rendezvous %s: this node's lease lapsed; re-registering", s.run_id)
                 self.backend.open_session()
+            if check_quarantine:
+                check_quarantine = False
+                if self._sit_out_quarantine(target):
+                    deadline = self._join_deadline = time.monotonic() + s.join_timeout
+                    control, cursor = self.backend.read_control()
+                    continue
             info = NodeInfo(
                 node_id=self.node_id,
                 host=self.host,
@@ -141,6 +163,7 @@ class Rendezvous:
                 rank_hint=s.rank_hint,
                 local_world_size=s.local_world_size,
                 failed=self._failed_round,
+                segment=self._segment,
             )
             coordinator, cursor = self.backend.announce(info, control)
             if coordinator is None:  # control moved on (sealed, closed): look again
@@ -149,6 +172,7 @@ class Rendezvous:
             control.coordinators[target] = coordinator
             if coordinator == self.node_id:
                 control = self._coordinate(target, control, cursor, deadline)
+                check_quarantine = self._quarantine.enabled  # we may have set ourselves aside
             else:
                 control = self._await_seal(target, control, cursor, deadline)
             if self._spare(control, target):
@@ -158,7 +182,9 @@ class Rendezvous:
         """Start watching for departures and newcomers after joining `record`."""
         # A fixed group (no ELASTIC) only needs the control changes, e.g. to see a close.
         elastic = ELASTIC in self.backend.capabilities
-        self._membership = RoundMembership(record=record, backend=self.backend, watch_nodes=elastic)
+        self._membership = RoundMembership(
+            record=record, backend=self.backend, watch_nodes=elastic, segment_size=self._segment_size
+        )
 
     def num_nodes_waiting(self) -> int:
         """Nodes the current group should make room for (answered from local state)."""
@@ -213,6 +239,13 @@ class Rendezvous:
         watch stays open (see `peers_moved_on`); `leave()` or `shutdown()` ends the rest."""
         self._withdrawn = True
         self.backend.withdraw()
+
+    def stand_aside(self) -> None:
+        """Out of the group until the next join: our record goes (the members see us gone and
+        re-form), our liveness stays. Nothing to do before our first round."""
+        self._end_membership()
+        if self._joined_before:
+            self.backend.retract(self.node_id, self._last_round + 1)
 
     def peers_moved_on(self) -> bool:
         """Whether every other member of our round has asked for a new round (so its workers
@@ -296,7 +329,9 @@ class Rendezvous:
         # and control changes in that window are not missed.
         feed = self.backend.watch(cursor, control, nodes=True, known=set(nodes))
         previous = control.sealed if control.round == target - 1 else None
-        view = EligibleView(target, set(previous.ids) if previous else set())
+        quarantined = self._quarantine.hosts_out()  # one read, only with quarantine on
+        view = EligibleView(target, set(previous.ids) if previous else set(), withheld_hosts=set(quarantined))
+        max_nodes = effective_max(s.max_nodes, self._segment_size)
         for node_id, entry in nodes.items():
             view.put(node_id, entry)
         last_call: float | None = None
@@ -310,11 +345,11 @@ class Rendezvous:
                     return control  # our claim lapsed with our lease
                 if self.node_id not in nodes:
                     return control  # our own record was overwritten: announce it again
-                count = len(view.eligible)
+                count = self._usable(view, nodes)
                 prev_done = view.prev_done  # no live member still runs the old round
                 now = time.monotonic()
                 seal_now = False
-                if prev_done and count >= s.max_nodes:
+                if prev_done and count >= max_nodes:
                     seal_now = True
                 elif prev_done and count >= s.min_nodes:
                     if view.live_prev:
@@ -329,8 +364,23 @@ class Rendezvous:
                 if seal_now:
                     record = build_record(
                         target, [nodes[i] for i in view.eligible], previous, view.live_prev,
-                        view.departed, min_nodes=s.min_nodes, max_nodes=s.max_nodes,
+                        view.departed, min_nodes=s.min_nodes, max_nodes=max_nodes,
+                        withheld=[nodes[i] for i in view.withheld], segment_size=self._segment_size,
                     )
+                    host = self._quarantine.verdict(record, quarantined)
+                    if host is not None:
+                        # Set aside now, and look again: a spare may take its place, or the
+                        # group goes on smaller, or waits for enough nodes.
+                        quarantined[host] = self._quarantine.impose(host, record)
+                        view.withhold(host, nodes)
+                        if host == self.host:
+                            # Our own host: hand the round to another coordinator and sit out.
+                            self.backend.retract(self.node_id, target)
+                            return control
+                        continue
+                    if record.blame in quarantined:
+                        # Its count ends with the quarantine: back, it starts afresh.
+                        record = dataclasses.replace(record, blame="", strikes=0)
                     size = oversize(record)
                     if size is not None:
                         # Close the run: every waiting node stops now. Retracting alone would
@@ -378,14 +428,36 @@ class Rendezvous:
 
     # ----------------------------------------------------------------- helpers
     def _spare(self, control: Control, target: int) -> bool:
-        """A spare waits without a deadline: the previous round is full and still running."""
+        """A spare waits without a deadline: the previous round is full and still running (or,
+        with segments, formed without this node: its segment is not whole)."""
         sealed = control.sealed
         return (
             sealed is not None
             and sealed.round == target - 1
-            and sealed.full
+            and (sealed.full or self._segment_size > 0)
             and sealed.rank_of(self.node_id) is None
         )
+
+    def _usable(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int:
+        """Eligible nodes a round can take: all of them, or with segments those in whole ones."""
+        if not self._segment_size:
+            return len(view.eligible)
+        labels = (nodes[i].info.segment for i in view.eligible)
+        return usable(labels, self._segment_size, self.settings.max_nodes)
+
+    def _sit_out_quarantine(self, target: int) -> bool:
+        """While this node's host is quarantined: no record of ours (the group neither waits
+        for us nor counts us as a newcomer), wait until it ends. Whether we waited."""
+        record = self._quarantine.blocking(self.host)
+        if record is None:
+            return False
+        self.backend.retract(self.node_id, target)
+
+        def stop() -> bool:
+            return self._shut or self.backend.read_control()[0].closed
+
+        self._quarantine.sit_out(self.host, record, stop)
+        return True
 
     def _give_up(
         self,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
+from rdzv.rendezvous.segments import room
 
 if TYPE_CHECKING:  # annotations only: the view itself needs no torch
     from rdzv.backends.api import Backend, ChangeFeed
@@ -24,10 +25,12 @@ class RoundMembership:
     record: RoundRecord
     backend: Backend
     watch_nodes: bool
+    segment_size: int = 0  # rounds of whole segments (rdzv.rendezvous.segments)
     _feed: ChangeFeed | None = None
     lost: set[str] = field(default_factory=set)
     rejoining: set[str] = field(default_factory=set)
     newcomers: set[str] = field(default_factory=set)
+    _labels: dict[str, str | None] = field(default_factory=dict)  # newcomers' segments
 
     @property
     def feed(self) -> ChangeFeed:
@@ -59,16 +62,25 @@ class RoundMembership:
             if member:
                 self.lost.add(node_id)
             self.newcomers.discard(node_id)
+            self._labels.pop(node_id, None)
             self.rejoining.discard(node_id)
         elif member:
             if entry.info.want > self.record.round:
                 self.rejoining.add(node_id)
         else:
             self.newcomers.add(node_id)
+            self._labels[node_id] = entry.info.segment
+
+    def _room(self) -> int:
+        """Newcomers the round would take: all while not full; with segments, whole ones only."""
+        if self.record.full:
+            return 0
+        if self.segment_size:
+            return room(self._labels.values(), self.segment_size)
+        return len(self.newcomers)
 
     def waiting(self) -> int:
-        room = 0 if self.record.full else len(self.newcomers)
-        return len(self.lost) + len(self.rejoining) + room
+        return len(self.lost) + len(self.rejoining) + self._room()
 
     def counts(self) -> GroupCounts:
         newcomers = len(self.newcomers)

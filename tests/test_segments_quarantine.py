@@ -1,0 +1,125 @@
+"""Whole-segment rounds and quarantine at the rendezvous level, on etcd (v3) and c10d: nodes are
+handlers in this process (one a killable process), as in test_rendezvous_conformance.py.
+
+Segments: 8 nodes in segments of 3, 3 and 2 with segment_size=3 form a world of 6 with
+contiguous ranks per segment; killing a node of a full segment re-forms with the whole
+segments left. Quarantine: a node charged K=2 counted restarts in a row is set aside, a spare
+takes its rank; released, it comes back in a later round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from etcd_harness import EtcdServer, free_port
+from rdzv_testlib import NodeGroup, NodeProcess, new_run_id
+from torch.distributed.elastic.rendezvous import RendezvousHandler
+from waiting import wait_until
+
+from rdzv.rendezvous.quarantine import QuarantineRecord, active
+
+pytestmark = pytest.mark.timeout(120)
+
+BACKENDS = ["etcd", "c10d"]
+
+
+@pytest.fixture(params=BACKENDS)
+def where(request: pytest.FixtureRequest, etcd_servers: Callable[[str], EtcdServer]) -> tuple[str, str]:
+    if request.param == "etcd":
+        return "etcd", etcd_servers("3.5").endpoint
+    return "c10d", f"127.0.0.1:{free_port()}"  # the first node created serves the store
+
+
+def _conf(backend: str, **conf: str) -> dict[str, str]:
+    # TCPStore resolves each new peer's name; where DNS does not answer that takes 5 s (see
+    # test_rendezvous_conformance.py).
+    return {**conf, "read_timeout": "15"} if backend == "c10d" else conf
+
+
+@contextmanager
+def _group(backend: str, endpoint: str, **conf: str) -> Iterator[NodeGroup]:
+    group = NodeGroup(backend, endpoint, new_run_id("seg"), **_conf(backend, **conf))
+    try:
+        yield group
+    finally:
+        group.shutdown()
+
+
+def _contiguous(ranks: list[int]) -> bool:
+    return sorted(ranks) == list(range(min(ranks), min(ranks) + len(ranks)))
+
+
+def test_whole_segments_form_and_a_lost_node_takes_its_segment_out(where: tuple[str, str]) -> None:
+    backend, endpoint = where
+    with _group(backend, endpoint, segment_size="3") as g:
+        labels = ["rackA", "rackA", "rackB", "rackB", "rackB", "rackC", "rackC"]
+        nodes = [g.node(3, 8, segment=label, local_addr=f"n{i}") for i, label in enumerate(labels)]
+        victim = NodeProcess(backend, endpoint, g.run_id, 3, 8, **g.conf, segment="rackA")
+        try:
+            futures = [g.join(h) for h in nodes]
+            first = victim.wait_rounds(1)
+            members = {i: f.result(timeout=60) for i, f in enumerate(futures) if labels[i] != "rackC"}
+            assert first["world_size"] == 6 and {m.world_size for m in members.values()} == {6}
+            ranks_a = [m.rank for i, m in members.items() if labels[i] == "rackA"] + [first["rank"]]
+            ranks_b = [m.rank for i, m in members.items() if labels[i] == "rackB"]
+            assert _contiguous(ranks_a) and _contiguous(ranks_b), (ranks_a, ranks_b)
+            assert sorted(ranks_a + ranks_b) == list(range(6))
+            assert not futures[5].done() and not futures[6].done(), "a partial segment waits"
+
+            victim.kill()
+            survivors = [nodes[i] for i in members]
+            wait_until(lambda: all(h.num_nodes_waiting() > 0 for h in survivors), 30,
+                       "the members to notice the lost node")
+            again = {i: g.join(nodes[i]) for i in members}
+            # rackA has 2 left and rackC 2: only rackB is whole.
+            infos = [again[i].result(timeout=60) for i in (2, 3, 4)]
+            assert sorted(i.rank for i in infos) == [0, 1, 2] and {i.world_size for i in infos} == {3}
+            assert not any(again[i].done() for i in (0, 1)), "a broken segment waits"
+        finally:
+            victim.stop()
+
+
+def _fail_and_rejoin(g: NodeGroup, failing: RendezvousHandler, others: list[RendezvousHandler]) -> list:
+    """`failing`'s workers fail (a counted restart); everyone rejoins, as torch's agent would."""
+    failing.count_failure()
+    mine = g.join(failing)
+    wait_until(lambda: all(h.num_nodes_waiting() > 0 for h in others), 30, "the others to see it rejoin")
+    theirs = [g.join(h) for h in others]
+    return [mine, *theirs]
+
+
+def test_a_node_failing_k_times_is_quarantined_and_released(where: tuple[str, str]) -> None:
+    backend, endpoint = where
+    with _group(backend, endpoint, quarantine_after="2", quarantine_ttl="300") as g:
+        a, bad, c = (g.node(2, 3, local_addr=h) for h in ("hostA", "hostBad", "hostC"))
+        spare = g.node(2, 3, local_addr="hostSpare")
+        first = g.join_all([a, bad, c])
+        rank_of_bad = first[1].rank
+        spare_join = g.join(spare)
+
+        futures = _fail_and_rejoin(g, bad, [a, c])
+        assert {f.result(timeout=60).world_size for f in futures} == {3}
+        assert bad.restarts == 1 and not spare_join.done()
+
+        futures = _fail_and_rejoin(g, bad, [a, c])
+        taken = spare_join.result(timeout=60)
+        assert taken.rank == rank_of_bad, "the spare takes the quarantined node's rank"
+        assert {f.result(timeout=60).world_size for f in futures[1:]} == {3}
+        assert not futures[0].done(), "the quarantined node waits"
+        board = a.backend.quarantine_board()
+        out = active(board)
+        assert list(out) == ["hostBad"] and isinstance(out["hostBad"], QuarantineRecord)
+        assert "2 counted restarts in a row" in out["hostBad"].reason
+
+        assert board.remove("hostBad")  # what `rdzv quarantine release` does
+        # Released, it waits as a spare of the full group; it is back once a member leaves.
+        wait_until(lambda: a.num_nodes_waiting() == 0 and a.group_counts().spares == 1, 30,
+                   "the released node to wait as a spare")
+        spare.withdraw()
+        wait_until(lambda: a.num_nodes_waiting() > 0, 30, "the members to see the spare's node leave")
+        back = futures[0]
+        again = [g.join(a), g.join(c)]
+        assert back.result(timeout=60).world_size == 3
+        assert {f.result(timeout=60).world_size for f in again} == {3}
