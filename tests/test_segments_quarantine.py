@@ -1,5 +1,6 @@
-"""Whole-segment rounds and quarantine at the rendezvous level, on etcd (v3) and c10d: nodes are
-handlers in this process (one a killable process), as in test_rendezvous_conformance.py.
+"""Whole-segment rounds and quarantine at the rendezvous level: nodes are
+handlers in this process (one a killable process), as in test_rendezvous_conformance.py. On
+etcd (v3), etcd-v2 and c10d; static's fixed group has neither (quarantine_after is refused there).
 
 Segments: 8 nodes in segments of 3, 3 and 2 with segment_size=3 form a world of 6 with
 contiguous ranks per segment; killing a node of a full segment re-forms with the whole
@@ -22,13 +23,13 @@ from rdzv.rendezvous.quarantine import QuarantineRecord, active
 
 pytestmark = pytest.mark.timeout(120)
 
-BACKENDS = ["etcd", "c10d"]
+BACKENDS = ["etcd", "etcd-v2", "c10d"]
 
 
 @pytest.fixture(params=BACKENDS)
 def where(request: pytest.FixtureRequest, etcd_servers: Callable[[str], EtcdServer]) -> tuple[str, str]:
-    if request.param == "etcd":
-        return "etcd", etcd_servers("3.5").endpoint
+    if request.param.startswith("etcd"):
+        return request.param, etcd_servers("3.5").endpoint
     return "c10d", f"127.0.0.1:{free_port()}"  # the first node created serves the store
 
 

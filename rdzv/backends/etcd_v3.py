@@ -354,7 +354,7 @@ class EtcdBackend:
         return float(ttl) if ttl >= 0 else None
 
     def quarantine_board(self) -> EtcdV3QuarantineBoard:
-        return EtcdV3QuarantineBoard(self.client, self.keys, self.describe())
+        return EtcdV3QuarantineBoard(self.client, self.keys, lambda: etcd_errors(self.describe()))
 
 
 def connect(settings: RendezvousSettings) -> EtcdClient:

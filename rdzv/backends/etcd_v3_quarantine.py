@@ -1,12 +1,14 @@
 """The etcd v3 backend's quarantine records: `<run>/quarantine/<host>`, each on a lease of its
 own that lasts as long as the quarantine, so a record goes by itself when it ends (and with the
-run's keys when the last node leaves)."""
+run's keys when the last node leaves). Torch-free: `rdzv quarantine` (rdzv.inspect) uses it too;
+the backend passes `errors`, which turns etcd errors into rendezvous errors."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
-from rdzv.backends.etcd_errors import etcd_errors
 from rdzv.etcd import EtcdClient, EtcdError
 from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.quarantine import host_key, host_of
@@ -15,18 +17,23 @@ from rdzv.rendezvous.quarantine import host_key, host_of
 class EtcdV3QuarantineBoard:
     """`QuarantineBoard` over etcd v3."""
 
-    def __init__(self, client: EtcdClient, keys: EtcdV3Layout, where: str) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: EtcdV3Layout,
+        errors: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> None:
         self.client = client
         self.dir = keys.quarantine_dir
-        self.where = where
+        self.errors = errors
 
     def put(self, host: str, value: bytes, ttl: float) -> None:
-        with etcd_errors(self.where):
+        with self.errors():
             lease = self.client.lease_grant(ttl, idempotent=True)
             self.client.put(self.dir + host_key(host), value, lease=lease.id, idempotent=True)
 
     def read(self) -> dict[str, bytes]:
-        with etcd_errors(self.where):
+        with self.errors():
             kvs = self.client.range(self.dir, prefix=True).kvs
         records = {}
         for kv in kvs:
@@ -36,7 +43,7 @@ class EtcdV3QuarantineBoard:
         return records
 
     def remove(self, host: str) -> bool:
-        with etcd_errors(self.where):
+        with self.errors():
             kv = self.client.get(self.dir + host_key(host))
             if kv is None:
                 return False

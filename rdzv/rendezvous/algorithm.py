@@ -76,6 +76,7 @@ class Rendezvous:
         self._join_deadline = 0.0  # of the join in progress (monotonic)
         self._last_round = 0  # the latest round this node was a member of
         self._withdrawn = False
+        self._seen_closed = False  # the run was seen closed from outside the group
         # The round in which our workers failed with no member gone, until the next join
         # reports it (the coordinator charges the job's restart budget for it).
         self._failed_round = 0
@@ -269,9 +270,13 @@ class Rendezvous:
             self._membership.drain()
             return self._membership.feed.control.closed
         feed = self._closed_watch()
+        # Once seen closed, closed for this process: the last node out removes the marker with
+        # the run's keys, and a node outside the group (a failed health check) must not miss
+        # the end between two looks.
         while feed.poll(0) is not None:
-            pass
-        return feed.control.closed
+            self._seen_closed |= feed.control.closed
+        self._seen_closed |= feed.control.closed
+        return self._seen_closed
 
     def close(self) -> None:
         self.backend.close_run()
