@@ -122,6 +122,7 @@ class HealthGate:
         *,
         on_failure: Callable[[], None] = lambda: None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.argv = argv
@@ -129,6 +130,7 @@ class HealthGate:
         self._reporter = reporter
         self._on_failure = on_failure  # metrics: one failed check
         self._sleep = sleep
+        self._clock = clock
         self._rng = rng or random.Random()
 
     def describe(self) -> str:
@@ -163,11 +165,11 @@ class HealthGate:
 
     def _closed_within(self, handler: Any, delay: float) -> bool:
         """Wait `delay` s, looking each second whether the run closed (it ended without us)."""
-        deadline = time.monotonic() + delay
+        deadline = self._clock() + delay
         while True:
             if handler.is_closed():
                 return True
-            left = deadline - time.monotonic()
+            left = deadline - self._clock()
             if left <= 0:
                 return False
             self._sleep(min(left, 1.0))

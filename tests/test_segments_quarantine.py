@@ -19,7 +19,10 @@ from rdzv_testlib import NodeGroup, NodeProcess, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousHandler
 from waiting import wait_until
 
-from rdzv.rendezvous.quarantine import QuarantineRecord, active
+from rdzv.rendezvous.model import NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.quarantine import QuarantineRecord, active, charged_host, host_key, host_of
+from rdzv.rendezvous.sealing import build_record
+from rdzv.rendezvous.segments import SegmentCandidate, room, segment_order, usable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,3 +127,53 @@ def test_a_node_failing_k_times_is_quarantined_and_released(where: tuple[str, st
         again = [g.join(a), g.join(c)]
         assert back.result(timeout=60).world_size == 3
         assert {f.result(timeout=60).world_size for f in again} == {3}
+
+
+# ---------------------------------------------------------------- the pure parts, without a store
+
+def _entry(node_id: str, host: str, arrival: int, *, failed: int = 0, segment: str | None = None) -> NodeEntry:
+    return NodeEntry(NodeInfo(node_id, host, host, 1, 1, 2, failed=failed, segment=segment), arrival)
+
+
+def test_segment_order_takes_whole_segments_with_contiguous_ranks() -> None:
+    labels = {"a1": "A", "b1": "B", "a2": "A", "c1": "C", "b2": "B", "a3": "A", "b3": "B", "c2": "C"}
+    cands = [SegmentCandidate(n, f"h-{n}", 1, label) for n, label in labels.items()]
+    order = segment_order(cands, 3, 8)
+    assert order == ["a1", "a2", "a3", "b1", "b2", "b3"]
+    # Previous ranks keep a segment's place and the order within it.
+    assert segment_order(cands, 3, 8, {"b2": 0, "b1": 1, "b3": 2}) == ["b2", "b1", "b3", "a1", "a2", "a3"]
+    assert segment_order(cands, 3, 5) == ["a1", "a2", "a3"], "no more than max nodes, in whole segments"
+    assert usable(labels.values(), 3, 8) == 6 and usable(labels.values(), 3, 5) == 3
+    assert room(["C"], 3) == 0 and room(["C", "C", "C", "D"], 3) == 3, "only a whole new segment makes room"
+
+
+def test_without_labels_segment_size_groups_nodes_in_runs() -> None:
+    cands = [SegmentCandidate(f"n{i}", f"node{i}", 1) for i in range(7)]
+    assert segment_order(cands, 2, 8) == ["n0", "n1", "n2", "n3", "n4", "n5"]
+
+
+def test_a_restart_is_charged_to_the_first_reporter_unless_a_member_departed() -> None:
+    previous = RoundRecord(3, ("x", "y", "z"), "h", 1, 2, 3, restarts=1, hosts=("hx", "hy", "hz"), blame="hy", strikes=1)
+    nodes = [_entry("x", "hx", 10, failed=3), _entry("y", "hy", 7, failed=3), _entry("z", "hz", 5)]
+    record = build_record(4, nodes, previous, {"x", "y", "z"}, False, min_nodes=2, max_nodes=3)
+    assert (record.restarts, record.blame, record.strikes) == (2, "hy", 2), "y reported first: its second in a row"
+    gone = build_record(4, nodes[:2], previous, {"x", "y"}, True, min_nodes=2, max_nodes=3)
+    assert (gone.restarts, gone.blame, gone.strikes) == (1, "hy", 1), "a departure's failure is no one's"
+    other = build_record(4, [_entry("x", "hx", 1, failed=3), *nodes[1:]], previous, {"x", "y", "z"}, False,
+                         min_nodes=2, max_nodes=3)
+    assert (other.blame, other.strikes) == ("hx", 1), "another host starts a new count"
+    assert charged_host(None, nodes, {"x"}) is None
+
+
+def test_records_of_older_versions_still_decode() -> None:
+    info = NodeInfo("n1", "h", "a", 1, 2, 3)
+    assert b"segment" not in info.encode() and NodeInfo.decode(info.encode()) == info
+    labelled = NodeInfo("n1", "h", "a", 1, 2, 3, segment="rack1")
+    assert NodeInfo.decode(labelled.encode()).segment == "rack1"
+    record = RoundRecord(2, ("n1",), "a", 1, 1, 1)
+    assert b"strikes" not in record.encode() and RoundRecord.decode(record.encode()) == record
+    blamed = RoundRecord(2, ("n1",), "a", 1, 1, 1, blame="h", strikes=2)
+    assert RoundRecord.decode(blamed.encode()) == blamed
+    quarantined = QuarantineRecord("h/1", "why", 12.5, 3, 2)
+    assert QuarantineRecord.decode(quarantined.encode()) == quarantined
+    assert host_of(host_key("h/1")) == "h/1" and host_of("a/b") is None
