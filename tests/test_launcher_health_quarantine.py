@@ -39,17 +39,15 @@ while not os.path.exists(os.path.join(out, "stop")):
     time.sleep(0.05)
 """
 
-# A health check that hangs on its first run (its pid in <out>/hung.pid) and fails after.
-CHECK = """
-import os, sys, time
-out = sys.argv[1]
-marker = os.path.join(out, "hung.pid")
-if not os.path.exists(marker):
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(600)
-print("GPU 3: uncorrectable ECC errors")
-sys.exit(3)
+# A health check that hangs on its first run (its pid in <out>/hung.pid) and fails after; a
+# shell script, so that starting it is quick even on a loaded machine.
+CHECK = """#!/bin/sh
+if [ ! -e "$1/hung.pid" ]; then
+    echo $$ > "$1/hung.pid"
+    exec sleep 600
+fi
+echo "GPU 3: uncorrectable ECC errors"
+exit 3
 """
 
 
@@ -88,13 +86,14 @@ def test_a_node_failing_its_health_check_never_joins(backend: str, tmp_path: Pat
     else:
         endpoint, conf = f"127.0.0.1:{free_port()}", "last_call_timeout=1,join_timeout=60"
     worker = write_script(tmp_path, "worker.py", WORKER)
-    check = write_script(tmp_path, "check.py", CHECK)
+    check = write_script(tmp_path, "check.sh", CHECK)
+    check.chmod(0o755)
     run_id = f"health-{uuid.uuid4().hex[:8]}"
     common = ["--nnodes=2:3", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
               f"--rdzv-conf={conf}", "--local-addr=127.0.0.1", "--max-restarts=2"]
     with launchers(tmp_path) as start:
         good = [start([*common, str(worker), str(tmp_path), f"good{i}"]) for i in range(3)]
-        sick = start([*common, "--health-check", f"{sys.executable} {check} {tmp_path}", "--health-check-timeout=2",
+        sick = start([*common, "--health-check", f"{check} {tmp_path}", "--health-check-timeout=3",
                       str(worker), str(tmp_path), "sick"])
         nodes = [*good, sick]
 
@@ -103,7 +102,7 @@ def test_a_node_failing_its_health_check_never_joins(backend: str, tmp_path: Pat
 
         wait_until(lambda: _in_round_of(tmp_path, {"good0", "good1", "good2"}, 3), 90, "the healthy three to run", logs)
         wait_until(lambda: "uncorrectable ECC" in sick.stderr, 60, "the check's second run to fail", logs)
-        assert re.search(r"health check .* failed \(no answer within 2 s \(killed\)\): this node stays out", sick.stderr), logs()
+        assert re.search(r"health check .* failed \(no answer within 3 s \(killed\)\): this node stays out", sick.stderr), logs()
         assert re.search(r"failed \(exit code 3: GPU 3: uncorrectable ECC errors\)", sick.stderr), logs()
         assert not _alive(int((tmp_path / "hung.pid").read_text())), "the hung check was killed"
         (tmp_path / "stop").touch()

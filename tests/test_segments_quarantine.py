@@ -57,14 +57,16 @@ def _contiguous(ranks: list[int]) -> bool:
 
 def test_whole_segments_form_and_a_lost_node_takes_its_segment_out(where: tuple[str, str]) -> None:
     backend, endpoint = where
-    with _group(backend, endpoint, segment_size="3") as g:
+    # A long last call: the first round waits for all six of the whole segments (the largest
+    # round of whole segments within max 8), whenever the victim's process comes up.
+    with _group(backend, endpoint, segment_size="3", last_call_timeout="120", join_timeout="120") as g:
         labels = ["rackA", "rackA", "rackB", "rackB", "rackB", "rackC", "rackC"]
         nodes = [g.node(3, 8, segment=label, local_addr=f"n{i}") for i, label in enumerate(labels)]
         victim = NodeProcess(backend, endpoint, g.run_id, 3, 8, **g.conf, segment="rackA")
         try:
             futures = [g.join(h) for h in nodes]
-            first = victim.wait_rounds(1)
-            members = {i: f.result(timeout=60) for i, f in enumerate(futures) if labels[i] != "rackC"}
+            first = victim.wait_rounds(1, timeout=120)
+            members = {i: f.result(timeout=120) for i, f in enumerate(futures) if labels[i] != "rackC"}
             assert first["world_size"] == 6 and {m.world_size for m in members.values()} == {6}
             ranks_a = [m.rank for i, m in members.items() if labels[i] == "rackA"] + [first["rank"]]
             ranks_b = [m.rank for i, m in members.items() if labels[i] == "rackB"]

@@ -26,7 +26,7 @@ Every node reads the count from the same sealed record, so every node agrees on 
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -41,10 +41,10 @@ from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
 from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
 from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
-from rdzv.rendezvous.quarantine import Quarantine, QuarantinePolicy
+from rdzv.rendezvous.quarantine import Quarantine
 from rdzv.rendezvous.sealing import build_record, oversize
 from rdzv.rendezvous.segments import effective_max, segment_label, segment_size, usable
-from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
+from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
 
@@ -83,14 +83,7 @@ class Rendezvous:
         # Whole-segment rounds (0: off) and this node's label (rdzv.rendezvous.segments).
         self._segment_size = segment_size(settings)
         self._segment = segment_label(settings)
-        policy = QuarantinePolicy.from_settings(settings)
-        board = backend.quarantine_board() if policy.enabled else None
-        if policy.enabled and board is None:
-            raise ConfigError(
-                f"rendezvous setting quarantine_after: the {backend.name} backend's group is "
-                "fixed, so it cannot go on without a quarantined node"
-            )
-        self._quarantine = Quarantine(policy, board, settings.run_id)
+        self._quarantine = Quarantine.for_backend(settings, backend)
 
     # ----------------------------------------------------------------- public operations
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
@@ -150,7 +143,8 @@ class Rendezvous:
                 self.backend.open_session()
             if check_quarantine:
                 check_quarantine = False
-                if self._sit_out_quarantine(target):
+                leave = functools.partial(self.backend.retract, self.node_id, target)
+                if self._quarantine.sit_out(self.host, leave, self._ended):
                     deadline = self._join_deadline = time.monotonic() + s.join_timeout
                     control, cursor = self.backend.read_control()
                     continue
@@ -383,9 +377,7 @@ class Rendezvous:
                             self.backend.retract(self.node_id, target)
                             return control
                         continue
-                    if record.blame in quarantined:
-                        # Its count ends with the quarantine: back, it starts afresh.
-                        record = dataclasses.replace(record, blame="", strikes=0)
+                    record = self._quarantine.settled(record, quarantined)
                     size = oversize(record)
                     if size is not None:
                         # Close the run: every waiting node stops now. Retracting alone would
@@ -447,22 +439,11 @@ class Rendezvous:
         """Eligible nodes a round can take: all of them, or with segments those in whole ones."""
         if not self._segment_size:
             return len(view.eligible)
-        labels = (nodes[i].info.segment for i in view.eligible)
-        return usable(labels, self._segment_size, self.settings.max_nodes)
+        return usable((nodes[i].info.segment for i in view.eligible), self._segment_size, self.settings.max_nodes)
 
-    def _sit_out_quarantine(self, target: int) -> bool:
-        """While this node's host is quarantined: no record of ours (the group neither waits
-        for us nor counts us as a newcomer), wait until it ends. Whether we waited."""
-        record = self._quarantine.blocking(self.host)
-        if record is None:
-            return False
-        self.backend.retract(self.node_id, target)
-
-        def stop() -> bool:
-            return self._shut or self.backend.read_control()[0].closed
-
-        self._quarantine.sit_out(self.host, record, stop)
-        return True
+    def _ended(self) -> bool:
+        """This node shut down, or the run closed (one read): a wait outside the group ends."""
+        return self._shut or self.backend.read_control()[0].closed
 
     def _give_up(
         self,

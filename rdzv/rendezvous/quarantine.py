@@ -20,6 +20,7 @@ itself; it waits, saying so once, until the record expires or an operator remove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from rdzv.rendezvous.model import NodeEntry, RecordError, RoundRecord
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_number
 
 if TYPE_CHECKING:  # annotations only: rdzv status reads records without torch
-    from rdzv.backends.api import QuarantineBoard
+    from rdzv.backends.api import Backend, QuarantineBoard
 
 log = logging.getLogger("rdzv")
 
@@ -161,6 +162,19 @@ class Quarantine:
         self.board = board if policy.enabled else None
         self.run_id = run_id
 
+    @classmethod
+    def for_backend(cls, settings: RendezvousSettings, backend: Backend) -> Quarantine:
+        """The quarantine `settings` ask for, on `backend`'s board; a ConfigError where it
+        does not apply (static)."""
+        policy = QuarantinePolicy.from_settings(settings)
+        board = backend.quarantine_board() if policy.enabled else None
+        if policy.enabled and board is None:
+            raise ConfigError(
+                f"rendezvous setting quarantine_after: the {backend.name} backend's group is "
+                "fixed, so it cannot go on without a quarantined node"
+            )
+        return cls(policy, board, settings.run_id)
+
     @property
     def enabled(self) -> bool:
         return self.board is not None
@@ -174,6 +188,11 @@ class Quarantine:
         if self.board is None or record.strikes < self.policy.after or not record.blame:
             return None
         return None if record.blame in out else record.blame
+
+    def settled(self, record: RoundRecord, out: dict[str, QuarantineRecord]) -> RoundRecord:
+        """`record` as sealed: a quarantined host's count ends with its quarantine (back, it
+        starts afresh)."""
+        return dataclasses.replace(record, blame="", strikes=0) if record.blame in out else record
 
     def impose(self, host: str, record: RoundRecord) -> QuarantineRecord:
         assert self.board is not None
@@ -195,11 +214,18 @@ class Quarantine:
         """This host's record in force, if any (one read)."""
         return self.hosts_out().get(host) if self.board is not None else None
 
-    def sit_out(self, host: str, record: QuarantineRecord, stop: Callable[[], bool]) -> None:
-        """Wait while `host` is quarantined (`stop()`: give up now, e.g. the run closed)."""
+    def sit_out(self, host: str, leave: Callable[[], None], stop: Callable[[], bool]) -> bool:
+        """While `host` is quarantined, `leave()` the group (no record of ours: the group
+        neither waits for us nor counts us as a newcomer) and wait until it ends (`stop()`:
+        give up now, e.g. the run closed). Whether there was anything to wait for (one read)."""
+        record = self.blocking(host)
+        if record is None:
+            return False
+        leave()
         log.warning("rendezvous %s: this node (%s) is %s; waiting", self.run_id, host, record.describe())
         current: QuarantineRecord | None = record
         while current is not None and not stop():
             time.sleep(max(min(POLL, current.until - time.time()), 0.05))
             current = self.blocking(host)
         log.warning("rendezvous %s: this node (%s) is out of quarantine; joining again", self.run_id, host)
+        return True
