@@ -442,7 +442,9 @@ class Rendezvous:
         return usable((nodes[i].info.segment for i in view.eligible), self._segment_size, self.settings.max_nodes)
 
     def _ended(self) -> bool:
-        """This node shut down, or the run closed (one read): a wait outside the group ends."""
+        """This node shut down, or the run closed (one read): a wait outside the group ends.
+        Such a wait has no deadline, as a spare's: a store outage during it is ridden out."""
+        self._join_deadline = time.monotonic() + self.settings.join_timeout
         return self._shut or self.backend.read_control()[0].closed
 
     def _give_up(
