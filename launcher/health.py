@@ -67,10 +67,13 @@ class CheckResult:
 def run_check(argv: list[str], timeout: float) -> CheckResult:
     """Run the check once; a check still running at `timeout` is killed with its children."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: a timeout kills what it started too
-    )
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout kills what it started too
+        )
+    except OSError as exc:  # removed or made unexecutable since the launcher checked it
+        return CheckResult(False, 0.0, f"cannot run it: {exc.strerror or exc}")
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
