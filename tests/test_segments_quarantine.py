@@ -131,6 +131,21 @@ def test_a_node_failing_k_times_is_quarantined_and_released(where: tuple[str, st
         assert {f.result(timeout=60).world_size for f in again} == {3}
 
 
+def test_a_member_standing_aside_lets_the_others_reform_and_comes_back(where: tuple[str, str]) -> None:
+    """What a failed --health-check does after a restart: the member's record goes, the others
+    re-form without it; its next join announces it again."""
+    backend, endpoint = where
+    with _group(backend, endpoint) as g:
+        a, b, sick = (g.node(2, 3, local_addr=h) for h in ("hostA", "hostB", "hostSick"))
+        g.join_all([a, b, sick])
+        sick.stand_aside()
+        wait_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 30, "the others to see it gone")
+        assert {i.world_size for i in g.join_all([a, b])} == {2}
+        back = g.join(sick)
+        wait_until(lambda: a.num_nodes_waiting() > 0, 30, "the members to see it back")
+        assert {f.result(timeout=60).world_size for f in (back, g.join(a), g.join(b))} == {3}
+
+
 # ---------------------------------------------------------------- the pure parts, without a store
 
 def _entry(node_id: str, host: str, arrival: int, *, failed: int = 0, segment: str | None = None) -> NodeEntry:
