@@ -21,6 +21,9 @@ COPY rdzv ./rdzv
 COPY launcher ./launcher
 COPY examples ./examples
 RUN pip install -e . && rdzv-launch --help >/dev/null
+# etcdctl, from etcd's own image: deploy/k8s/etcd-auth-job.yaml runs it here (that image has no
+# shell), and it is at hand to look at etcd from a trainer pod.
+COPY --from=quay.io/coreos/etcd:v3.5.17 /usr/local/bin/etcdctl /usr/local/bin/etcdctl
 
 # rdzv-launch forwards SIGTERM to the workers and stops them within --shutdown-timeout.
 STOPSIGNAL SIGTERM

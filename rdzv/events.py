@@ -107,7 +107,8 @@ class EventDeriver:
         if new is not None and new.sealed is not None:
             if old is not None and old.sealed is not None and old.sealed.round == new.sealed.round:
                 return []
-            return [self._sealed(new.sealed, at)]
+            # With its members: a header's are in the keys written before it.
+            return [self._sealed(self.view.sealed or new.sealed, at)]
         if new is not None and new.kind == LASTCALL and old is None and new.deadline is not None:
             left = max(new.deadline - at, 0.0)
             return [self._event(LAST_CALL, f"last call for round {new.round_no}: {_secs(left)} left",

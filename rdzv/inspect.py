@@ -20,8 +20,12 @@ from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
 from rdzv.etcd import EtcdClient, EtcdError, KeyValue
 from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import (
+    Assignment,
+    DetachedRoster,
+    InlineRoster,
     NodeInfo,
     RecordError,
+    RoundProgress,
     RoundRecord,
     parse_lease_id,
     parse_node_id,
@@ -32,8 +36,9 @@ from rdzv.rendezvous.quarantine import QuarantineRecord, active
 from rdzv.rendezvous.settings import DEFAULT_PREFIX, password_from
 
 # What a key of a run is, by its name under `<prefix>/<run_id>/`.
-CURRENT, CLOSED, LEASE, COORD, LASTCALL, NODE, STORE, QUARANTINE, OTHER = (
-    "current", "closed", "lease", "coord", "lastcall", "node", "store", "quarantine", "other",
+CURRENT, CLOSED, LEASE, COORD, LASTCALL, PROGRESS, NODE, MEMBER, LIVE, STORE, QUARANTINE, OTHER = (
+    "current", "closed", "lease", "coord", "lastcall", "progress", "node", "member", "live", "store", "quarantine",
+    "other",
 )
 
 
@@ -84,14 +89,16 @@ class RunKey:
 
     key: str  # the full key
     rel: str  # the key below the run's root
-    kind: str  # CURRENT, CLOSED, LEASE, COORD, LASTCALL, NODE, STORE or OTHER
+    kind: str  # CURRENT, CLOSED, LEASE, COORD, LASTCALL, PROGRESS, NODE, MEMBER, LIVE, STORE or OTHER
     kv: KeyValue
-    round_no: int | None = None  # COORD, LASTCALL: the round named by the key
+    round_no: int | None = None  # COORD, LASTCALL, PROGRESS, MEMBER, LIVE: the round named by the key
     sealed: RoundRecord | None = None  # CURRENT
     node: NodeInfo | None = None  # NODE
     coordinator: str | None = None  # COORD: the claiming node's id
     deadline: float | None = None  # LASTCALL: wall-clock end of the last call
     quarantine: QuarantineRecord | None = None  # QUARANTINE
+    member: str | None = None  # MEMBER, LIVE: the member's node id
+    assignment: Assignment | None = None  # MEMBER, LIVE: its rank and host
     error: str | None = None
 
 
@@ -99,7 +106,9 @@ _EXACT = {EtcdV3Layout.CURRENT: CURRENT, EtcdV3Layout.CLOSED: CLOSED, EtcdV3Layo
 _PREFIXES = (
     (EtcdV3Layout.COORD, COORD),
     (EtcdV3Layout.LASTCALL, LASTCALL),
+    (EtcdV3Layout.PROGRESS, PROGRESS),
     (EtcdV3Layout.NODE, NODE),
+    (EtcdV3Layout.ROUND, MEMBER),  # or LIVE: told apart by `_kind`
     (EtcdV3Layout.STORE, STORE),
     (EtcdV3Layout.QUARANTINE, QUARANTINE),
 )
@@ -108,7 +117,11 @@ _PREFIXES = (
 def _kind(rel: str) -> str:
     if rel in _EXACT:
         return _EXACT[rel]
-    return next((kind for start, kind in _PREFIXES if rel.startswith(start)), OTHER)
+    kind = next((kind for start, kind in _PREFIXES if rel.startswith(start)), OTHER)
+    if kind == MEMBER:  # round/<round>/rank/<id> or round/<round>/live/<id>
+        parts = rel.split("/")
+        kind = {"rank": MEMBER, "live": LIVE}.get(parts[2], OTHER) if len(parts) == 4 else OTHER
+    return kind
 
 
 def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
@@ -128,10 +141,20 @@ def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
             round_no = parse_round_no(rel[len(EtcdV3Layout.LASTCALL) :])
             deadline = parse_number(kv.value, "last call deadline")
             return RunKey(key, rel, kind, kv, round_no=round_no, deadline=deadline)
+        if kind == PROGRESS:
+            round_no = parse_round_no(rel[len(EtcdV3Layout.PROGRESS) :])
+            RoundProgress.decode(kv.value)
+            return RunKey(key, rel, kind, kv, round_no=round_no)
         if kind == NODE:
             return RunKey(key, rel, kind, kv, node=_node(rel, kv))
         if kind == QUARANTINE:
             return RunKey(key, rel, kind, kv, quarantine=QuarantineRecord.decode(kv.value))
+        if kind in (MEMBER, LIVE):
+            _, round_part, _, node_id = rel.split("/")
+            return RunKey(
+                key, rel, kind, kv, round_no=parse_round_no(round_part), member=parse_node_id(node_id),
+                assignment=Assignment.decode(kv.value),
+            )
     except RecordError as exc:
         return RunKey(key, rel, kind, kv, error=str(exc))
     return RunKey(key, rel, kind, kv)
@@ -142,6 +165,19 @@ def _node(rel: str, kv: KeyValue) -> NodeInfo:
     if info.node_id != rel[len(EtcdV3Layout.NODE) :]:
         raise RecordError(f"it names node {info.node_id!r}")
     return info
+
+
+def with_members(sealed: RoundRecord | None, keys: Iterable[RunKey]) -> RoundRecord | None:
+    """`sealed` with its roster from its round's member keys among `keys`, when it is a header
+    (a record that lists its members is returned as it is)."""
+    if sealed is None or not isinstance(sealed.roster, DetachedRoster):
+        return sealed
+    members = {
+        rk.member: rk.assignment
+        for rk in keys
+        if rk.kind == MEMBER and rk.round_no == sealed.round and rk.member and rk.assignment
+    }
+    return sealed.with_roster(InlineRoster.of(members))
 
 
 def summarize(
@@ -165,6 +201,7 @@ def summarize(
             coordinators[rk.round_no] = rk.coordinator
         elif rk.node is not None:
             nodes.append((rk.node, rk.kv.lease))
+    sealed = with_members(sealed, keys)
     ranks = {nid: r for r, nid in enumerate(sealed.ids)} if sealed else {}
     members, waiting, spares = [], [], []
     for info, lease in sorted(nodes, key=lambda n: ranks.get(n[0].node_id, 1 << 30)):

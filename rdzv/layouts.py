@@ -22,9 +22,16 @@ class EtcdV3Layout:
         ctl/closed           present once the run is closed                       [run lease]
         ctl/coord/<round>    node id coordinating a forming round                 [node lease]
         ctl/lastcall/<round> wall-clock end of that round's last call             [node lease]
+        ctl/progress/<round> how a forming round stands (RoundProgress JSON)      [node lease]
         node/<node id>       NodeInfo JSON: who the node is, which round it wants [node lease]
+        round/<round>/rank/<node id>  a member's Assignment (rank, host)          [run lease]
+        round/<round>/live/<node id>  the same, bound to the member's lease       [its lease]
         store/<round>/...    the round's torch Store                              [run lease]
         quarantine/<host>    a quarantined host (rdzv.rendezvous.quarantine)      [own lease]
+
+    ctl/current holds a sealed round's header only (constant size); its members are the
+    round/<round>/ keys, written before the header: a member reads its own rank key, and
+    watches the live keys for departures.
     """
 
     # Names below the run's root (`rdzv.inspect` classifies keys by them).
@@ -34,7 +41,9 @@ class EtcdV3Layout:
     CLOSED = "ctl/closed"
     COORD = "ctl/coord/"
     LASTCALL = "ctl/lastcall/"
+    PROGRESS = "ctl/progress/"
     NODE = "node/"
+    ROUND = "round/"
     STORE = "store/"
     QUARANTINE = "quarantine/"  # outside the ctl/..node/ range the change feeds watch
 
@@ -46,7 +55,9 @@ class EtcdV3Layout:
         self.closed = self.root + self.CLOSED
         self.coord_dir = self.root + self.COORD
         self.lastcall_dir = self.root + self.LASTCALL
+        self.progress_dir = self.root + self.PROGRESS
         self.nodes = self.root + self.NODE
+        self.round_root = self.root + self.ROUND
         self.store_dir = self.root + self.STORE
         self.quarantine_dir = self.root + self.QUARANTINE
 
@@ -56,8 +67,22 @@ class EtcdV3Layout:
     def lastcall(self, round_no: int) -> str:
         return self.lastcall_dir + round_key(round_no)
 
+    def progress(self, round_no: int) -> str:
+        return self.progress_dir + round_key(round_no)
+
     def node(self, node_id: str) -> str:
         return self.nodes + node_id
+
+    def round_dir(self, round_no: int) -> str:
+        return f"{self.round_root}{round_key(round_no)}/"
+
+    def ranks(self, round_no: int) -> str:
+        """Where round `round_no`'s members' rank keys live (a prefix)."""
+        return self.round_dir(round_no) + "rank/"
+
+    def live(self, round_no: int) -> str:
+        """Where round `round_no`'s members' live keys live (a prefix)."""
+        return self.round_dir(round_no) + "live/"
 
     def store(self, round_no: int) -> str:
         return f"{self.store_dir}{round_key(round_no)}/"
@@ -70,6 +95,7 @@ class EtcdV2Layout:
                                                                             by the round leaders]
         w/ctl/coord/<round>    node id coordinating a forming round      [TTL lease_ttl, holder]
         w/ctl/lastcall/<round> wall-clock end of that round's last call  [TTL lease_ttl, holder]
+        w/ctl/progress/<round> how a forming round stands (RoundProgress) [TTL lease_ttl, holder]
         w/node/<node id>       NodeInfo JSON                             [TTL lease_ttl, owner]
         store/<round>/...      the round's torch Store                   [TTL store_ttl, fixed]
         quarantine/<host>      a quarantined host                        [TTL quarantine_ttl]
@@ -82,6 +108,7 @@ class EtcdV2Layout:
         self.state = self.ctl + "/state"
         self.coord_dir = self.ctl + "/coord/"
         self.lastcall_dir = self.ctl + "/lastcall/"
+        self.progress_dir = self.ctl + "/progress/"
         self.nodes = self.watched + "/node"
         self.store_dir = run_prefix + "/store/"
         self.quarantine_dir = run_prefix + "/quarantine/"  # not under /w: feeds never see it
@@ -91,6 +118,9 @@ class EtcdV2Layout:
 
     def lastcall(self, round_no: int) -> str:
         return self.lastcall_dir + round_key(round_no)
+
+    def progress(self, round_no: int) -> str:
+        return self.progress_dir + round_key(round_no)
 
     def node(self, node_id: str) -> str:
         return f"{self.nodes}/{node_id}"

@@ -22,6 +22,7 @@ from rdzv.inspect import (
     norm_prefix,
     run_root,
     summarize,
+    with_members,
 )
 from rdzv.rendezvous.model import NodeInfo, RoundRecord
 
@@ -53,6 +54,7 @@ class RunView:
         self.round_started: dict[int, float] = {}  # round -> when its first node asked (live)
         self.sealed_at: float | None = None  # when the current round was sealed (seen live)
         self.ever_closed = False
+        self._sealed: tuple[RunKey, RoundRecord | None] | None = None  # (ctl/current key, its record)
 
     # -- folding ---------------------------------------------------------------------------
 
@@ -109,8 +111,15 @@ class RunView:
 
     @property
     def sealed(self) -> RoundRecord | None:
+        """The sealed round, with its members (read from its member keys for a header)."""
         current = self.keys.get("ctl/current")
-        return current.sealed if current is not None else None
+        if current is None or current.sealed is None:
+            return None
+        cached = self._sealed
+        if cached is None or cached[0] is not current:
+            # Members' keys are all written before the header: one pass per header.
+            cached = self._sealed = (current, with_members(current.sealed, self.keys.values()))
+        return cached[1]
 
     @property
     def closed(self) -> bool:

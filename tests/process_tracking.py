@@ -21,7 +21,7 @@ from pathlib import Path
 _live: dict[int, subprocess.Popen[bytes]] = {}
 _live_dirs: set[str] = set()
 _live_lock = threading.Lock()
-_swept = False
+_swept: set[str] = set()  # prefixes whose stale dirs were swept
 
 
 def free_port() -> int:
@@ -49,9 +49,8 @@ def untrack(proc: subprocess.Popen[bytes]) -> None:
 
 def new_data_dir(prefix: str) -> Path:
     """A fresh directory (tmpfs where there is one), removed at exit unless `drop_data_dir`."""
-    global _swept
-    if not _swept:
-        _swept = True
+    if prefix not in _swept:
+        _swept.add(prefix)
         _sweep_stale_dirs(prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=_tmp_root()))
     (path / "owner.pid").write_text(str(os.getpid()))

@@ -114,7 +114,7 @@ def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, c
             feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
             feed._watch._fail(EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
             assert a.num_nodes_waiting() == 0  # resynchronised: nothing changed meanwhile
-            assert _resynced(caplog, "etcd cancelled the watch")
+            assert _resynced(caplog, "etcd cancelled the departures watch")
             b.kill()
             wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, through the new watch")
         finally:

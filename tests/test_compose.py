@@ -438,7 +438,8 @@ def test_trainer_image_is_documented_and_buildable(stacks: dict[str, dict[str, A
         text = dockerfile.read_text()
         assert re.search(r"^FROM python:3\.\d+", text, re.M)
         assert "torch==2.13.0" in text and re.search(r"pip install -e \.", text)
-        for src in re.findall(r"^COPY (\S+) ", text, re.M):
+        # Sources in the build context must exist (COPY --from=IMAGE copies from another image).
+        for src in re.findall(r"^COPY (?!--from=)(\S+) ", text, re.M):
             assert (ROOT / src).exists(), f"{dockerfile.name} copies {src}, which is missing"
 
 
@@ -473,3 +474,37 @@ def test_generated_certificates_fit_the_tls_stack(stacks: dict[str, dict[str, An
     assert server.issuer == ca.subject
     server_ips = {str(a) for a in server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)}
     assert "10.0.0.5" in server_ips
+
+
+# ------------------------------------------------------------------------------ the compose spec
+
+
+def compose_spec_errors(text: str) -> list[str]:
+    """Where ``text`` breaks the Compose Specification's JSON schema (the copy the maintained
+    check-jsonschema package vendors), as "path: message" lines; [] when it conforms."""
+    import importlib.resources
+
+    import jsonschema
+    import yaml
+
+    schema = json.loads(
+        importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(yaml.safe_load(text))]
+
+
+@pytest.mark.parametrize("path", [BASE, TLS], ids=lambda p: p.name)
+def test_files_conform_to_the_compose_spec(path: Path) -> None:
+    assert compose_spec_errors(path.read_text()) == []
+
+
+@pytest.mark.parametrize(("good", "bad", "where"), [
+    ("    stop_grace_period: 40s\n", "    stop_grace_perod: 40s\n", "services/trainer-1"),  # a misspelt key
+    ("        condition: service_healthy\n", "        condition: service_healty\n", "depends_on"),  # not an allowed value
+    ("      retries: 12\n", "      retries: [12]\n", "healthcheck/retries"),                # a wrong type
+])
+def test_a_wrong_field_breaks_the_compose_spec(good: str, bad: str, where: str) -> None:
+    text = BASE.read_text()
+    assert good in text
+    errors = compose_spec_errors(text.replace(good, bad, 1))
+    assert errors and any(where in e for e in errors), errors

@@ -201,15 +201,16 @@ def test_num_nodes_waiting_makes_no_requests(etcd) -> None:
 _ = (os, FAST_CONF)
 
 
-def test_a_round_too_big_for_one_record_is_refused_unwritten(etcd34, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sealed record nobody could read would mark the run corrupt: the coordinator refuses
-    it before writing, naming the limit (lowered here so that 3 nodes exceed it)."""
+def test_a_round_too_big_for_one_record_is_refused_unwritten(etcd_v2, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that keeps a round in one record (etcd v2 here): a record nobody could read
+    would mark the run corrupt, so the coordinator refuses it before writing, naming the limit
+    (lowered here so that 3 nodes exceed it)."""
     from rdzv.rendezvous import join_errors, sealing
 
     monkeypatch.setattr(sealing, "MAX_ROUND_RECORD", 300)
     monkeypatch.setattr(join_errors, "MAX_ROUND_RECORD", 300)
     run_id = new_run_id("big")
-    with node_group("etcd", etcd34.endpoint, run_id, join_timeout="8") as g:
+    with node_group("etcd-v2", etcd_v2.endpoint, run_id, join_timeout="8") as g:
         nodes = [g.node(3, 3, local_addr=f"{'h' * 80}{i}") for i in range(3)]
         futures = [g.join(n) for n in nodes]
         refused = []
@@ -220,4 +221,27 @@ def test_a_round_too_big_for_one_record_is_refused_unwritten(etcd34, monkeypatch
     # The coordinator names the limit; it closed the run, so the others stopped with it.
     assert sum("MiB limit a sealed record may have; the round was not written" in m for m in refused) == 1, refused
     assert all("closed" in m for m in refused), refused
-    assert _keys(etcd34.endpoint, f"/rdzv/{run_id}/ctl/current") == []
+
+
+def test_etcd_v3_has_no_record_size_ceiling(etcd34, monkeypatch: pytest.MonkeyPatch) -> None:
+    """etcd v3 stores a round as a constant-size header plus one key per member: the same
+    round (over the lowered limit) forms, every node learns its rank from its own key, and the
+    header names no member beyond the first ranks."""
+    from rdzv.rendezvous import join_errors, sealing
+
+    monkeypatch.setattr(sealing, "MAX_ROUND_RECORD", 300)
+    monkeypatch.setattr(join_errors, "MAX_ROUND_RECORD", 300)
+    run_id = new_run_id("big")
+    with node_group("etcd", etcd34.endpoint, run_id) as g:
+        nodes = [g.node(3, 3, local_addr=f"{'h' * 80}{i}") for i in range(3)]
+        infos = g.join_all(nodes)
+        assert sorted(i.rank for i in infos) == [0, 1, 2]
+        client = EtcdClient(etcd34.endpoint)
+        try:
+            header = client.get(f"/rdzv/{run_id}/ctl/current")
+            # Only rank 0's address (the master's) is in it, not the members' hosts.
+            assert header is not None and len(header.value) < 300 and header.value.count(b"h" * 80) == 1
+        finally:
+            client.close()
+        assert len(_keys(etcd34.endpoint, f"/rdzv/{run_id}/round/000000000001/rank/")) == 3
+        assert len(_keys(etcd34.endpoint, f"/rdzv/{run_id}/round/000000000001/live/")) == 3

@@ -31,13 +31,16 @@ from waiting import wait_until
 from rdzv.backends.c10d import C10dBackend
 from rdzv.backends.etcd_v2 import EtcdV2Backend
 from rdzv.etcd import EtcdClient
-from rdzv.rendezvous.model import NodeInfo, RecordError, RoundRecord
+from rdzv.rendezvous.model import Assignment, NodeInfo, RecordError, RoundProgress, RoundRecord
 
 pytestmark = pytest.mark.timeout(240)
 
 GARBAGE = b"{not json at all"
 NODE = NodeInfo("abc123", "h", "127.0.0.1", 7, 1234, 1, None, 2)
-ROUND = RoundRecord(2, ("abc123", "def456"), "127.0.0.1", 1234, 1, 3, view_cursor=5)
+ROUND = RoundRecord.listing(
+    ("abc123", "def456"), round=2, master_addr="127.0.0.1", master_port=1234, min_nodes=1, max_nodes=3,
+    view_cursor=5,
+)
 
 
 # ------------------------------------------------------------------ the decoders
@@ -47,6 +50,12 @@ def test_valid_records_round_trip() -> None:
     assert NodeInfo.decode(NODE.encode()) == NODE
     assert RoundRecord.decode(ROUND.encode(), 9) == ROUND
     assert RoundRecord.decode(ROUND.encode(), 9).cursor == 9
+    assert RoundRecord.decode(ROUND.encode()).ids == ROUND.ids
+    header = RoundRecord.decode(ROUND.encode_header(), 9)
+    assert header == ROUND and header.head == ROUND.ids and header.world_size == 2
+    assert Assignment.decode(Assignment(1, "h", "h").encode()) == Assignment(1, "h", "h")
+    progress = RoundProgress(3, 1, 2, 0, ("h1",))
+    assert RoundProgress.decode(progress.encode()) == progress
     # Records written before the version field existed still read.
     legacy = {k: v for k, v in json.loads(NODE.encode()).items() if k != "v"}
     assert NodeInfo.decode(json.dumps(legacy)) == NODE
@@ -88,6 +97,34 @@ def test_node_records_that_do_not_decode(raw: bytes, why: str) -> None:
 def test_round_records_that_do_not_decode(change: dict[str, object], why: str) -> None:
     with pytest.raises(RecordError, match=re.escape(why)):
         RoundRecord.decode(json.dumps({**json.loads(ROUND.encode()), **change}))
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"head": []}, "'head'"),
+        ({"head": ["abc123"]}, "first 2 ranks"),
+        ({"size": 0}, "'size'"),
+        ({"head": ["a/b", "c"]}, "not a node id"),
+        ({"v": 3}, "unknown record version 3"),
+    ],
+)
+def test_round_headers_that_do_not_decode(change: dict[str, object], why: str) -> None:
+    with pytest.raises(RecordError, match=re.escape(why)):
+        RoundRecord.decode(json.dumps({**json.loads(ROUND.encode_header()), **change}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"rank": -1, "host": "h", "name": "h"}', "'rank'"),
+        (b'{"rank": 1, "name": "h"}', "'host'"),
+        (GARBAGE, "not JSON"),
+    ],
+)
+def test_assignments_that_do_not_decode(raw: bytes, why: str) -> None:
+    with pytest.raises(RecordError, match=re.escape(why)):
+        Assignment.decode(raw)
 
 
 # ------------------------------------------------------------------ every backend's handlers
@@ -179,7 +216,9 @@ def test_garbage_node_record_is_not_a_node(target: Target, group: NodeGroup, cap
     assert a.num_nodes_waiting() == 0
     key = target.write(a, "node", GARBAGE)
     target.write(a, "node", GARBAGE + b" again")  # a second bad write: still one warning
-    wait_until(lambda: _warned_after_poll(caplog, key, a, b), 20, "the warning about the bad record")
+    if target.name != "etcd":
+        # etcd v3 members never read node records (the next round's coordinator does, below).
+        wait_until(lambda: _warned_after_poll(caplog, key, a, b), 20, "the warning about the bad record")
     for _ in range(20):  # every poll drains the feeds; none may count the record as a node
         assert a.num_nodes_waiting() == 0 and b.num_nodes_waiting() == 0
         assert not a.is_closed()
@@ -293,13 +332,18 @@ def test_launchers_train_on_through_garbage_in_every_key(job: Job) -> None:
             job.put("ctl/coord/notanumber", b"x"),
             job.put("ctl/lastcall/000000000002", b"soon"),
             job.put("ctl/lease", b"-1"),
+            job.put("ctl/progress/000000000002", b"[]"),
+            job.put("round/000000000001/rank/zzzzzz", GARBAGE),
+            job.put("round/000000000001/live/zzzzzz", GARBAGE),
             job.put("store/000000000001/torchelastic/agent/terminal_state/num_members", b"many"),
         ]
-        # Each launcher says once per record that it ignores it: the event that it was read.
+        # Each launcher says once per control record that it ignores it: the event that it was
+        # read. Members read no node records and no other member's keys while they train.
+        read = [key for key in bad if "/ctl/" in key]
         for node in nodes:
-            for key in bad[:-1]:
+            for key in read:
                 wait_until(lambda n=node, k=key: _warned(n, k) >= 1, 30, f"a warning about {key}", describe)
-        _figure("9 bad keys written, every one read and warned about by both nodes", time.monotonic() - written)
+        _figure("12 bad keys written, every control key read and warned about by both nodes", time.monotonic() - written)
         # A node that wants a new round now cannot get one, and says why in one line.
         started = time.monotonic()
         late = start(job.args("2:3"))
@@ -314,33 +358,33 @@ def test_launchers_train_on_through_garbage_in_every_key(job: Job) -> None:
         for node in nodes:
             assert node.wait(60) == 0, node.describe()
             assert "Traceback" not in node.stderr, node.describe()
-            for key in bad[:-1]:
+            for key in read:
                 assert _warned(node, key) == 1, (key, node.describe())
     assert job.keys() == [], "the last node out removes every key, the bad ones too"
 
 
 def test_a_members_record_overwritten_while_training(job: Job) -> None:
-    """Garbage over a member's own record: that node is gone for the others (its record no
-    longer says who it is); it announces itself again and the same two nodes re-form."""
+    """Garbage over a member's own record: members never read node records while they train
+    (their departures come from their live keys), so the group trains on; the next round's
+    coordinator reads it as no node, and the member's next announce replaces it."""
     with launchers(job.out) as start:
-        nodes = [start(job.args()), start(job.args())]
+        nodes = [start(job.args("2:3")), start(job.args("2:3"))]
         describe = lambda: "\n".join(n.describe() for n in nodes)  # noqa: E731
         wait_until(lambda: _formed(job.out, 2), 90, "a group of 2", describe)
         before = {r["pid"] for r in records(job.out, 0).values()}
         victim = job.node_ids()[0]
         key = job.put(f"node/{victim}", GARBAGE)
-        written = time.monotonic()
-        # A membership restart keeps TORCHELASTIC_RESTART_COUNT: new worker pids show it.
-        wait_until(lambda: _formed(job.out, 2) and not before & {r["pid"] for r in records(job.out, 0).values()},
-                 60, "the group re-formed", describe)
-        _figure("member record overwritten -> both nodes' workers running again", time.monotonic() - written)
+        # A third node makes the group re-form: the victim announces itself again.
+        nodes.append(start(job.args("2:3")))
+        wait_until(lambda: _formed(job.out, 3) and not before & {r["pid"] for r in records(job.out, 0).values()},
+                 90, "the group of 3", describe)
         with EtcdClient(job.endpoint) as client:
             fresh = client.get(key)
         assert fresh is not None and NodeInfo.decode(fresh.value).node_id == victim, "announced again"
         (job.out / "stop").touch()
         for node in nodes:
             assert node.wait(60) == 0, node.describe()
-            assert _warned(node, key) == 1, node.describe()
+            assert "Traceback" not in node.stderr, node.describe()
     assert job.keys() == []
 
 

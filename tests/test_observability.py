@@ -329,7 +329,7 @@ def _delete(key: str, rev: int) -> Event:
 def test_views_and_events_from_synthetic_keys() -> None:
     view = PrefixView("/p", since=100.0)
     a, b = NodeInfo("aaaa", "hostA", "hostA", 11, 1, 1, local_world_size=8), NodeInfo("bbbb", "hostB", "hostB", 12, 1, 1)
-    record = RoundRecord(1, ("aaaa", "bbbb"), "hostA", 5000, 2, 2)
+    record = RoundRecord.listing(("aaaa", "bbbb"), round=1, master_addr="hostA", master_port=5000, min_nodes=2, max_nodes=2)
     view.apply(_put("/p/job/node/aaaa", a.encode(), 1), 101.0)
     view.apply(_put("/p/job/node/bbbb", b.encode(), 2), 102.0)
     view.apply(_put("/p/stray", b"x", 3), 103.0)

@@ -34,7 +34,7 @@ from torch.distributed.elastic.rendezvous import (
 from waiting import wait_until
 
 from rdzv import create_handler
-from rdzv.backends.api import DURABLE, ELASTIC, LIVENESS, SPARES
+from rdzv.backends.api import DURABLE, ELASTIC, LIVENESS, ROSTER_APART, SPARES
 from rdzv.rendezvous.round_store import RoundMemberGoneError
 from rdzv.rendezvous.settings import ConfigError
 
@@ -98,7 +98,7 @@ def backend(request: pytest.FixtureRequest, etcd_servers: Callable[[str], EtcdSe
     # c10d/static: a fresh port per test; the first node the test creates serves the store.
     endpoint = etcd_servers(version).endpoint if version else f"127.0.0.1:{free_port()}"
     caps = {
-        "etcd": frozenset({ELASTIC, SPARES, LIVENESS, DURABLE}),
+        "etcd": frozenset({ELASTIC, SPARES, LIVENESS, DURABLE, ROSTER_APART}),
         "etcd-v2": frozenset({ELASTIC, SPARES, LIVENESS, DURABLE}),
         "c10d": frozenset({ELASTIC, SPARES, LIVENESS}),
         "static": frozenset(),

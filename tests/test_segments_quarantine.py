@@ -170,7 +170,8 @@ def test_without_labels_segment_size_groups_nodes_in_runs() -> None:
 
 
 def test_a_restart_is_charged_to_the_first_reporter_unless_a_member_departed() -> None:
-    previous = RoundRecord(3, ("x", "y", "z"), "h", 1, 2, 3, restarts=1, hosts=("hx", "hy", "hz"), blame="hy", strikes=1)
+    previous = RoundRecord.listing(("x", "y", "z"), ("hx", "hy", "hz"), round=3, master_addr="h", master_port=1,
+                                   min_nodes=2, max_nodes=3, restarts=1, blame="hy", strikes=1)
     nodes = [_entry("x", "hx", 10, failed=3), _entry("y", "hy", 7, failed=3), _entry("z", "hz", 5)]
     record = build_record(4, nodes, previous, {"x", "y", "z"}, False, min_nodes=2, max_nodes=3)
     assert (record.restarts, record.blame, record.strikes) == (2, "hy", 2), "y reported first: its second in a row"
@@ -187,10 +188,12 @@ def test_records_of_older_versions_still_decode() -> None:
     assert b"segment" not in info.encode() and NodeInfo.decode(info.encode()) == info
     labelled = NodeInfo("n1", "h", "a", 1, 2, 3, segment="rack1")
     assert NodeInfo.decode(labelled.encode()).segment == "rack1"
-    record = RoundRecord(2, ("n1",), "a", 1, 1, 1)
+    header = {"round": 2, "master_addr": "a", "master_port": 1, "min_nodes": 1, "max_nodes": 1}
+    record = RoundRecord.listing(("n1",), ("h",), **header)
     assert b"strikes" not in record.encode() and RoundRecord.decode(record.encode()) == record
-    blamed = RoundRecord(2, ("n1",), "a", 1, 1, 1, blame="h", strikes=2)
+    blamed = RoundRecord.listing(("n1",), ("h",), **header, blame="h", strikes=2)
     assert RoundRecord.decode(blamed.encode()) == blamed
+    assert RoundRecord.decode(blamed.encode_header()).strikes == 2, "in the constant-size header too"
     quarantined = QuarantineRecord("h/1", "why", 12.5, 3, 2)
     assert QuarantineRecord.decode(quarantined.encode()) == quarantined
     assert host_of(host_key("h/1")) == "h/1" and host_of("a/b") is None

@@ -18,14 +18,14 @@ switch on it instead of assuming every store can do everything.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundProgress, RoundRecord
 
 
 class StoreUnreachableError(RendezvousConnectionError):
@@ -85,6 +85,10 @@ ELASTIC = "elastic"  # min < max; members are told (num_nodes_waiting) when the 
 SPARES = "spares"  # nodes beyond max_nodes wait outside the full group until a member leaves
 LIVENESS = "liveness"  # a dead node's records disappear by themselves (lease, TTL or heartbeat)
 DURABLE = "durable"  # the state outlives any one node (no node hosts the store)
+# A sealed round is stored as a small header plus one key per member (no record grows with the
+# round, and a member reads its own key only); without it the record lists every member and
+# must fit in one value (`sealing.oversize`).
+ROSTER_APART = "roster_apart"
 ALL_CAPABILITIES = frozenset({ELASTIC, SPARES, LIVENESS, DURABLE})
 
 
@@ -131,17 +135,35 @@ class Backend(Protocol):
         reports those that are gone as removed."""
         ...
 
+    def watch_round(self, record: RoundRecord) -> ChangeFeed:
+        """A member's feed of round `record`: control changes, and each member of the round
+        whose liveness ended as `NodeChange(node_id, None)`. It may report other node changes
+        too; the member ignores them (newcomers and members asking for a new round reach it
+        through the forming round's published progress, `Control.progress`)."""
+        ...
+
     def seal(
-        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+        self,
+        control: Control,
+        record: RoundRecord,
+        entries: Mapping[str, NodeEntry],
+        coordinator: str,
+        view_cursor: int,
     ) -> RoundRecord | None:
         """Store `record` as the latest sealed round if control is unchanged since `control`
-        was read and `coordinator` still holds the claim. `view_cursor`: where the
+        was read and `coordinator` still holds the claim. `entries`: the records of (at
+        least) the round's members as the coordinator saw them. `view_cursor`: where the
         coordinator's view of the nodes ended (`read_nodes`); a backend whose cursors compare
         has members watch from there (`RoundRecord.watch_cursor`), so they also see a node that
         went between that view and the seal. Returns the stored record or None."""
         ...
 
     def publish_last_call(self, round_no: int, deadline: float) -> None: ...
+
+    def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
+        """Round `round_no`'s coordinator reports how it stands (kept while it holds the
+        claim; every feed shows it in `Control.progress`)."""
+        ...
 
     def retract(self, node_id: str, round_no: int) -> None:
         """Withdraw this node from a round it gave up on (timeout) and drop any claim on it."""
@@ -188,3 +210,8 @@ class Backend(Protocol):
         """The run's quarantine records, or None where quarantine does not apply (static: a
         fixed group cannot go on without a node)."""
         ...
+
+def departures_from_nodes(backend: Backend, record: RoundRecord) -> ChangeFeed:
+    """`Backend.watch_round` for a backend whose node feed reports every node change: the
+    members' departures are among them."""
+    return backend.watch(record.watch_cursor, Control(sealed=record), nodes=True, known=record.ids)

@@ -17,12 +17,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from torch.distributed import PrefixStore, Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.backends.api import ELASTIC, SPARES, NodeChange
+from rdzv.backends.api import ELASTIC, SPARES, NodeChange, departures_from_nodes
 from rdzv.backends.c10d_connections import C10dConnections, unpack_cursor
 from rdzv.backends.c10d_heartbeat import Heartbeats, Liveness
 from rdzv.backends.c10d_host import Opener, open_c10d
@@ -37,6 +37,7 @@ from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
     NodeInfo,
+    RoundProgress,
     RoundRecord,
     guard,
     node_entry,
@@ -111,6 +112,10 @@ class C10dBackend:
         with self._lock:
             self._lost = False
             self._claim = None  # a claim is (re)made, and logged, by the next announce
+            # A node that withdrew to stand aside (a failed health check) beats again.
+            beat_again = self._pulse is None and self.connections.opened
+        if beat_again:
+            self._start_ticking()
         self.liveness.restart()
 
     def session_lost(self) -> bool:
@@ -276,8 +281,16 @@ class C10dBackend:
             on_exit=exit_,
         )
 
+    def watch_round(self, record: RoundRecord) -> PumpedFeed:
+        return departures_from_nodes(self, record)
+
     def seal(
-        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+        self,
+        control: Control,
+        record: RoundRecord,
+        entries: Mapping[str, NodeEntry],
+        coordinator: str,
+        view_cursor: int,
     ) -> RoundRecord | None:
         # `view_cursor` is not needed: members watch from just before the seal, read here.
         keys, conn = self.keys, self.conn
@@ -295,12 +308,23 @@ class C10dBackend:
         return sealed
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
+        self._annotate_claim(round_no, 1, repr(deadline))
+
+    def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
+        self._annotate_claim(round_no, 2, progress.encode().decode())
+
+    def _annotate_claim(self, round_no: int, field: int, value: str) -> None:
+        """Set field `field` of round `round_no`'s claim value (see `_apply_claim`), if held."""
         keys, conn = self.keys, self.conn
         name = keys.claim(round_no)
         raw = conn.get(keys.full(name))
-        holder = _holder(raw)
-        new = f"{holder}\t{deadline!r}"
-        if holder and conn.compare_set(keys.full(name), raw, new) == new.encode():
+        fields = raw.decode(errors="replace").split("\t")
+        if not fields[0]:
+            return
+        fields += [""] * (3 - len(fields))
+        fields[field] = value
+        new = "\t".join(fields)
+        if conn.compare_set(keys.full(name), raw, new) == new.encode():
             self.connections.log(name, control=True)
 
     def retract(self, node_id: str, round_no: int) -> None:
@@ -385,19 +409,24 @@ def _holder(raw: bytes) -> str:
 
 
 def _apply_claim(control: Control, key: str, raw: bytes) -> None:
-    """A claim value "<holder>[\\t<last call deadline>]" at `key` (".../claim/<round>")."""
+    """A claim value "<holder>[\\t<last call deadline>[\\t<progress>]]" at `key`
+    (".../claim/<round>"); an empty deadline is none."""
     with guard(control, key):
         round_no = parse_round_no(key.rpartition("/")[2])
-        holder, _, deadline = raw.decode(errors="replace").partition("\t")
+        holder, deadline, progress = (raw.decode(errors="replace").split("\t", 2) + ["", ""])[:3]
         if not holder:
             control.set_coordinator(round_no, None)
             control.set_last_call(round_no, None)
+            control.set_progress(round_no, None)
             return
         holder = parse_node_id(holder)
         when = parse_number(deadline, "last call deadline") if deadline else None
+        published = RoundProgress.decode(progress) if progress else None
         control.set_coordinator(round_no, holder)
         if when is not None:
             control.set_last_call(round_no, when)
+        if published is not None:
+            control.set_progress(round_no, published)
 
 
 def create_backend(settings: RendezvousSettings) -> C10dBackend:

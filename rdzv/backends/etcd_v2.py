@@ -38,7 +38,7 @@ from collections.abc import Collection, Mapping
 import etcd
 from torch.distributed import Store
 
-from rdzv.backends.api import ALL_CAPABILITIES
+from rdzv.backends.api import ALL_CAPABILITIES, departures_from_nodes
 from rdzv.backends.etcd_v2_client import (
     EtcdV2Client,
     EtcdV2Error,
@@ -58,6 +58,7 @@ from rdzv.rendezvous.model import (
     Control,
     NodeEntry,
     NodeInfo,
+    RoundProgress,
     RoundRecord,
     guard,
     node_entry,
@@ -175,6 +176,9 @@ class EtcdV2Backend:
                 round_no = parse_round_no(key[len(keys.lastcall_dir) :])
                 deadline = None if value is None else parse_number(value, "last call deadline")
                 control.set_last_call(round_no, deadline)
+            elif key.startswith(keys.progress_dir):
+                round_no = parse_round_no(key[len(keys.progress_dir) :])
+                control.set_progress(round_no, None if value is None else RoundProgress.decode(value))
 
     def _read_dir(self, path: str) -> tuple[list[etcd.EtcdResult], int]:
         with v2_errors(self.describe()):
@@ -244,8 +248,16 @@ class EtcdV2Backend:
             control, watcher.fetch, wait=WATCH_WAIT, name=f"rdzv-v2-watch-{self.settings.run_id}"
         )
 
+    def watch_round(self, record: RoundRecord) -> PumpedFeed:
+        return departures_from_nodes(self, record)
+
     def seal(
-        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+        self,
+        control: Control,
+        record: RoundRecord,
+        entries: Mapping[str, NodeEntry],
+        coordinator: str,
+        view_cursor: int,
     ) -> RoundRecord | None:
         # `view_cursor` is not needed: members watch from the claim's read below, which is later.
         keys = self.keys
@@ -269,6 +281,7 @@ class EtcdV2Backend:
         self._follow(sealed)
         self._release(coord, coordinator)
         self._drop(keys.lastcall(record.round))
+        self._drop(keys.progress(record.round))
         if control.sealed is not None:
             # The previous round's store is unused once every live member asked for this one.
             self._drop(keys.store(control.sealed.round), recursive=True)
@@ -288,10 +301,17 @@ class EtcdV2Backend:
             self.client.write(key, repr(deadline), ttl=self.lease_ttl)
         self._own(key)
 
+    def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
+        key = self.keys.progress(round_no)
+        with v2_errors(self.describe()):
+            self.client.write(key, progress.encode().decode(), ttl=self.lease_ttl)
+        self._own(key)
+
     def retract(self, node_id: str, round_no: int) -> None:
         self._lead("coordinator", False)
         self._release(self.keys.coord(round_no), node_id)
         self._drop(self.keys.lastcall(round_no))
+        self._drop(self.keys.progress(round_no))
         self._drop(self.keys.node(node_id))
 
     def close_run(self) -> None:

@@ -10,17 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
-from rdzv.backends.api import ALL_CAPABILITIES
+from rdzv.backends.api import ALL_CAPABILITIES, ROSTER_APART, departures_from_nodes
 from rdzv.backends.etcd_errors import etcd_errors
+from rdzv.backends.etcd_roster import EtcdRoster
 from rdzv.backends.etcd_run_lease import RunLease
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
 from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
+from rdzv.backends.etcd_v3_round_feed import EtcdRoundFeed
 from rdzv.backends.run_keepers import keeps_run
 from rdzv.etcd import (
     Compare,
@@ -36,9 +38,11 @@ from rdzv.etcd import (
 from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import (
     Control,
+    DetachedRoster,
     NodeEntry,
     NodeInfo,
     RecordError,
+    RoundProgress,
     RoundRecord,
     guard,
     node_entry,
@@ -52,13 +56,14 @@ from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings
 DEFAULT_PORT = 2379
 LEAVE_READ_LIMIT = 16  # node records a leaving node reads to decide whether it is the last
 EXPIRY_SLACK = 1.0  # beyond lease_ttl: etcd's lease expiry tick (500 ms) and the watch event
+TXN_OPS = 128  # etcd's default --max-txn-ops: the most keys one seal batch writes
 
 
 class EtcdBackend:
     """`Backend` over etcd's v3 API."""
 
     name = "etcd-v3"
-    capabilities = ALL_CAPABILITIES
+    capabilities = ALL_CAPABILITIES | {ROSTER_APART}
 
     def __init__(self, settings: RendezvousSettings, client: EtcdClient) -> None:
         self.settings = settings
@@ -112,7 +117,7 @@ class EtcdBackend:
         with guard(control, key):
             if key == keys.current:
                 if not deleted:
-                    control.sealed = RoundRecord.decode(value, kv.mod_revision)
+                    control.sealed = self._attach(RoundRecord.decode(value, kv.mod_revision))
                     control.token = kv.mod_revision
                     self.run_lease.keep("member", keeps_run(control.sealed, self._node_id))
             elif key == keys.closed:
@@ -129,6 +134,9 @@ class EtcdBackend:
                 round_no = parse_round_no(key[len(keys.lastcall_dir) :])
                 deadline = None if deleted else parse_number(value, "last call deadline")
                 control.set_last_call(round_no, deadline)
+            elif key.startswith(keys.progress_dir):
+                round_no = parse_round_no(key[len(keys.progress_dir) :])
+                control.set_progress(round_no, None if deleted else RoundProgress.decode(value))
             elif key == keys.lease:
                 if deleted:
                     # It lives on the run lease: gone with it. Nodes that do not keep the lease
@@ -137,9 +145,20 @@ class EtcdBackend:
                 else:
                     self.run_lease.adopt(parse_lease_id(value))
 
+    def _attach(self, record: RoundRecord) -> RoundRecord:
+        """A header read from ctl/current, with its roster (records that list their members,
+        from older versions, keep theirs)."""
+        if not isinstance(record.roster, DetachedRoster):
+            return record
+        return record.with_roster(self.roster(record.round))
+
+    def roster(self, round_no: int) -> EtcdRoster:
+        return EtcdRoster(self.client, self.keys.ranks(round_no), self.describe)
+
     def node(self, key: str, kv: KeyValue) -> NodeEntry | None:
         """The node whose record is `kv`, or None when it is not a node record (warned once)."""
-        return node_entry(key, key[len(self.keys.nodes) :], kv.value, kv.mod_revision)
+        entry = node_entry(key, key[len(self.keys.nodes) :], kv.value, kv.mod_revision)
+        return dataclasses.replace(entry, session=kv.lease) if entry is not None else None
 
     def snapshot(self, start: bytes, end: bytes) -> tuple[Control, dict[str, NodeEntry], int]:
         """Control state and nodes among the keys in [start, end), read at one revision.
@@ -220,21 +239,74 @@ class EtcdBackend:
         with etcd_errors(self.describe()):
             return EtcdChangeFeed(self, self.settings.run_id, after, control, nodes=nodes, known=known)
 
+    def watch_round(self, record: RoundRecord) -> EtcdRoundFeed | EtcdChangeFeed:
+        if not isinstance(record.roster, EtcdRoster):  # a record of an older version
+            return departures_from_nodes(self, record)
+        control = self.watch(record.watch_cursor, Control(sealed=record), nodes=False)
+        return EtcdRoundFeed(
+            control, self.client, self.keys.live(record.round), record.watch_cursor, record.roster,
+            self.describe(), self.settings.run_id,
+        )
+
     def seal(
-        self, control: Control, record: RoundRecord, coordinator: str, view_cursor: int
+        self,
+        control: Control,
+        record: RoundRecord,
+        entries: Mapping[str, NodeEntry],
+        coordinator: str,
+        view_cursor: int,
     ) -> RoundRecord | None:
-        # Revisions compare: the coordinator's view ends at its node snapshot or at the last
-        # change its feed delivered, whichever is later.
-        if control.cursor:
-            record = dataclasses.replace(record, view_cursor=max(control.cursor, view_cursor))
+        """Write the members' keys under round/<round>/ (rank keys on the run lease, live keys
+        each on its member's lease), in batches that hold only while our claim does, then the
+        header. Members watch their live keys from before the first batch, so one that goes
+        after its key was written is seen as lost; one that went before fails its batch (its
+        lease is gone) and the coordinator looks again."""
+        keys = self.keys
+        round_no = record.round
+        claimed = Compare.value(keys.coord(round_no)) == coordinator.encode()
+        assignments = record.assignments()
         with etcd_errors(self.describe()):
-            result = self.run_lease.write_on(lambda lease: self._seal_txn(control, record, coordinator, lease))
+            # What an earlier attempt at this round left is removed first.
+            cleared = self.client.txn(
+                [claimed], [Op.delete(keys.round_dir(round_no), range_end=prefix_end(keys.round_dir(round_no)))], [],
+                idempotent=True,
+            )
+            if not cleared.succeeded:
+                return None
+            ranks = [
+                (keys.ranks(round_no) + node_id, assignment.encode(), 0) for node_id, assignment in assignments.items()
+            ]
+            if not self.run_lease.write_on(lambda lease: self._write_batches(claimed, ranks, lease)):
+                return None
+            live = [
+                (keys.live(round_no) + node_id, assignment.encode(), entries[node_id].session)
+                for node_id, assignment in assignments.items()
+            ]
+            try:
+                if not self._write_batches(claimed, live, None):
+                    return None
+            except EtcdLeaseNotFoundError:
+                return None  # a member is gone: the coordinator's feed shows it, and it looks again
+            # Members watch from the clearing: nothing after it can be missed.
+            header = dataclasses.replace(record, view_cursor=cleared.revision)
+            result = self.run_lease.write_on(lambda lease: self._seal_txn(control, header, coordinator, lease))
         self.run_lease.keep("coordinator", False)
         if not result.succeeded:
             return None
-        sealed = RoundRecord.decode(record.encode(), result.revision)
+        roster = self.roster(round_no)
+        roster.learn(assignments)
+        sealed = RoundRecord.decode(header.encode_header(), result.revision).with_roster(roster)
         self.run_lease.keep("member", keeps_run(sealed, coordinator))
         return sealed
+
+    def _write_batches(self, claimed: Compare, puts: Sequence[tuple[str, bytes, int]], lease: int | None) -> bool:
+        """Put `puts` (key, value, lease; `lease` instead when given) in txns of TXN_OPS, each
+        only while `claimed` holds. False once one does not."""
+        for start in range(0, len(puts), TXN_OPS):
+            ops = [Op.put(key, value, lease=lease if lease is not None else own) for key, value, own in puts[start : start + TXN_OPS]]
+            if not self.client.txn([claimed], ops, [], idempotent=True).succeeded:
+                return False
+        return True
 
     def _seal_txn(self, control: Control, record: RoundRecord, coordinator: str, run_lease: int) -> TxnResult:
         keys = self.keys
@@ -245,16 +317,23 @@ class EtcdBackend:
                 Compare.create_revision(keys.closed) == 0,
             ],
             [
-                Op.put(keys.current, record.encode(), lease=run_lease),
+                Op.put(keys.current, record.encode_header(), lease=run_lease),
                 Op.delete(keys.coord(record.round)),
                 Op.delete(keys.lastcall(record.round)),
-                # Older rounds' stores are unused once every live member asked for this one.
+                Op.delete(keys.progress(record.round)),
+                # Older rounds' members and stores are unused once every live member asked
+                # for this one.
+                Op.delete(keys.round_root, range_end=keys.round_dir(record.round)),
                 Op.delete(keys.store_dir, range_end=keys.store(record.round)),
             ],
             [],
             # Safe to repeat: a second attempt of an applied seal fails its compare.
             idempotent=True,
         )
+
+    def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
+        with etcd_errors(self.describe()):
+            self.client.put(self.keys.progress(round_no), progress.encode(), lease=self._lease, idempotent=True)
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
         with etcd_errors(self.describe()):

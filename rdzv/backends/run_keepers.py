@@ -9,9 +9,9 @@ new keeper to take over, while a crashed job's records still expire within secon
 
 from __future__ import annotations
 
-from rdzv.rendezvous.model import RoundRecord
+from rdzv.rendezvous.model import HEAD_RANKS, RoundRecord
 
-KEEPER_RANKS = 2  # ranks of the running round that keep the run's records alive
+KEEPER_RANKS = HEAD_RANKS  # ranks of the running round that keep the run's records alive (named in its header)
 RUN_TTL_LEASES = 3  # the run's records outlive their last keeper by this many lease TTLs
 
 
@@ -19,5 +19,5 @@ def keeps_run(sealed: RoundRecord | None, node_id: str | None) -> bool:
     """Whether `node_id` is among the ranks of round `sealed` that keep the run alive."""
     if sealed is None or node_id is None:
         return False
-    rank = sealed.rank_of(node_id)
-    return rank is not None and rank < KEEPER_RANKS
+    # From the header: no roster lookup (every node decides this for every sealed round).
+    return node_id in sealed.head[:KEEPER_RANKS]

@@ -32,18 +32,32 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from rdzv.backends.api import ELASTIC, LIVENESS, SPARES, Backend, ChangeFeed
+from rdzv.backends.api import ELASTIC, LIVENESS, ROSTER_APART, SPARES, Backend, ChangeFeed
 from rdzv.ports import free_port
 from rdzv.rendezvous import join_errors
 from rdzv.rendezvous.eligible import EligibleView
 from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundRecord
+from rdzv.rendezvous.model import (
+    MISSING_SHOWN,
+    Control,
+    NodeEntry,
+    NodeInfo,
+    RoundProgress,
+    RoundRecord,
+)
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
-from rdzv.rendezvous.progress import PROGRESS_INTERVAL, ProgressCallback, ProgressReports
+from rdzv.rendezvous.progress import (
+    PROGRESS_INTERVAL,
+    ProgressCallback,
+    ProgressReports,
+    not_back,
+    previous_round,
+)
 from rdzv.rendezvous.quarantine import Quarantine
 from rdzv.rendezvous.sealing import build_record, oversize
-from rdzv.rendezvous.segments import effective_max, segment_label, segment_size, usable
+from rdzv.rendezvous.segments import effective_max, room, segment_label, segment_size, usable
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -177,9 +191,7 @@ class Rendezvous:
         """Start watching for departures and newcomers after joining `record`."""
         # A fixed group (no ELASTIC) only needs the control changes, e.g. to see a close.
         elastic = ELASTIC in self.backend.capabilities
-        self._membership = RoundMembership(
-            record=record, backend=self.backend, watch_nodes=elastic, segment_size=self._segment_size
-        )
+        self._membership = RoundMembership(record=record, backend=self.backend, watch_nodes=elastic)
 
     def num_nodes_waiting(self) -> int:
         """Nodes the current group should make room for (answered from local state)."""
@@ -236,11 +248,12 @@ class Rendezvous:
         self.backend.withdraw()
 
     def stand_aside(self) -> None:
-        """Out of the group until the next join: our record goes (the members see us gone and
-        re-form), our liveness stays. Nothing to do before our first round."""
+        """Out of the group until the next join (a failed health check): our liveness ends, so
+        our records go and the members see us gone and re-form; unlike `withdraw`, the next
+        join opens it again. Nothing to do before our first round."""
         self._end_membership()
         if self._joined_before:
-            self.backend.retract(self.node_id, self._last_round + 1)
+            self.backend.withdraw()
 
     def peers_moved_on(self) -> bool:
         """Whether every other member of our round has asked for a new round (so its workers
@@ -315,7 +328,7 @@ class Rendezvous:
                 if now >= deadline and not self._spare(control, target):
                     self._give_up(target, control)
                 spare = self._spare(control, target)
-                self._progress.report(self.backend, target, control, role="waiting", spare=spare)
+                self._progress.report(target, control, role="waiting", spare=spare)
                 feed.poll(min(max(deadline - now, 0.05), PROGRESS_INTERVAL))
         finally:
             feed.close()
@@ -334,6 +347,7 @@ class Rendezvous:
         for node_id, entry in nodes.items():
             view.put(node_id, entry)
         last_call: float | None = None
+        published = _Published()
         log.info("rendezvous %s: coordinating round %d", s.run_id, target)
         try:
             while True:
@@ -378,7 +392,7 @@ class Rendezvous:
                             return control
                         continue
                     record = self._quarantine.settled(record, quarantined)
-                    size = oversize(record)
+                    size = None if ROSTER_APART in self.backend.capabilities else oversize(record)
                     if size is not None:
                         # Close the run: every waiting node stops now. Retracting alone would
                         # let the next one claim the round and refuse it too, one by one.
@@ -389,7 +403,7 @@ class Rendezvous:
                         raise error
                     # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
                     # delivered): the backend records where members start watching.
-                    sealed = self.backend.seal(control, record, self.node_id, nodes_cursor)
+                    sealed = self.backend.seal(control, record, nodes, self.node_id, nodes_cursor)
                     if sealed is not None:
                         log.info(
                             "rendezvous %s: sealed round %d with %d nodes",
@@ -400,12 +414,15 @@ class Rendezvous:
                     control, _ = self.backend.read_control()
                     return control
                 if now >= deadline and not self._spare(control, target):
-                    self._give_up(target, control, nodes, joined=count)
+                    self._give_up(target, control, not_back(previous, nodes, target, MISSING_SHOWN), count)
                 waits = [deadline - now, PROGRESS_INTERVAL]
                 if last_call is not None:
                     waits.append(last_call - now)
+                waits.append(published.publish(
+                    self.backend, target, view, previous, nodes, now, self._newcomers(view, nodes)
+                ))
                 self._progress.report(
-                    self.backend, target, control, role="coordinator",
+                    target, control, role="coordinator",
                     spare=self._spare(control, target), nodes=nodes, joined=count,
                 )
                 # Everything queued is applied before the next look (one look per wake-up,
@@ -441,6 +458,14 @@ class Rendezvous:
             return len(view.eligible)
         return usable((nodes[i].info.segment for i in view.eligible), self._segment_size, self.settings.max_nodes)
 
+    def _newcomers(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int | None:
+        """With segments, the newcomers members make room for: only those that complete a
+        whole new segment (a partial one waits as spares). None: all of them (no segments)."""
+        if not self._segment_size:
+            return None
+        labels = (nodes[i].info.segment for i in view.eligible if i not in view.prev_ids)
+        return room(labels, self._segment_size)
+
     def _ended(self) -> bool:
         """This node shut down, or the run closed (one read): a wait outside the group ends.
         Such a wait has no deadline, as a spare's: a store outage during it is ridden out."""
@@ -451,23 +476,22 @@ class Rendezvous:
         self,
         target: int,
         control: Control,
-        nodes: Mapping[str, NodeEntry] | None = None,
+        missing: list[str] | None = None,
         joined: int | None = None,
     ) -> None:
         """The join timed out: say how many came and which members of the previous round did
-        not come back, by name (`nodes`: the records as the coordinator sees them). When the
-        store went silent, say that instead, without asking it anything more (what this node
-        wrote goes with its lease)."""
+        not come back, by name: as the coordinator sees them (`missing`, `joined`), else as it
+        last published them (no node reads every record). When the store went silent, say
+        that instead, without asking it anything more (what this node wrote goes with its
+        lease)."""
         silent_for = self.backend.keep_alive_lag() or 0.0
-        silent = join_errors.is_silent(silent_for)
-        if nodes is None:
-            nodes = {} if silent else self.backend.read_nodes()[0]
-        if not silent:
+        if not join_errors.is_silent(silent_for):
             self.backend.retract(self.node_id, target)
-        present = len(nodes) if joined is None else joined
-        raise join_errors.timed_out(
-            self.settings, self.backend, target, control, nodes, present, silent_for
-        )
+        if missing is None:
+            published = control.progress.get(target)
+            missing = list(published.missing) if published and previous_round(control, target) else []
+            joined = published.joined if published else None
+        raise join_errors.timed_out(self.settings, self.backend, target, missing, joined, silent_for)
 
     def _closed_watch(self) -> ChangeFeed:
         if self._closed_feed is None:
@@ -479,3 +503,42 @@ class Rendezvous:
         if self._membership is not None:
             self._membership.close()
             self._membership = None
+
+
+# A coordinator publishes its round's progress at once when what members act on changes (a
+# newcomer with room, a member asking for a new round, every member back), else at most every
+# PROGRESS_INTERVAL: each publish reaches every waiting and running node.
+@dataclass
+class _Published:
+    signal: tuple[bool, bool, bool] | None = None
+    counts: tuple[int, int, int, int] | None = None
+    at: float = 0.0
+
+    def publish(
+        self,
+        backend: Backend,
+        target: int,
+        view: EligibleView,
+        previous: RoundRecord | None,
+        nodes: Mapping[str, NodeEntry],
+        now: float,
+        newcomers: int | None = None,
+    ) -> float:
+        """Publish round `target`'s progress if due; return the seconds until it may be.
+        `newcomers`: those members should make room for, when not every eligible newcomer."""
+        joined, rejoining, not_back_count = len(view.eligible), view.rejoining, view.not_back
+        counts = (joined, joined - rejoining if newcomers is None else newcomers, rejoining, not_back_count)
+        signal = (counts[1] > 0, rejoining > 0, not_back_count == 0)
+        if counts == self.counts:
+            return PROGRESS_INTERVAL
+        if signal == self.signal and now - self.at < PROGRESS_INTERVAL:
+            return self.at + PROGRESS_INTERVAL - now
+        # Names only when published: not_back scans the previous round.
+        progress = RoundProgress(*counts, missing=tuple(not_back(previous, nodes, target, MISSING_SHOWN)))
+        try:
+            backend.publish_progress(target, progress)
+        except StoreUnreachableError as exc:
+            log.debug("rendezvous: progress of round %d not published: %s", target, exc)
+            return 0.5  # tried again soon: the seal needs the store anyway
+        self.signal, self.counts, self.at = signal, counts, now
+        return PROGRESS_INTERVAL

@@ -65,6 +65,17 @@ class EligibleView:
         return not self._prev_not_ready
 
     @property
+    def rejoining(self) -> int:
+        """Live members of the previous round that asked for this one (withheld ones aside)."""
+        withheld = sum(1 for node_id in self.withheld if node_id in self.prev_ids)  # a few at most
+        return len(self.live_prev) - len(self._prev_not_ready) - withheld
+
+    @property
+    def not_back(self) -> int:
+        """Live members of the previous round still in it."""
+        return len(self._prev_not_ready)
+
+    @property
     def departed(self) -> bool:
         """A member of the previous round is gone."""
         return len(self.live_prev) < len(self.prev_ids)

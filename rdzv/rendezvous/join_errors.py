@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from torch.distributed.elastic.rendezvous import (
@@ -14,8 +13,8 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
-from rdzv.rendezvous.model import MAX_ROUND_RECORD, Control, NodeEntry, RoundRecord
-from rdzv.rendezvous.progress import not_back, previous_round, rejoin_wanted
+from rdzv.rendezvous.model import MAX_ROUND_RECORD, Control, RoundRecord
+from rdzv.rendezvous.progress import rejoin_wanted
 from rdzv.rendezvous.settings import RendezvousSettings
 
 if TYPE_CHECKING:  # annotations only
@@ -36,30 +35,30 @@ def timed_out(
     settings: RendezvousSettings,
     backend: Backend,
     target: int,
-    control: Control,
-    nodes: Mapping[str, NodeEntry],
-    present: int,
+    missing: list[str],
+    present: int | None,
     silent_for: float = 0.0,
 ) -> RendezvousTimeoutError:
-    """Round `target` did not form within join_timeout with `present` nodes; names the
-    previous round's members that did not come back (from the node records `nodes`), or says
-    that the store has not answered for `silent_for` s (`is_silent`), which is then the news."""
+    """Round `target` did not form within join_timeout with `present` nodes (None: not known
+    to this node); names the previous round's members that did not come back (`missing`), or
+    says that the store has not answered for `silent_for` s (`is_silent`), which is then the
+    news."""
     s = settings
-    missing = not_back(previous_round(control, target), nodes, target)
-    need = max(s.min_nodes - present, 1)
-    waiting = f"waiting for {need} more"
+    need = max(s.min_nodes - (present or 0), 1)
+    waiting = f"waiting for {need} more" if present is not None else "waiting for more nodes"
     if missing:
         waiting += f", or for {rejoin_wanted(target, missing)}"
     if is_silent(silent_for):
-        seen = f" {present} of min {s.min_nodes} node(s) were present as last seen." if nodes else ""
+        seen = f" {present} of min {s.min_nodes} node(s) were present as last seen." if present else ""
         return RendezvousTimeoutError(
             f"rendezvous '{s.run_id}' round {target} did not complete within "
             f"{s.join_timeout:g} s: {backend.describe()} not answering for {silent_for:.0f} s "
             f"(this node's keep-alives go unanswered).{seen}"
         )
+    seen = "an unknown number of" if present is None else str(present)
     return RendezvousTimeoutError(
         f"rendezvous '{s.run_id}' round {target} did not complete within "
-        f"{s.join_timeout:g} s: {present} node(s) present of min {s.min_nodes} "
+        f"{s.join_timeout:g} s: {seen} node(s) present of min {s.min_nodes} "
         f"(max {s.max_nodes}) on {backend.describe()}; {waiting}. "
         "Raise join_timeout in --rdzv-conf to wait longer."
     )

@@ -1,7 +1,11 @@
-"""A member's view of its round after formation: who left, who asks for a new round, who is new.
+"""A member's view of its round after formation: who left, and how the next round stands.
 
-Kept up to date from the backend's change feed without requests; the algorithm answers
-`num_nodes_waiting()`, `departures()` and `group_counts()` from it.
+Kept up to date from the backend's member feed without requests: departures of members come
+from the feed (etcd v3: the delete of the member's assignment key), newcomers and members asking
+for a new round from the progress the forming round's coordinator publishes. A member never
+sees the other nodes' announcements, so a round of N nodes costs each member the same bytes
+whatever N is. The algorithm answers `num_nodes_waiting()`, `departures()` and
+`group_counts()` from this view.
 """
 
 from __future__ import annotations
@@ -9,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
-from rdzv.rendezvous.segments import room
+from rdzv.rendezvous.model import Control, NodeEntry, RoundProgress, RoundRecord
 
 if TYPE_CHECKING:  # annotations only: the view itself needs no torch
     from rdzv.backends.api import Backend, ChangeFeed
@@ -18,31 +21,31 @@ if TYPE_CHECKING:  # annotations only: the view itself needs no torch
 
 @dataclass
 class RoundMembership:
-    """What a member knows about its round, maintained from the change feed (no requests):
-    members `lost` (record vanished), members `rejoining` (asking for a later round), and
-    `newcomers`."""
+    """What a member knows about its round, maintained from its feed (no requests): members
+    `lost` (their liveness ended), and the next round's `progress` as its coordinator
+    published it."""
 
     record: RoundRecord
     backend: Backend
     watch_nodes: bool
-    segment_size: int = 0  # rounds of whole segments (rdzv.rendezvous.segments)
     _feed: ChangeFeed | None = None
     lost: set[str] = field(default_factory=set)
-    rejoining: set[str] = field(default_factory=set)
-    newcomers: set[str] = field(default_factory=set)
-    _labels: dict[str, str | None] = field(default_factory=dict)  # newcomers' segments
 
     @property
     def feed(self) -> ChangeFeed:
         # Opened on first use, off the formation path: it replays from the seal anyway.
         if self._feed is None:
-            self._feed = self.backend.watch(
-                self.record.watch_cursor,
-                Control(sealed=self.record),
-                nodes=self.watch_nodes,
-                known=self.record.ids,
-            )
+            if self.watch_nodes:
+                self._feed = self.backend.watch_round(self.record)
+            else:
+                self._feed = self.backend.watch(self.record.watch_cursor, Control(sealed=self.record), nodes=False)
         return self._feed
+
+    @property
+    def progress(self) -> RoundProgress:
+        """The next round as its coordinator last published it (all zero before it does)."""
+        published = self.feed.control.progress.get(self.record.round + 1)
+        return published or RoundProgress(joined=0, newcomers=0, rejoining=0, not_back=self.record.world_size)
 
     def drain(self) -> None:
         while True:
@@ -57,39 +60,23 @@ class RoundMembership:
             self._feed.close()
 
     def apply(self, node_id: str, entry: NodeEntry | None) -> None:
-        member = self.record.rank_of(node_id) is not None
-        if entry is None:
-            if member:
-                self.lost.add(node_id)
-            self.newcomers.discard(node_id)
-            self._labels.pop(node_id, None)
-            self.rejoining.discard(node_id)
-        elif member:
-            if entry.info.want > self.record.round:
-                self.rejoining.add(node_id)
-        else:
-            self.newcomers.add(node_id)
-            self._labels[node_id] = entry.info.segment
-
-    def _room(self) -> int:
-        """Newcomers the round would take: all while not full; with segments, whole ones only."""
-        if self.record.full:
-            return 0
-        if self.segment_size:
-            return room(self._labels.values(), self.segment_size)
-        return len(self.newcomers)
+        # Announcements are the next round's coordinator's to count (`progress`).
+        if entry is None and self.record.rank_of(node_id) is not None:
+            self.lost.add(node_id)
 
     def waiting(self) -> int:
-        return len(self.lost) + len(self.rejoining) + self._room()
+        progress = self.progress
+        room = 0 if self.record.full else progress.newcomers
+        return len(self.lost) + progress.rejoining + room
 
     def counts(self) -> GroupCounts:
-        newcomers = len(self.newcomers)
+        progress = self.progress
         full = self.record.full
         return GroupCounts(
-            waiting=0 if full else newcomers,
-            spares=newcomers if full else 0,
+            waiting=0 if full else progress.newcomers,
+            spares=progress.newcomers if full else 0,
             lost=len(self.lost),
-            rejoining=len(self.rejoining),
+            rejoining=progress.rejoining,
         )
 
     def departures(self, me: str, session_lost: bool) -> Departures:
@@ -100,10 +87,15 @@ class RoundMembership:
 
     def moved_on(self, me: str) -> bool:
         """Every other member asked for a new round, left, or formed one already."""
-        # `lost` and `rejoining` hold members only: count them instead of listing the round.
-        moved = len((self.lost | self.rejoining) - {me})
+        control = self.feed.control
+        if control.round > self.record.round:
+            return True
         others = self.record.world_size - (self.record.rank_of(me) is not None)
-        return self.feed.control.round > self.record.round or moved >= others
+        if len(self.lost - {me}) >= others:
+            return True
+        # The coordinator counts live members still in this round; `me` left (withdrew) already.
+        published = control.progress.get(self.record.round + 1)
+        return published is not None and published.not_back == 0
 
 
 @dataclass(frozen=True)

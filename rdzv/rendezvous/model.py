@@ -11,14 +11,16 @@ record that does not decode is noted in `Control.corrupt` and leaves the state a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
 
 log = logging.getLogger("rdzv")
 
@@ -33,7 +35,7 @@ class RecordError(ValueError):
     version, too big. The message says what is wrong; the caller knows (and names) the key."""
 
 
-def _document(raw: bytes | str, limit: int) -> dict[str, object]:
+def _document(raw: bytes | str, limit: int, versions: tuple[int, ...] = (FORMAT,)) -> dict[str, object]:
     if len(raw) > limit:
         raise RecordError(f"{len(raw)} bytes, more than the {limit} a record may have")
     try:
@@ -43,8 +45,10 @@ def _document(raw: bytes | str, limit: int) -> dict[str, object]:
     if not isinstance(doc, dict):
         raise RecordError(f"not a JSON object but {type(doc).__name__}")
     version = doc.pop("v", FORMAT)
-    if version != FORMAT:
-        raise RecordError(f"unknown record version {version!r} (this rdzv reads version {FORMAT})")
+    if version not in versions or isinstance(version, bool):
+        known = " and ".join(map(str, versions))
+        raise RecordError(f"unknown record version {version!r} (this rdzv reads version {known})")
+    doc["_version"] = version
     return doc
 
 
@@ -166,26 +170,134 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class NodeEntry:
-    """A live node as the backend sees it; `arrival` orders announcements (smaller = earlier)."""
+    """A live node as the backend sees it; `arrival` orders announcements (smaller = earlier).
+    `session`: the backend's handle on the node's liveness where the seal needs it (etcd v3:
+    its lease, which its assignment to the round is bound to), else 0."""
 
     info: NodeInfo
     arrival: int
+    session: int = field(default=0, compare=False)
+
+
+class Roster(Protocol):
+    """Who is in a sealed round, by rank. Inline (`InlineRoster`) where the record lists every
+    member; read on demand from the store where it does not (etcd v3: one key per member, so a
+    member reads one key, not the whole round). Lookups may then raise the backend's
+    connection errors."""
+
+    def rank_of(self, node_id: str) -> int | None: ...
+
+    def name_of(self, node_id: str) -> str: ...
+
+    def ids(self) -> tuple[str, ...]: ...
+
+    def hosts(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class InlineRoster:
+    """Every member's id and host, in rank order."""
+
+    listed: tuple[str, ...]
+    host_names: tuple[str, ...] = ()  # empty in records of older versions
+
+    @classmethod
+    def of(cls, members: Mapping[str, Assignment]) -> InlineRoster:
+        """The roster of the members' assignments (stored apart), in rank order."""
+        ordered = sorted(members.items(), key=lambda item: item[1].rank)
+        return cls(tuple(i for i, _ in ordered), tuple(a.host for _, a in ordered))
+
+    @functools.cached_property
+    def _ranks(self) -> dict[str, int]:
+        # Looked up for every node of a big round: a dict, not a scan of `ids` each time.
+        return {node_id: rank for rank, node_id in enumerate(self.listed)}
+
+    @functools.cached_property
+    def _host_counts(self) -> collections.Counter[str]:
+        return collections.Counter(self.host_names)
+
+    def rank_of(self, node_id: str) -> int | None:
+        return self._ranks.get(node_id)
+
+    def name_of(self, node_id: str) -> str:
+        """How messages name a member: its host, with its id where hosts are not unique."""
+        rank = self.rank_of(node_id)
+        if rank is None or len(self.host_names) != len(self.listed):
+            return node_id
+        return display_name(self.host_names[rank], node_id, self._host_counts[self.host_names[rank]] > 1)
+
+    def ids(self) -> tuple[str, ...]:
+        return self.listed
+
+    def hosts(self) -> tuple[str, ...]:
+        return self.host_names
+
+
+def display_name(host: str, node_id: str, shared_host: bool) -> str:
+    """'host7', or 'host7[<id>]' when several members run on that host."""
+    return f"{host}[{node_id}]" if shared_host else host
+
+
+class DetachedRoster:
+    """The roster of a round record decoded without its store: a header (`RoundRecord.HEADER`)
+    until the backend that read it attaches the store's roster (`RoundRecord.with_roster`)."""
+
+    def _missing(self) -> RecordError:
+        return RecordError("a sealed-round header read without its roster")
+
+    def rank_of(self, node_id: str) -> int | None:
+        raise self._missing()
+
+    def name_of(self, node_id: str) -> str:
+        return node_id
+
+    def ids(self) -> tuple[str, ...]:
+        raise self._missing()
+
+    def hosts(self) -> tuple[str, ...]:
+        raise self._missing()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One member's place in a sealed round, stored apart from the round's header (etcd v3)."""
+
+    rank: int
+    host: str
+    name: str  # as messages name the member (`display_name`)
+
+    def encode(self) -> bytes:
+        doc = {"v": FORMAT, "rank": self.rank, "host": self.host, "name": self.name}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Assignment:
+        doc = _document(raw, MAX_NODE_RECORD)
+        return cls(rank=_int(doc, "rank"), host=_str(doc, "host"), name=_str(doc, "name"))
+
+
+MISSING_SHOWN = 20  # names of members not back that a progress report carries
+HEAD_RANKS = 2  # ids of the first ranks a round header names (the run's keepers, rank 0)
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """A completed round: node ids in rank order and the bootstrap address of rank 0."""
+    """A completed round: its size, the bootstrap address of rank 0, the restart count, and
+    who is in it (`roster`): inline in the record, or stored apart (a header, `HEADER`)."""
+
+    HEADER: ClassVar[int] = 2  # "v" of a record whose roster is stored apart
 
     round: int
-    ids: tuple[str, ...]
+    size: int
     master_addr: str
     master_port: int
     min_nodes: int
     max_nodes: int
     # Worker-failure restarts the job has used up to this round: one count for every node.
     restarts: int = 0
-    # The members' host names, in rank order (empty in records of older versions).
-    hosts: tuple[str, ...] = ()
+    # Ids of ranks 0 .. HEAD_RANKS-1 (the run's keepers), known without the roster.
+    head: tuple[str, ...] = ()
+    roster: Roster = field(default_factory=DetachedRoster, compare=False, repr=False)
     # The host the latest counted restart was charged to, and how many counted restarts in a
     # row were charged to it (rdzv.rendezvous.quarantine); written only when set.
     blame: str = ""
@@ -197,6 +309,14 @@ class RoundRecord:
     # Set by the backend when read, never stored in the record: the seal's cursor.
     cursor: int = field(default=0, compare=False)
 
+    @classmethod
+    def listing(cls, ids: Sequence[str], hosts: Sequence[str] = (), **header: Any) -> RoundRecord:
+        """A record whose roster is inline: `ids` in rank order, their `hosts`."""
+        return cls(size=len(ids), head=tuple(ids[:HEAD_RANKS]), roster=InlineRoster(tuple(ids), tuple(hosts)), **header)
+
+    def with_roster(self, roster: Roster) -> RoundRecord:
+        return dataclasses.replace(self, roster=roster)
+
     @property
     def watch_cursor(self) -> int:
         """Where members of this round start watching."""
@@ -204,69 +324,126 @@ class RoundRecord:
 
     @property
     def world_size(self) -> int:
-        return len(self.ids)
+        return self.size
 
     @property
     def full(self) -> bool:
-        return len(self.ids) >= self.max_nodes
+        return self.size >= self.max_nodes
 
-    @functools.cached_property
-    def _ranks(self) -> dict[str, int]:
-        # Looked up for every node of a big round: a dict, not a scan of `ids` each time.
-        return {node_id: rank for rank, node_id in enumerate(self.ids)}
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every member in rank order (read from the store when the roster is stored apart)."""
+        return self.roster.ids()
 
-    @functools.cached_property
-    def _host_counts(self) -> collections.Counter[str]:
-        return collections.Counter(self.hosts)
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return self.roster.hosts()
 
     def rank_of(self, node_id: str) -> int | None:
-        return self._ranks.get(node_id)
+        return self.roster.rank_of(node_id)
 
     def name_of(self, node_id: str) -> str:
         """How messages name a member: its host, with its id where hosts are not unique."""
-        rank = self.rank_of(node_id)
-        host = self.hosts[rank] if rank is not None and len(self.hosts) == len(self.ids) else None
-        if host is None:
-            return node_id
-        return host if self._host_counts[host] == 1 else f"{host}[{node_id}]"
+        return self.roster.name_of(node_id)
+
+    def _common(self) -> dict[str, object]:
+        return {
+            "round": self.round, "master_addr": self.master_addr, "master_port": self.master_port,
+            "min_nodes": self.min_nodes, "max_nodes": self.max_nodes, "restarts": self.restarts,
+            "since": self.view_cursor,  # the stored name
+            # The quarantine count (constant size), only when set: otherwise the record older
+            # versions wrote.
+            **({"blame": self.blame, "strikes": self.strikes} if self.strikes else {}),
+        }
 
     def encode(self) -> bytes:
-        doc = asdict(self)
-        doc.pop("cursor")
-        doc["since"] = doc.pop("view_cursor")  # the stored name
-        if not doc["strikes"]:
-            del doc["blame"], doc["strikes"]  # no charge: the record older versions wrote
-        return json.dumps({"v": FORMAT, **doc}, separators=(",", ":")).encode()
+        """The record with every member listed (the roster must be at hand)."""
+        doc = {"v": FORMAT, **self._common(), "ids": list(self.ids), "hosts": list(self.hosts)}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def encode_header(self) -> bytes:
+        """The record without its roster: constant size, whatever the round's size."""
+        doc = {"v": self.HEADER, **self._common(), "size": self.size, "head": list(self.head)}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def assignments(self) -> dict[str, Assignment]:
+        """Each member's `Assignment`, to store apart from `encode_header` (roster at hand)."""
+        hosts = self.hosts
+        return {
+            node_id: Assignment(rank, hosts[rank] if len(hosts) == self.size else "", self.name_of(node_id))
+            for rank, node_id in enumerate(self.ids)
+        }
 
     @classmethod
     def decode(cls, raw: bytes | str, cursor: int = 0) -> RoundRecord:
-        """Raises RecordError unless `raw` is a round record this version writes."""
-        doc = _document(raw, MAX_ROUND_RECORD)
-        listed = doc.get("ids")
-        if not isinstance(listed, list) or not listed or not all(isinstance(i, str) for i in listed):
-            raise RecordError("field 'ids' must be a non-empty list of node ids")
-        ids = parse_node_ids(listed)
-        if len(set(ids)) != len(ids):
-            raise RecordError("field 'ids' names a node twice")
+        """Raises RecordError unless `raw` is a round record this version writes: with its
+        members listed, or a header (its roster then `DetachedRoster` until attached)."""
+        doc = _document(raw, MAX_ROUND_RECORD, versions=(FORMAT, cls.HEADER))
+        version = doc.pop("_version")
         min_nodes = _int(doc, "min_nodes", 1)
-        hosts = doc.get("hosts", [])
-        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-            raise RecordError("field 'hosts' must be a list of host names")
-        if hosts and len(hosts) != len(ids):
-            raise RecordError("field 'hosts' must name as many hosts as 'ids' names nodes")
-        return cls(
+        header: dict[str, Any] = dict(
             round=_int(doc, "round", 1),
-            ids=ids,
             master_addr=_str(doc, "master_addr"),
             master_port=_int(doc, "master_port", 0, 65535),
             min_nodes=min_nodes,
             max_nodes=_int(doc, "max_nodes", min_nodes),
             restarts=_int(doc, "restarts") if "restarts" in doc else 0,  # older records lack it
-            hosts=tuple(hosts),
+            view_cursor=_int(doc, "since") if "since" in doc else 0,  # older records lack it
             blame=_str(doc, "blame") if "blame" in doc else "",  # older records lack both
             strikes=_int(doc, "strikes") if "strikes" in doc else 0,
-            view_cursor=_int(doc, "since") if "since" in doc else 0,  # older records lack it
             cursor=cursor,
+        )
+        if version == cls.HEADER:
+            head = _id_list(doc, "head", allow_empty=False)
+            size = _int(doc, "size", 1)
+            if len(head) != min(size, HEAD_RANKS):
+                raise RecordError(f"field 'head' must name the first {min(size, HEAD_RANKS)} ranks")
+            return cls(size=size, head=head, **header)
+        ids = _id_list(doc, "ids", allow_empty=False)
+        hosts = doc.get("hosts", [])
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise RecordError("field 'hosts' must be a list of host names")
+        if hosts and len(hosts) != len(ids):
+            raise RecordError("field 'hosts' must name as many hosts as 'ids' names nodes")
+        return cls.listing(ids, tuple(hosts), **header)
+
+
+def _id_list(doc: dict[str, object], name: str, *, allow_empty: bool) -> tuple[str, ...]:
+    listed = doc.get(name)
+    if not isinstance(listed, list) or not (listed or allow_empty) or not all(isinstance(i, str) for i in listed):
+        raise RecordError(f"field {name!r} must be a non-empty list of node ids")
+    ids = parse_node_ids(listed)
+    if len(set(ids)) != len(ids):
+        raise RecordError(f"field {name!r} names a node twice")
+    return ids
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """How a forming round stands, as its coordinator publishes it (small, whatever the
+    round's size): members of the running round learn from it that they should make room
+    (newcomers, members asking for a new round), waiting nodes report it."""
+
+    joined: int  # nodes eligible for the round
+    newcomers: int  # of them, nodes that were not in the previous round
+    rejoining: int  # of them, live members of the previous round
+    not_back: int  # live members of the previous round still in it
+    missing: tuple[str, ...] = ()  # the first MISSING_SHOWN names of previous members not back
+
+    def encode(self) -> bytes:
+        doc = {"v": FORMAT, **asdict(self), "missing": list(self.missing[:MISSING_SHOWN])}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> RoundProgress:
+        doc = _document(raw, MAX_NODE_RECORD)
+        missing = doc.get("missing", [])
+        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+            raise RecordError("field 'missing' must be a list of names")
+        return cls(
+            joined=_int(doc, "joined"), newcomers=_int(doc, "newcomers"),
+            rejoining=_int(doc, "rejoining"), not_back=_int(doc, "not_back"),
+            missing=tuple(missing[:MISSING_SHOWN]),
         )
 
 
@@ -278,6 +455,7 @@ class Control:
     closed: bool = False
     coordinators: dict[int, str] = field(default_factory=dict)
     last_call: dict[int, float] = field(default_factory=dict)  # round -> wall-clock deadline
+    progress: dict[int, RoundProgress] = field(default_factory=dict)  # forming round -> its coordinator's report
     # What a seal compares against to know control is unchanged (etcd v3: the sealed record's
     # mod revision; etcd v2 and c10d: the state document itself). Not a cursor.
     token: object = None
@@ -306,6 +484,13 @@ class Control:
             self.last_call.pop(round_no, None)
         else:
             self.last_call[round_no] = deadline
+
+    def set_progress(self, round_no: int, progress: RoundProgress | None) -> None:
+        """Round `round_no`'s coordinator reported `progress`, or its report is gone (None)."""
+        if progress is None:
+            self.progress.pop(round_no, None)
+        else:
+            self.progress[round_no] = progress
 
     def reset_to(self, fresh: Control) -> None:
         """Take every field of `fresh`: a feed that started over from a new read."""

@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.model import Control, NodeEntry, RoundRecord
+from rdzv.rendezvous.model import MISSING_SHOWN, Control, NodeEntry, RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings
-
-if TYPE_CHECKING:  # annotations only
-    from rdzv.backends.api import Backend
 
 ProgressCallback = Callable[[dict[str, object]], None]
 PROGRESS_INTERVAL = 5.0
-# How many names of missing members a progress report carries.
-MISSING_SHOWN = 20
-# How often a waiting node that does not coordinate re-reads the records to name who is missing.
-NAMES_INTERVAL = 30.0
 
 
 def previous_round(control: Control, target: int) -> RoundRecord | None:
@@ -29,11 +21,20 @@ def previous_round(control: Control, target: int) -> RoundRecord | None:
     return control.sealed if control.round == target - 1 else None
 
 
-def not_back(previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], target: int) -> list[str]:
-    """The previous round's members that have not asked for round `target`, by name."""
+def not_back(
+    previous: RoundRecord | None, nodes: Mapping[str, NodeEntry], target: int, limit: int | None = None
+) -> list[str]:
+    """The previous round's members that have not asked for round `target`, by name (the
+    first `limit` of them)."""
     if previous is None:
         return []
-    return [previous.name_of(i) for i in previous.ids if i not in nodes or nodes[i].info.want < target]
+    names: list[str] = []
+    for i in previous.ids:
+        if i not in nodes or nodes[i].info.want < target:
+            names.append(previous.name_of(i))
+            if limit is not None and len(names) >= limit:
+                break
+    return names
 
 
 def listed(names: list[str], limit: int = 5) -> str:
@@ -54,13 +55,9 @@ class ProgressReports:
         self.settings = settings
         self.callback: ProgressCallback | None = None
         self._last = 0.0
-        # A non-coordinator reads the records for names at most every NAMES_INTERVAL: with
-        # hundreds of nodes waiting, a full read each from every one adds up.
-        self._names: tuple[int, float, list[str]] | None = None  # (target, read at, names)
 
     def report(
         self,
-        backend: Backend,
         target: int,
         control: Control,
         *,
@@ -71,7 +68,9 @@ class ProgressReports:
     ) -> None:
         """Report the wait for round `target` if one is due. `role`: "waiting" or
         "coordinator" (`spare`: this node waits outside a full running group); `nodes`: the
-        records as the coordinator sees them (read from `backend` when needed otherwise)."""
+        records as the coordinator sees them. A waiting node reports what the coordinator
+        published (`Control.progress`): it reads no records, so N waiting nodes cost the store
+        nothing more than one."""
         if self.callback is None:
             return
         now = time.monotonic()
@@ -81,16 +80,15 @@ class ProgressReports:
         s = self.settings
         previous = None if spare else previous_round(control, target)
         missing: list[str] = []
+        published = control.progress.get(target)
         if previous is not None and nodes is not None:
-            missing = not_back(previous, nodes, target)
-        elif previous is not None:
-            names = self._names
-            if names is None or names[0] != target or now - names[1] >= NAMES_INTERVAL:
-                nodes, _ = backend.read_nodes()
-                self._names = names = (target, now, not_back(previous, nodes, target))
-            missing = names[2]
-        if joined is None:
-            joined = len(nodes) if nodes is not None else backend.count_nodes()
+            missing = not_back(previous, nodes, target, MISSING_SHOWN)
+        elif previous is not None and published is not None:
+            missing = list(published.missing)
+        if joined is None and nodes is not None:
+            joined = len(nodes)
+        elif joined is None and published is not None:
+            joined = published.joined
         last_call = control.last_call.get(target)
         waiting_for = "nodes"
         if spare:
@@ -103,7 +101,7 @@ class ProgressReports:
             {
                 "run_id": s.run_id,
                 "round": target,
-                "joined": joined,
+                "joined": joined,  # None: not known yet
                 "min_nodes": s.min_nodes,
                 "max_nodes": s.max_nodes,
                 "last_call_remaining": None if last_call is None else max(last_call - time.time(), 0.0),

@@ -50,23 +50,24 @@ def build_record(
     if charged is not None:
         restarts += 1
     blame, strikes = carried_count(previous, charged)
-    return RoundRecord(
+    return RoundRecord.listing(
+        ids,
+        [by_id[i].host for i in ids],
         round=target,
-        ids=tuple(ids),
         master_addr=master.addr,
         master_port=master.port,
         min_nodes=min_nodes,
         max_nodes=max_nodes,
         restarts=restarts,
-        hosts=tuple(by_id[i].host for i in ids),
         blame=blame,
         strikes=strikes,
     )
 
 
 def oversize(record: RoundRecord) -> int | None:
-    """The encoded size of `record` when it is more than a sealed record may have (every
-    reader refuses it, and etcd's default request limit is only half again as big), else None.
-    Checked before the seal is written: a record nobody can read would mark the run corrupt."""
+    """The encoded size of `record`, listing every member, when it is more than a sealed record
+    may have (every reader refuses it, and etcd's default request limit is only half again as
+    big), else None. Checked before a backend that stores rosters inline seals: a record
+    nobody can read would mark the run corrupt."""
     size = len(record.encode())
     return size if size > MAX_ROUND_RECORD else None
