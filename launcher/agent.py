@@ -229,6 +229,13 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
     # Handlers that publish node details (ours, for `rdzv status`) read it; others ignore it.
     configs = {"local_world_size": nproc, **s.rdzv_configs}
+    if "segment" not in configs and not s.embedded:
+        from launcher.nvlink import nvlink_segment
+
+        label = nvlink_segment()
+        if label is not None:
+            configs["segment"] = label
+            s.notices.append(Notice("node_segment", f"node segment {label} (the GPUs' NVLink cluster UUID)"))
     params = RendezvousParameters(
         backend=s.backend,
         endpoint=s.endpoint,
@@ -294,8 +301,14 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         duplicate_stderr_filters=s.duplicate_stderr_filters or None,
         virtual_local_rank=s.virtual_local_rank,
     )
+    health = None
+    if s.health_check is not None:
+        from launcher.health import HealthGate
+
+        health = HealthGate(s.health_check, s.health_check_timeout, reporter, on_failure=recorder.health_check_failed)
     agent = RdzvAgent(
         spec=spec,
+        health=health,
         logs_specs=logs_specs,
         start_method=s.start_method,
         log_line_prefix_template=_with_hostname(s.log_line_prefix_template),

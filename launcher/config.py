@@ -14,10 +14,21 @@ from importlib import metadata
 from typing import Any
 
 from launcher.entrypoint import resolve_entrypoint
-from launcher.parsers import parse_filters, parse_nnodes, parse_ranks, parse_signals, parse_std
+from launcher.health import parse_health_check, parse_health_timeout
+from launcher.parsers import (
+    parse_filters,
+    parse_nnodes,
+    parse_ranks,
+    parse_rdzv_conf,
+    parse_signals,
+    parse_std,
+)
 from launcher.problems import UsageProblem
 from launcher.rendezvous_choice import resolve_rendezvous
 from launcher.settings import LaunchSettings, Notice
+from rdzv.rendezvous.quarantine import QuarantinePolicy
+from rdzv.rendezvous.segments import check_segment_size
+from rdzv.rendezvous.settings import ConfigError, check_config, check_config_key
 
 _DEVICE_WORD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -59,9 +70,15 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
     if pass_local_rank and v["no_python"] and not v["run_path"]:
         raise UsageProblem("--no-python cannot pass --local-rank to a program; read LOCAL_RANK from the environment instead")
 
+    health_check = parse_health_check(v.get("health_check"))
+    health_timeout = parse_health_timeout(v.get("health_check_timeout", 120.0))
+    node_segment = _node_segment(v.get("node_segment"))
     entrypoint, lead_args, name = resolve_entrypoint(v["training_script"], v["module"], v["no_python"], v["run_path"])
     notices: list[Notice] = []
+    _check_grouping(v["rdzv_conf"], min_nodes, max_nodes)
     rdzv = resolve_rendezvous(v, given, min_nodes, max_nodes, notices)
+    if node_segment is not None:
+        rdzv.configs["segment"] = node_segment  # the handler reads it from the settings
     return LaunchSettings(
         min_nodes=min_nodes,
         max_nodes=max_nodes,
@@ -103,4 +120,28 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         progress_interval=v["progress_interval"],
         metrics_port=metrics_port,
         notices=notices,
+        health_check=health_check,
+        health_check_timeout=health_timeout,
+        node_segment=node_segment,
     )
+
+
+def _check_grouping(conf: str, min_nodes: int, max_nodes: int) -> None:
+    """segment_size and the quarantine settings against --nnodes, before the endpoint is probed
+    (the handler checks them again: the library and torchrun do not come through here)."""
+    try:
+        configs = parse_rdzv_conf(conf, check_key=check_config_key)
+        check_config(configs)
+        check_segment_size(configs, min_nodes, max_nodes)
+        QuarantinePolicy.from_config(configs)
+    except ConfigError as exc:
+        raise UsageProblem(f"--rdzv-conf: {exc}") from None
+
+
+def _node_segment(text: str | None) -> str | None:
+    if text is None:
+        return None
+    label = text.strip()
+    if not label or len(label) > 128 or not label.isprintable():
+        raise UsageProblem(f"--node-segment must be 1 to 128 printable characters, got {text!r}")
+    return label

@@ -7,6 +7,8 @@
   one (rdzv.rendezvous.round_store); after each round the agent's remaining restarts come from the round's
   job-wide count, and workers get RDZV_ROUND, so every node's workers see the same
   TORCHELASTIC_RESTART_COUNT and round.
+* `_rendezvous` also runs `--health-check` first (launcher.health): a node that fails it stays
+  out of the round until it passes.
 * `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
   (launcher.leave).
 * metrics (`--metrics-port`): a `launcher.recorder.Recorder` hears of failed workers, each
@@ -29,6 +31,7 @@ from torch.distributed.elastic.agent.server.api import (
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from launcher.exit_barrier import ExitBarrierAgent
+from launcher.health import HealthGate
 from launcher.leave import leave_gracefully
 from launcher.membership import FailureAttribution, membership_of
 from launcher.recorder import FAILURE, NULL_RECORDER, Recorder
@@ -38,9 +41,12 @@ ROUND_VAR = "RDZV_ROUND"
 
 
 class RdzvAgent(ExitBarrierAgent):
-    def __init__(self, *args: Any, recorder: Recorder = NULL_RECORDER, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, recorder: Recorder = NULL_RECORDER, health: HealthGate | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._recorder = recorder  # launcher.metrics with --metrics-port, else a no-op
+        self._health = health  # --health-check, run before every join
         recorder.watch_worker_group(lambda: self._worker_group.state.name)
         spec = self._worker_group.spec
         self._membership = membership_of(spec.rdzv_handler)
@@ -68,6 +74,8 @@ class RdzvAgent(ExitBarrierAgent):
 
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
         used = self._membership.restarts if self._membership is not None else None
+        if self._health is not None:
+            self._health.pass_before_join(worker_group.spec.rdzv_handler)
         while True:
             try:
                 super()._rendezvous(worker_group)

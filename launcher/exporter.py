@@ -52,6 +52,8 @@ RUN_GAUGES: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...
      "Seconds since the latest round was sealed (a lower bound for rounds sealed before the exporter started).",
      lambda d: d["round_age"]),
     ("rdzv_run_keys", "Keys under the run's prefix.", lambda d: d["keys"]),
+    ("rdzv_run_quarantined_nodes", "Hosts of the run in quarantine now (set aside after failing the group "
+     "quarantine_after times in a row; 0 again once released or expired).", lambda d: len(d["quarantined"])),
 )
 
 

@@ -107,6 +107,10 @@ class PrometheusRecorder:
             "rdzv_launcher_restarts", "Worker group restarts by cause: failure (counted) or membership.",
             [*run, "cause"], registry=reg,
         )
+        self.health_failures = Counter(
+            "rdzv_launcher_health_check_failures", "--health-check runs that failed or timed out on this node.",
+            run, registry=reg,
+        ).labels(run_id)
         self.requests = Histogram(
             "rdzv_launcher_store_request_seconds", "Requests of the rendezvous to its store (etcd), by operation.",
             [*run, "backend", "op"], buckets=REQUEST_BUCKETS, registry=reg,
@@ -163,6 +167,9 @@ class PrometheusRecorder:
         cause, phases = finished
         for phase, seconds in phases.items():
             self.recovery.labels(self._run_id, phase, cause).observe(max(seconds, 0.0))
+
+    def health_check_failed(self) -> None:
+        self.health_failures.inc()
 
     def store_request(self, op: str, seconds: float, error: BaseException | None) -> None:
         child = self._per_op.get(op)

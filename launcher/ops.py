@@ -233,6 +233,39 @@ def clean(endpoint: str, prefix: str | None, conf: str, run_id: str, force: bool
     return 0
 
 
+@cli.group()
+def quarantine() -> None:
+    """List or release a run's quarantined nodes (set aside after failing the group K times)."""
+
+
+@quarantine.command("list")
+@_common
+@click.argument("run_id", metavar="RUN", callback=_valid_run_id)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def quarantine_list(endpoint: str, prefix: str | None, conf: str, run_id: str, as_json: bool) -> int:
+    """The quarantined hosts of RUN: why, until when."""
+    rows = _call("list_quarantined", endpoint, run_id, prefix=prefix, **_conn(conf))
+    if as_json:
+        _dump(rows)
+    else:
+        click.echo(format_table(rows) if rows else f"no node of run {run_id} is quarantined")
+    return 0
+
+
+@quarantine.command("release")
+@_common
+@click.argument("run_id", metavar="RUN", callback=_valid_run_id)
+@click.argument("host", required=False, metavar="[HOST]")
+def quarantine_release(endpoint: str, prefix: str | None, conf: str, run_id: str, host: str | None) -> int:
+    """End the quarantine of HOST (every host without one): its node joins a later round."""
+    released = _call("release_quarantined", endpoint, run_id, host, prefix=prefix, **_conn(conf))
+    if not released:
+        what = f"host {host} is" if host else "no host is"
+        raise NotAvailable(f"{what} quarantined in run {run_id}")
+    click.echo(f"released from quarantine in run {run_id}: {', '.join(released)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name=PROG, standalone_mode=False)

@@ -84,6 +84,10 @@ OPTIONS: tuple[Opt, ...] = (
         "Address of node rank 0; static backend only.", default="127.0.0.1", metavar="ADDR"),
     Opt(("--master-port", "--master_port"), "master_port", "Rendezvous",
         "Port on node rank 0; static backend only.", type=int, metavar="PORT", shown_default="29500"),
+    Opt(("--node-segment",), "node_segment", "Rendezvous",
+        "This node's segment (NVLink domain) label; with --rdzv-conf segment_size=S rounds are "
+        "whole segments of S nodes with contiguous ranks.", metavar="LABEL",
+        shown_default="the GPUs' NVLink cluster UUID where NVML reports one, else none", torchrun=False),
     Opt(("--endpoint-check-timeout",), "endpoint_check_timeout", "Rendezvous",
         "Seconds to keep trying to reach a remote rendezvous endpoint before giving up (0: no check).",
         default=2.0, type=float, metavar="SECONDS", torchrun=False),
@@ -112,6 +116,13 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--shutdown-timeout", "--shutdown_timeout"), "shutdown_timeout", "Fault tolerance",
         "Seconds between SIGTERM and SIGKILL when stopping workers.", type=int, metavar="SECONDS",
         shown_default="$TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30"),
+    Opt(("--health-check",), "health_check", "Fault tolerance",
+        "Run CMD before every join; while it fails or hangs, this node stays out of the round and "
+        "retries with backoff. builtin:gpu checks every visible accelerator.", metavar="CMD|builtin:gpu",
+        shown_default="none", torchrun=False),
+    Opt(("--health-check-timeout",), "health_check_timeout", "Fault tolerance",
+        "Seconds a --health-check may take before it is killed and counts as failed.", default=120.0,
+        type=float, metavar="SECONDS", torchrun=False),
     # Logs and output
     Opt(("--log-dir", "--log_dir"), "log_dir", "Logs and output",
         "Base directory for worker logs and error files.", metavar="DIR",

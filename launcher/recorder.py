@@ -42,6 +42,10 @@ class Recorder(Protocol):
 
     def workers_running(self) -> None: ...
 
+    def health_check_failed(self) -> None:
+        """A --health-check failed: this node stays out of the next round for now."""
+        ...
+
     def store_request(self, op: str, seconds: float, error: BaseException | None) -> None: ...
 
     def watch_worker_group(self, state: Callable[[], str]) -> None:
@@ -72,6 +76,9 @@ class NullRecorder:
         pass
 
     def workers_running(self) -> None:
+        pass
+
+    def health_check_failed(self) -> None:
         pass
 
     def store_request(self, op: str, seconds: float, error: BaseException | None) -> None:

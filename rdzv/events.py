@@ -1,7 +1,7 @@
 """Rendezvous events of one run, derived from the changes of its keys (`rdzv.view.Change`).
 
 node joined, node asks for a new round, node left / lost, last call started, round sealed, run
-closed, run removed, and keys that do not decode. JSON lines carry torch's `RdzvEvent` field
+closed, run removed, node quarantined / released, and keys that do not decode. JSON lines carry torch's `RdzvEvent` field
 names where they fit (name, run_id, message, hostname, pid, node_state, master_endpoint, rank,
 local_id, error_trace) plus ours (round, members, ts, node_id, seconds, replayed). Torch-free:
 `node_state` holds the names of torch's `NodeState` values as plain strings.
@@ -30,6 +30,8 @@ ROUND_SEALED = "round_sealed"
 RUN_CLOSED = "run_closed"
 RUN_REMOVED = "run_removed"
 CORRUPT_KEY = "corrupt_key"
+NODE_QUARANTINED = "node_quarantined"
+NODE_RELEASED = "node_released"
 
 
 @dataclass
@@ -96,6 +98,8 @@ class EventDeriver:
                 return []
             return [self._event(CORRUPT_KEY, f"{new.key} does not hold what the handler writes: {new.error}",
                                 at, node_state=FAILED, error_trace=new.error)]
+        if (new is not None and new.quarantine is not None) or (old is not None and old.quarantine is not None):
+            return self._quarantine(old, new, at)
         if new is not None and new.node is not None:
             return self._node_put(old.node if old is not None else None, new.node, at)
         if new is None and old is not None and old.node is not None:
@@ -113,6 +117,17 @@ class EventDeriver:
             return [self._event(RUN_CLOSED, "run closed: no new rounds; its nodes are leaving", at,
                                 node_state=SUCCEEDED, round=self._round())]
         return []
+
+    def _quarantine(self, old: RunKey | None, new: RunKey | None, at: float) -> list[RunEvent]:
+        if new is not None and new.quarantine is not None:
+            q = new.quarantine
+            return [self._event(NODE_QUARANTINED, f"node {q.host} {q.describe()}", at, node_state=FAILED,
+                                hostname=q.host, round=q.round, seconds=round(max(q.until - at, 0.0), 3))]
+        q = old.quarantine  # type: ignore[union-attr]  # one of the two holds a record
+        assert q is not None
+        how = "released by an operator" if q.until > at + 1 else "its quarantine ended"
+        return [self._event(NODE_RELEASED, f"node {q.host} out of quarantine: {how}; it may join again", at,
+                            node_state=INIT, hostname=q.host, round=self._round())]
 
     def _round(self) -> int | None:
         sealed = self.view.sealed

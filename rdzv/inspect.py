@@ -11,10 +11,12 @@ are shared with the watch-driven views of `rdzv.view`, so a snapshot and a watch
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
 from rdzv.etcd import EtcdClient, EtcdError, KeyValue
 from rdzv.layouts import EtcdV3Layout
 from rdzv.rendezvous.model import (
@@ -30,11 +32,13 @@ from rdzv.rendezvous.model import (
     parse_number,
     parse_round_no,
 )
+from rdzv.rendezvous.quarantine import QuarantineRecord, active
 from rdzv.rendezvous.settings import DEFAULT_PREFIX, password_from
 
 # What a key of a run is, by its name under `<prefix>/<run_id>/`.
-CURRENT, CLOSED, LEASE, COORD, LASTCALL, PROGRESS, NODE, MEMBER, LIVE, STORE, OTHER = (
-    "current", "closed", "lease", "coord", "lastcall", "progress", "node", "member", "live", "store", "other",
+CURRENT, CLOSED, LEASE, COORD, LASTCALL, PROGRESS, NODE, MEMBER, LIVE, STORE, QUARANTINE, OTHER = (
+    "current", "closed", "lease", "coord", "lastcall", "progress", "node", "member", "live", "store", "quarantine",
+    "other",
 )
 
 
@@ -92,6 +96,7 @@ class RunKey:
     node: NodeInfo | None = None  # NODE
     coordinator: str | None = None  # COORD: the claiming node's id
     deadline: float | None = None  # LASTCALL: wall-clock end of the last call
+    quarantine: QuarantineRecord | None = None  # QUARANTINE
     member: str | None = None  # MEMBER, LIVE: the member's node id
     assignment: Assignment | None = None  # MEMBER, LIVE: its rank and host
     error: str | None = None
@@ -105,6 +110,7 @@ _PREFIXES = (
     (EtcdV3Layout.NODE, NODE),
     (EtcdV3Layout.ROUND, MEMBER),  # or LIVE: told apart by `_kind`
     (EtcdV3Layout.STORE, STORE),
+    (EtcdV3Layout.QUARANTINE, QUARANTINE),
 )
 
 
@@ -141,6 +147,8 @@ def decode_key(key: str, rel: str, kv: KeyValue) -> RunKey:
             return RunKey(key, rel, kind, kv, round_no=round_no)
         if kind == NODE:
             return RunKey(key, rel, kind, kv, node=_node(rel, kv))
+        if kind == QUARANTINE:
+            return RunKey(key, rel, kind, kv, quarantine=QuarantineRecord.decode(kv.value))
         if kind in (MEMBER, LIVE):
             _, round_part, _, node_id = rel.split("/")
             return RunKey(
@@ -227,10 +235,43 @@ def summarize(
         "waiting": waiting,
         "spares": spares,
         "coordinators": {str(r): nid for r, nid in sorted(coordinators.items())},
+        "quarantined": quarantined_rows(rk.quarantine for rk in keys if rk.quarantine is not None),
         "store_keys": sum(rk.kind == STORE for rk in keys),
         "keys": len(keys),
         "corrupt": [f"{rk.key} ({rk.error})" for rk in keys if rk.error is not None],
     }
+
+
+def quarantined_rows(records: Iterable[QuarantineRecord], now: float | None = None) -> list[dict[str, Any]]:
+    """The quarantine records still in force, as `rdzv status` and `rdzv quarantine list` show them."""
+    now = time.time() if now is None else now
+    return [
+        {"host": r.host, "until": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.until)),
+         "seconds_left": round(r.until - now), "since_round": r.round, "reason": r.reason}
+        for r in sorted(records, key=lambda r: r.host)
+        if r.until > now
+    ]
+
+
+def _board(client: EtcdClient, prefix: str, run_id: str) -> EtcdV3QuarantineBoard:
+    return EtcdV3QuarantineBoard(client, layout(prefix, run_id))
+
+
+def list_quarantined(endpoint: str, run_id: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> list[dict[str, Any]]:
+    """`rdzv quarantine list`: the run's quarantined hosts, why and until when."""
+    with connect(endpoint, **conn) as client:
+        return quarantined_rows(active(_board(client, prefix, run_id)).values())
+
+
+def release_quarantined(
+    endpoint: str, run_id: str, host: str | None = None, prefix: str = DEFAULT_PREFIX, **conn: Any
+) -> list[str]:
+    """`rdzv quarantine release`: end the quarantine of `host` (None: every host); the hosts
+    released. Their nodes see it within seconds and join again."""
+    with connect(endpoint, **conn) as client:
+        board = _board(client, prefix, run_id)
+        hosts = [host] if host is not None else sorted(board.read())
+        return [h for h in hosts if board.remove(h)]
 
 
 def list_runs(endpoint: str, prefix: str = DEFAULT_PREFIX, **conn: Any) -> list[dict[str, Any]]:

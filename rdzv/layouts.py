@@ -27,6 +27,7 @@ class EtcdV3Layout:
         round/<round>/rank/<node id>  a member's Assignment (rank, host)          [run lease]
         round/<round>/live/<node id>  the same, bound to the member's lease       [its lease]
         store/<round>/...    the round's torch Store                              [run lease]
+        quarantine/<host>    a quarantined host (rdzv.rendezvous.quarantine)      [own lease]
 
     ctl/current holds a sealed round's header only (constant size); its members are the
     round/<round>/ keys, written before the header: a member reads its own rank key, and
@@ -44,6 +45,7 @@ class EtcdV3Layout:
     NODE = "node/"
     ROUND = "round/"
     STORE = "store/"
+    QUARANTINE = "quarantine/"  # outside the ctl/..node/ range the change feeds watch
 
     def __init__(self, run_prefix: str) -> None:
         self.root = run_prefix + "/"
@@ -57,6 +59,7 @@ class EtcdV3Layout:
         self.nodes = self.root + self.NODE
         self.round_root = self.root + self.ROUND
         self.store_dir = self.root + self.STORE
+        self.quarantine_dir = self.root + self.QUARANTINE
 
     def coord(self, round_no: int) -> str:
         return self.coord_dir + round_key(round_no)
@@ -95,6 +98,7 @@ class EtcdV2Layout:
         w/ctl/progress/<round> how a forming round stands (RoundProgress) [TTL lease_ttl, holder]
         w/node/<node id>       NodeInfo JSON                             [TTL lease_ttl, owner]
         store/<round>/...      the round's torch Store                   [TTL store_ttl, fixed]
+        quarantine/<host>      a quarantined host                        [TTL quarantine_ttl]
     """
 
     def __init__(self, run_prefix: str) -> None:
@@ -107,6 +111,7 @@ class EtcdV2Layout:
         self.progress_dir = self.ctl + "/progress/"
         self.nodes = self.watched + "/node"
         self.store_dir = run_prefix + "/store/"
+        self.quarantine_dir = run_prefix + "/quarantine/"  # not under /w: feeds never see it
 
     def coord(self, round_no: int) -> str:
         return self.coord_dir + round_key(round_no)

@@ -63,6 +63,23 @@ class ChangeFeed(Protocol):
     def close(self) -> None: ...
 
 
+class QuarantineBoard(Protocol):
+    """Where a run's quarantine records live (rdzv.rendezvous.quarantine): one value per host
+    under the run's prefix that expires by itself after `ttl` seconds where the store can
+    (etcd v3: a lease; etcd v2: a TTL); readers also drop records past their own `until`
+    (c10d keeps no clock). Values are opaque here."""
+
+    def put(self, host: str, value: bytes, ttl: float) -> None: ...
+
+    def read(self) -> dict[str, bytes]:
+        """Every record by host; a record whose key names no host is left out."""
+        ...
+
+    def remove(self, host: str) -> bool:
+        """Delete `host`'s record; whether there was one."""
+        ...
+
+
 # Capability names (`Backend.capabilities`).
 ELASTIC = "elastic"  # min < max; members are told (num_nodes_waiting) when the group should change
 SPARES = "spares"  # nodes beyond max_nodes wait outside the full group until a member leaves
@@ -189,6 +206,10 @@ class Backend(Protocol):
         """Seconds until an abandoned run's state goes by itself (None: unknown or never)."""
         ...
 
+    def quarantine_board(self) -> QuarantineBoard | None:
+        """The run's quarantine records, or None where quarantine does not apply (static: a
+        fixed group cannot go on without a node)."""
+        ...
 
 def departures_from_nodes(backend: Backend, record: RoundRecord) -> ChangeFeed:
     """`Backend.watch_round` for a backend whose node feed reports every node change: the

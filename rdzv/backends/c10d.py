@@ -26,6 +26,8 @@ from rdzv.backends.api import ELASTIC, SPARES, NodeChange, departures_from_nodes
 from rdzv.backends.c10d_connections import C10dConnections, unpack_cursor
 from rdzv.backends.c10d_heartbeat import Heartbeats, Liveness
 from rdzv.backends.c10d_host import Opener, open_c10d
+from rdzv.backends.c10d_quarantine import NAME as QUARANTINE_KEY
+from rdzv.backends.c10d_quarantine import C10dQuarantineBoard
 from rdzv.backends.c10d_store import C10dLayout, LogReader, OpCounts, StoreConnection
 from rdzv.backends.lazy_store import LazyStore
 from rdzv.backends.pumped_feed import Change, PumpedFeed
@@ -110,6 +112,10 @@ class C10dBackend:
         with self._lock:
             self._lost = False
             self._claim = None  # a claim is (re)made, and logged, by the next announce
+            # A node that withdrew to stand aside (a failed health check) beats again.
+            beat_again = self._pulse is None and self.connections.opened
+        if beat_again:
+            self._start_ticking()
         self.liveness.restart()
 
     def session_lost(self) -> bool:
@@ -390,6 +396,11 @@ class C10dBackend:
 
     def expiry(self) -> float | None:
         return None  # the store's keys never expire; the last node out starts a new generation
+
+    def quarantine_board(self) -> C10dQuarantineBoard | None:
+        if ELASTIC not in self.capabilities:
+            return None  # static: a fixed group cannot go on without one of its nodes
+        return C10dQuarantineBoard(lambda: self.conn, lambda: self.keys.full(QUARANTINE_KEY))
 
 
 def _holder(raw: bytes) -> str:

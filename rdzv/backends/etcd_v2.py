@@ -47,6 +47,7 @@ from rdzv.backends.etcd_v2_client import (
     whole_seconds,
 )
 from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
+from rdzv.backends.etcd_v2_quarantine import EtcdV2QuarantineBoard
 from rdzv.backends.etcd_v2_store import EtcdV2Store
 from rdzv.backends.pumped_feed import PumpedFeed
 from rdzv.backends.run_keepers import RUN_TTL_LEASES, keeps_run
@@ -387,6 +388,9 @@ class EtcdV2Backend:
         except (EtcdV2Error, etcd.EtcdException):
             return None  # only for a message
         return float(ttl) if ttl is not None else None
+
+    def quarantine_board(self) -> EtcdV2QuarantineBoard:
+        return EtcdV2QuarantineBoard(self.client, self.keys)
 
 
 def _store_ttl(config: Mapping[str, object]) -> float:

@@ -21,6 +21,7 @@ from rdzv.backends.etcd_roster import EtcdRoster
 from rdzv.backends.etcd_run_lease import RunLease
 from rdzv.backends.etcd_store import EtcdStore
 from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
+from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
 from rdzv.backends.etcd_v3_round_feed import EtcdRoundFeed
 from rdzv.backends.run_keepers import keeps_run
 from rdzv.etcd import (
@@ -430,6 +431,9 @@ class EtcdBackend:
         except (EtcdError, RecordError):
             return None  # only for a message
         return float(ttl) if ttl >= 0 else None
+
+    def quarantine_board(self) -> EtcdV3QuarantineBoard:
+        return EtcdV3QuarantineBoard(self.client, self.keys, lambda: etcd_errors(self.describe()))
 
 
 def connect(settings: RendezvousSettings) -> EtcdClient:

@@ -26,6 +26,7 @@ Every node reads the count from the same sealed record, so every node agrees on 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -55,7 +56,9 @@ from rdzv.rendezvous.progress import (
     not_back,
     previous_round,
 )
+from rdzv.rendezvous.quarantine import Quarantine
 from rdzv.rendezvous.sealing import build_record, oversize
+from rdzv.rendezvous.segments import effective_max, room, segment_label, segment_size, usable
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -91,9 +94,14 @@ class Rendezvous:
         self._join_deadline = 0.0  # of the join in progress (monotonic)
         self._last_round = 0  # the latest round this node was a member of
         self._withdrawn = False
+        self._seen_closed = False  # the run was seen closed from outside the group
         # The round in which our workers failed with no member gone, until the next join
         # reports it (the coordinator charges the job's restart budget for it).
         self._failed_round = 0
+        # Whole-segment rounds (0: off) and this node's label (rdzv.rendezvous.segments).
+        self._segment_size = segment_size(settings)
+        self._segment = segment_label(settings)
+        self._quarantine = Quarantine.for_backend(settings, backend)
 
     # ----------------------------------------------------------------- public operations
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
@@ -132,6 +140,7 @@ class Rendezvous:
         # Never a round number this node was in already: when the run's records lapsed (etcd
         # down past the run lease), the next round must not reuse one.
         target = max(control.round, self._last_round) + 1
+        check_quarantine = self._quarantine.enabled  # before the first announce, and when left out
         while True:
             if self._shut:
                 # Shut down while a join was still waiting (another thread): never announce
@@ -148,11 +157,19 @@ class Rendezvous:
                     self._failed_round = 0
                     return sealed
                 target = sealed.round + 1
+                check_quarantine = self._quarantine.enabled
             if SPARES not in self.backend.capabilities and sealed and self._spare(control, target):
                 raise join_errors.no_room(s.run_id, self.backend, sealed)
             if self.backend.session_lost():
                 log.warning("rendezvous %s: this node's lease lapsed; re-registering", s.run_id)
                 self.backend.open_session()
+            if check_quarantine:
+                check_quarantine = False
+                leave = functools.partial(self.backend.retract, self.node_id, target)
+                if self._quarantine.sit_out(self.host, leave, self._ended):
+                    deadline = self._join_deadline = time.monotonic() + s.join_timeout
+                    control, cursor = self.backend.read_control()
+                    continue
             info = NodeInfo(
                 node_id=self.node_id,
                 host=self.host,
@@ -163,6 +180,7 @@ class Rendezvous:
                 rank_hint=s.rank_hint,
                 local_world_size=s.local_world_size,
                 failed=self._failed_round,
+                segment=self._segment,
             )
             coordinator, cursor = self.backend.announce(info, control)
             if coordinator is None:  # control moved on (sealed, closed): look again
@@ -171,6 +189,7 @@ class Rendezvous:
             control.coordinators[target] = coordinator
             if coordinator == self.node_id:
                 control = self._coordinate(target, control, cursor, deadline)
+                check_quarantine = self._quarantine.enabled  # we may have set ourselves aside
             else:
                 control = self._await_seal(target, control, cursor, deadline)
             if self._spare(control, target):
@@ -236,6 +255,14 @@ class Rendezvous:
         self._withdrawn = True
         self.backend.withdraw()
 
+    def stand_aside(self) -> None:
+        """Out of the group until the next join (a failed health check): our liveness ends, so
+        our records go and the members see us gone and re-form; unlike `withdraw`, the next
+        join opens it again. Nothing to do before our first round."""
+        self._end_membership()
+        if self._joined_before:
+            self.backend.withdraw()
+
     def peers_moved_on(self) -> bool:
         """Whether every other member of our round has asked for a new round (so its workers
         are stopped) or is gone. True when there is no round to wait for."""
@@ -258,9 +285,13 @@ class Rendezvous:
             self._membership.drain()
             return self._membership.feed.control.closed
         feed = self._closed_watch()
+        # Once seen closed, closed for this process: the last node out removes the marker with
+        # the run's keys, and a node outside the group (a failed health check) must not miss
+        # the end between two looks.
         while feed.poll(0) is not None:
-            pass
-        return feed.control.closed
+            self._seen_closed |= feed.control.closed
+        self._seen_closed |= feed.control.closed
+        return self._seen_closed
 
     def close(self) -> None:
         self.backend.close_run()
@@ -322,7 +353,9 @@ class Rendezvous:
         # and control changes in that window are not missed.
         feed = self.backend.watch(cursor, control, nodes=True, known=set(nodes))
         previous = control.sealed if control.round == target - 1 else None
-        view = EligibleView(target, set(previous.ids) if previous else set())
+        quarantined = self._quarantine.hosts_out()  # one read, only with quarantine on
+        view = EligibleView(target, set(previous.ids) if previous else set(), withheld_hosts=set(quarantined))
+        max_nodes = effective_max(s.max_nodes, self._segment_size)
         for node_id, entry in nodes.items():
             view.put(node_id, entry)
         last_call: float | None = None
@@ -337,11 +370,11 @@ class Rendezvous:
                     return control  # our claim lapsed with our lease
                 if self.node_id not in nodes:
                     return control  # our own record was overwritten: announce it again
-                count = len(view.eligible)
+                count = self._usable(view, nodes)
                 prev_done = view.prev_done  # no live member still runs the old round
                 now = time.monotonic()
                 seal_now = False
-                if prev_done and count >= s.max_nodes:
+                if prev_done and count >= max_nodes:
                     seal_now = True
                 elif prev_done and count >= s.min_nodes:
                     if view.live_prev:
@@ -356,8 +389,21 @@ class Rendezvous:
                 if seal_now:
                     record = build_record(
                         target, [nodes[i] for i in view.eligible], previous, view.live_prev,
-                        view.departed, min_nodes=s.min_nodes, max_nodes=s.max_nodes,
+                        view.departed, min_nodes=s.min_nodes, max_nodes=max_nodes,
+                        withheld=[nodes[i] for i in view.withheld], segment_size=self._segment_size,
                     )
+                    host = self._quarantine.verdict(record, quarantined)
+                    if host is not None:
+                        # Set aside now, and look again: a spare may take its place, or the
+                        # group goes on smaller, or waits for enough nodes.
+                        quarantined[host] = self._quarantine.impose(host, record)
+                        view.withhold(host, nodes)
+                        if host == self.host:
+                            # Our own host: hand the round to another coordinator and sit out.
+                            self.backend.retract(self.node_id, target)
+                            return control
+                        continue
+                    record = self._quarantine.settled(record, quarantined)
                     size = None if ROSTER_APART in self.backend.capabilities else oversize(record)
                     if size is not None:
                         # Close the run: every waiting node stops now. Retracting alone would
@@ -384,7 +430,9 @@ class Rendezvous:
                 waits = [deadline - now, PROGRESS_INTERVAL]
                 if last_call is not None:
                     waits.append(last_call - now)
-                waits.append(published.publish(self.backend, target, view, previous, nodes, now))
+                waits.append(published.publish(
+                    self.backend, target, view, previous, nodes, now, self._newcomers(view, nodes)
+                ))
                 self._progress.report(
                     target, control, role="coordinator",
                     spare=self._spare(control, target), nodes=nodes, joined=count,
@@ -406,14 +454,35 @@ class Rendezvous:
 
     # ----------------------------------------------------------------- helpers
     def _spare(self, control: Control, target: int) -> bool:
-        """A spare waits without a deadline: the previous round is full and still running."""
+        """A spare waits without a deadline: the previous round is full and still running (or,
+        with segments, formed without this node: its segment is not whole)."""
         sealed = control.sealed
         return (
             sealed is not None
             and sealed.round == target - 1
-            and sealed.full
+            and (sealed.full or self._segment_size > 0)
             and sealed.rank_of(self.node_id) is None
         )
+
+    def _usable(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int:
+        """Eligible nodes a round can take: all of them, or with segments those in whole ones."""
+        if not self._segment_size:
+            return len(view.eligible)
+        return usable((nodes[i].info.segment for i in view.eligible), self._segment_size, self.settings.max_nodes)
+
+    def _newcomers(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int | None:
+        """With segments, the newcomers members make room for: only those that complete a
+        whole new segment (a partial one waits as spares). None: all of them (no segments)."""
+        if not self._segment_size:
+            return None
+        labels = (nodes[i].info.segment for i in view.eligible if i not in view.prev_ids)
+        return room(labels, self._segment_size)
+
+    def _ended(self) -> bool:
+        """This node shut down, or the run closed (one read): a wait outside the group ends.
+        Such a wait has no deadline, as a spare's: a store outage during it is ridden out."""
+        self._join_deadline = time.monotonic() + self.settings.join_timeout
+        return self._shut or self.backend.read_control()[0].closed
 
     def _give_up(
         self,
@@ -465,10 +534,12 @@ class _Published:
         previous: RoundRecord | None,
         nodes: Mapping[str, NodeEntry],
         now: float,
+        newcomers: int | None = None,
     ) -> float:
-        """Publish round `target`'s progress if due; return the seconds until it may be."""
+        """Publish round `target`'s progress if due; return the seconds until it may be.
+        `newcomers`: those members should make room for, when not every eligible newcomer."""
         joined, rejoining, not_back_count = len(view.eligible), view.rejoining, view.not_back
-        counts = (joined, joined - rejoining, rejoining, not_back_count)
+        counts = (joined, joined - rejoining if newcomers is None else newcomers, rejoining, not_back_count)
         signal = (counts[1] > 0, rejoining > 0, not_back_count == 0)
         if counts == self.counts:
             return PROGRESS_INTERVAL

@@ -6,6 +6,7 @@ made coordinating O(N^2). Each change here costs O(1), and the coordinator reads
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rdzv.rendezvous.model import NodeEntry
@@ -22,12 +23,21 @@ class EligibleView:
     eligible: dict[str, None] = field(default_factory=dict)
     live_prev: set[str] = field(default_factory=set)
     _prev_not_ready: set[str] = field(default_factory=set)  # live previous members still in the old round
+    # Quarantined hosts (rdzv.rendezvous.quarantine) and their nodes present: never eligible,
+    # never waited for, but a live member all the same (a failure is still charged).
+    withheld_hosts: set[str] = field(default_factory=set)
+    withheld: dict[str, None] = field(default_factory=dict)
 
     def put(self, node_id: str, entry: NodeEntry) -> None:
         """`node_id` announced (or re-announced) `entry`."""
         member = node_id in self.prev_ids
         if member:
             self.live_prev.add(node_id)
+        if entry.info.host in self.withheld_hosts:
+            self.withheld[node_id] = None
+            self.eligible.pop(node_id, None)
+            self._prev_not_ready.discard(node_id)
+            return
         if entry.info.want >= self.target or not member:
             self.eligible[node_id] = None
             self._prev_not_ready.discard(node_id)
@@ -35,8 +45,16 @@ class EligibleView:
             self.eligible.pop(node_id, None)
             self._prev_not_ready.add(node_id)
 
+    def withhold(self, host: str, nodes: Mapping[str, NodeEntry]) -> None:
+        """`host` was quarantined: its nodes among `nodes` are withheld from now on."""
+        self.withheld_hosts.add(host)
+        for node_id, entry in nodes.items():
+            if entry.info.host == host:
+                self.put(node_id, entry)
+
     def drop(self, node_id: str) -> None:
         """`node_id`'s record is gone."""
+        self.withheld.pop(node_id, None)
         self.eligible.pop(node_id, None)
         self.live_prev.discard(node_id)
         self._prev_not_ready.discard(node_id)
@@ -48,8 +66,9 @@ class EligibleView:
 
     @property
     def rejoining(self) -> int:
-        """Live members of the previous round that asked for this one."""
-        return len(self.live_prev) - len(self._prev_not_ready)
+        """Live members of the previous round that asked for this one (withheld ones aside)."""
+        withheld = sum(1 for node_id in self.withheld if node_id in self.prev_ids)  # a few at most
+        return len(self.live_prev) - len(self._prev_not_ready) - withheld
 
     @property
     def not_back(self) -> int:

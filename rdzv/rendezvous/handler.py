@@ -127,6 +127,11 @@ class RdzvHandler(RendezvousHandler):
         node's record goes now, and the others restart without it."""
         self.rendezvous.withdraw()
 
+    def stand_aside(self) -> None:
+        """Stay out of the next round for now (a failed health check): this node's record goes,
+        so the group re-forms without it; the next `next_rendezvous()` announces it again."""
+        self.rendezvous.stand_aside()
+
     def peers_moved_on(self) -> bool:
         """Whether every other member of the round has asked for a new round or is gone."""
         try:

@@ -141,9 +141,14 @@ class NodeInfo:
     # The round in which this node's workers failed with no member of it gone (0: none): what
     # the coordinator charges against the job's restart budget when it seals the next round.
     failed: int = 0
+    # The node's segment (NVLink domain) label, or None (rdzv.rendezvous.segments).
+    segment: str | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"v": FORMAT, **asdict(self)}, separators=(",", ":")).encode()
+        doc = asdict(self)
+        if doc["segment"] is None:
+            del doc["segment"]  # unlabelled nodes write what older versions wrote
+        return json.dumps({"v": FORMAT, **doc}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> NodeInfo:
@@ -159,6 +164,7 @@ class NodeInfo:
             rank_hint=_optional_int(doc, "rank_hint"),
             local_world_size=_optional_int(doc, "local_world_size"),
             failed=_int(doc, "failed") if "failed" in doc else 0,  # older records lack it
+            segment=None if doc.get("segment") is None else _str(doc, "segment"),
         )
 
 
@@ -292,6 +298,10 @@ class RoundRecord:
     # Ids of ranks 0 .. HEAD_RANKS-1 (the run's keepers), known without the roster.
     head: tuple[str, ...] = ()
     roster: Roster = field(default_factory=DetachedRoster, compare=False, repr=False)
+    # The host the latest counted restart was charged to, and how many counted restarts in a
+    # row were charged to it (rdzv.rendezvous.quarantine); written only when set.
+    blame: str = ""
+    strikes: int = 0
     # The cursor where the coordinator's view of the nodes ended (0: unknown), stored as
     # "since". Members watch from there, so a node that vanished between that view and the
     # seal is still seen as lost.
@@ -341,6 +351,9 @@ class RoundRecord:
             "round": self.round, "master_addr": self.master_addr, "master_port": self.master_port,
             "min_nodes": self.min_nodes, "max_nodes": self.max_nodes, "restarts": self.restarts,
             "since": self.view_cursor,  # the stored name
+            # The quarantine count (constant size), only when set: otherwise the record older
+            # versions wrote.
+            **({"blame": self.blame, "strikes": self.strikes} if self.strikes else {}),
         }
 
     def encode(self) -> bytes:
@@ -376,6 +389,8 @@ class RoundRecord:
             max_nodes=_int(doc, "max_nodes", min_nodes),
             restarts=_int(doc, "restarts") if "restarts" in doc else 0,  # older records lack it
             view_cursor=_int(doc, "since") if "since" in doc else 0,  # older records lack it
+            blame=_str(doc, "blame") if "blame" in doc else "",  # older records lack both
+            strikes=_int(doc, "strikes") if "strikes" in doc else 0,
             cursor=cursor,
         )
         if version == cls.HEADER:

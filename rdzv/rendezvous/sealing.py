@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from rdzv.rendezvous.model import MAX_ROUND_RECORD, NodeEntry, RoundRecord
+from rdzv.rendezvous.quarantine import carried_count, charged_host
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
+from rdzv.rendezvous.segments import SegmentCandidate, segment_order
 
 
 def build_record(
@@ -17,29 +19,37 @@ def build_record(
     *,
     min_nodes: int,
     max_nodes: int,
+    withheld: Sequence[NodeEntry] = (),
+    segment_size: int = 0,
 ) -> RoundRecord:
     """Round `target` of at most `max_nodes` of the `eligible` nodes. `previous`: the round
     before, when sealed last; `live_prev`: its members still present; `departed`: whether one
-    of its members is gone (a failure then costs no restart)."""
+    of its members is gone (a failure then costs no restart); `withheld`: live nodes kept out
+    (quarantined), whose failure reports still count; `segment_size`: rounds of whole
+    segments (rdzv.rendezvous.segments; 0: off)."""
     # Previous members first (they keep the job's state warm), then by arrival.
     chosen = sorted(eligible, key=lambda e: (e.info.node_id not in live_prev, e.arrival))
-    chosen = chosen[:max_nodes]
     prev_ranks = {nid: r for r, nid in enumerate(previous.ids)} if previous else {}
-    ids = assign_ranks(
-        (RankCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.rank_hint) for e in chosen),
-        prev_ranks,
-    )
+    if segment_size:
+        ids = segment_order(
+            [SegmentCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.segment) for e in chosen],
+            segment_size, max_nodes, prev_ranks,
+        )
+    else:
+        ids = assign_ranks(
+            (RankCandidate(e.info.node_id, e.info.host, e.info.pid, e.info.rank_hint) for e in chosen[:max_nodes]),
+            prev_ranks,
+        )
     by_id = {e.info.node_id: e.info for e in chosen}
     master = by_id[ids[0]]
     restarts = previous.restarts if previous else 0
     # One restart for the job when a member's workers failed in the previous round, unless
     # a member of that round is gone: then the failure was the departure's (a collective
     # with a node that left), a membership change that costs no restart.
-    failed = previous is not None and any(
-        e.info.failed == previous.round and e.info.node_id in live_prev for e in chosen
-    )
-    if failed and not departed:
+    charged = None if departed else charged_host(previous, [*eligible, *withheld], live_prev)
+    if charged is not None:
         restarts += 1
+    blame, strikes = carried_count(previous, charged)
     return RoundRecord.listing(
         ids,
         [by_id[i].host for i in ids],
@@ -49,6 +59,8 @@ def build_record(
         min_nodes=min_nodes,
         max_nodes=max_nodes,
         restarts=restarts,
+        blame=blame,
+        strikes=strikes,
     )
 
 

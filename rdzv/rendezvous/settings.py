@@ -56,6 +56,9 @@ KNOWN_KEYS: dict[str, str] = {
     "password_env": _TEXT, "password_file": _TEXT, "is_host": _BOOL,
     # passed by launchers: rdzv-launch (shown by `rdzv status`)
     "local_world_size": _COUNT,
+    # segments and quarantine (rdzv.rendezvous.segments, rdzv.rendezvous.quarantine); `segment`
+    # is this node's label (rdzv-launch passes --node-segment)
+    "segment": _TEXT, "segment_size": _COUNT, "quarantine_after": _COUNT, "quarantine_ttl": _NUMBER,
     # read only by torch's own handlers (c10d, etcd, etcd-v2, static, dynamic): accepted so a
     # torchrun command line keeps working; ours ignore them
     "close_timeout": _NUMBER,  # torch's dynamic handler (c10d): checked as it checks it (> 0)
