@@ -135,6 +135,7 @@ class HealthGate:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng or random.Random()
+        self._passed_before = False
 
     def describe(self) -> str:
         return "builtin:gpu" if self.argv == BUILTINS["builtin:gpu"] else shlex.join(self.argv)
@@ -147,9 +148,15 @@ class HealthGate:
         while True:
             result = run_check(self.argv, self.timeout)
             if result.ok:
+                said = f": {result.why}" if result.why else ""
                 if failures:
                     self._reporter.emit("health_check_passed", f"health check passed after {failures} failure(s) "
-                                        f"({result.seconds:.1f} s); joining", "info", seconds=round(result.seconds, 3))
+                                        f"({result.seconds:.1f} s){said}; joining", "info", seconds=round(result.seconds, 3))
+                elif not self._passed_before:
+                    # Once per process: what the check found (devices, times) is worth a line.
+                    self._reporter.emit("health_check_passed", f"health check `{self.describe()}` passed in "
+                                        f"{result.seconds:.1f} s{said}", "info", seconds=round(result.seconds, 3))
+                self._passed_before = True
                 return
             failures += 1
             self._on_failure()
