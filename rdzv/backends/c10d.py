@@ -319,8 +319,8 @@ class C10dBackend:
         name = keys.claim(round_no)
         raw = conn.get(keys.full(name))
         fields = raw.decode(errors="replace").split("\t")
-        if not fields[0]:
-            return
+        if not fields[0] or fields[0] != self._node_id:
+            return  # released, or no longer ours: the holder publishes its own
         fields += [""] * (3 - len(fields))
         fields[field] = value
         new = "\t".join(fields)

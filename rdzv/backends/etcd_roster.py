@@ -32,7 +32,7 @@ class EtcdRoster:
             key = self._prefix + node_id
             with etcd_errors(self._describe()):
                 kv = self._client.get(key)
-            self._known[node_id] = None if kv is None else decode(key, kv.value)
+            self._known[node_id] = None if kv is None else decode(key, node_id, kv.value)
         return self._known[node_id]
 
     def rank_of(self, node_id: str) -> int | None:
@@ -51,9 +51,10 @@ class EtcdRoster:
             found: dict[str, Assignment] = {}
             for kv in result.kvs:
                 key = kv.key.decode(errors="replace")
-                assignment = decode(key, kv.value)
+                node_id = key[len(self._prefix) :]
+                assignment = decode(key, node_id, kv.value)
                 if assignment is not None:
-                    found[key[len(self._prefix) :]] = assignment
+                    found[node_id] = assignment
             self._known.update(found)
             ordered = sorted(found.items(), key=lambda item: item[1].rank)
             self._listed = (tuple(i for i, _ in ordered), tuple(a.host for _, a in ordered))
@@ -66,10 +67,10 @@ class EtcdRoster:
         return self._all()[1]
 
 
-def decode(key: str, raw: bytes) -> Assignment | None:
-    """The assignment at `key`, or None (warned once) when it holds none."""
+def decode(key: str, node_id: str, raw: bytes) -> Assignment | None:
+    """The assignment of `node_id` at `key`, or None (warned once) when it holds none."""
     try:
-        parse_node_id(key.rpartition("/")[2])
+        parse_node_id(node_id)
         return Assignment.decode(raw)
     except RecordError as exc:
         not_a_node(key, f"not a member's assignment: {exc}")

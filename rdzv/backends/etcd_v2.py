@@ -221,10 +221,13 @@ class EtcdV2Backend:
         self._lead("coordinator", holder == node.node_id)
         return holder, index
 
-    def _release(self, key: str, node_id: str) -> None:
+    def _release(self, key: str, node_id: str) -> bool:
+        """Delete the claim at `key` if `node_id` holds it; whether it did."""
         self._own(key, False)
         with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
             self.client.delete(key, prevValue=node_id)
+            return True
+        return False
 
     def read_nodes(self) -> tuple[dict[str, NodeEntry], int]:
         leaves, index = self._read_dir(self.keys.nodes)
@@ -309,9 +312,11 @@ class EtcdV2Backend:
 
     def retract(self, node_id: str, round_no: int) -> None:
         self._lead("coordinator", False)
-        self._release(self.keys.coord(round_no), node_id)
-        self._drop(self.keys.lastcall(round_no))
-        self._drop(self.keys.progress(round_no))
+        if self._release(self.keys.coord(round_no), node_id):
+            # The round's last call and progress are its coordinator's: a waiting node that
+            # gives up must not take them from the one still forming it.
+            self._drop(self.keys.lastcall(round_no))
+            self._drop(self.keys.progress(round_no))
         self._drop(self.keys.node(node_id))
 
     def close_run(self) -> None:

@@ -243,10 +243,12 @@ class EtcdBackend:
         if not isinstance(record.roster, EtcdRoster):  # a record of an older version
             return departures_from_nodes(self, record)
         control = self.watch(record.watch_cursor, Control(sealed=record), nodes=False)
-        return EtcdRoundFeed(
-            control, self.client, self.keys.live(record.round), record.watch_cursor, record.roster,
-            self.describe(), self.settings.run_id,
-        )
+        try:
+            return EtcdRoundFeed(control, self.client, self.keys.live(record.round), record, self.describe(),
+                                 self.settings.run_id)
+        except BaseException:
+            control.close()  # or every later look would leave one more watch behind
+            raise
 
     def seal(
         self,
@@ -261,6 +263,14 @@ class EtcdBackend:
         header. Members watch their live keys from before the first batch, so one that goes
         after its key was written is seen as lost; one that went before fails its batch (its
         lease is gone) and the coordinator looks again."""
+        try:
+            return self._seal(control, record, entries, coordinator)
+        finally:
+            self.run_lease.keep("coordinator", False)  # sealed or given up: a member's reason now
+
+    def _seal(
+        self, control: Control, record: RoundRecord, entries: Mapping[str, NodeEntry], coordinator: str
+    ) -> RoundRecord | None:
         keys = self.keys
         round_no = record.round
         claimed = Compare.value(keys.coord(round_no)) == coordinator.encode()
@@ -290,7 +300,6 @@ class EtcdBackend:
             # Members watch from the clearing: nothing after it can be missed.
             header = dataclasses.replace(record, view_cursor=cleared.revision)
             result = self.run_lease.write_on(lambda lease: self._seal_txn(control, header, coordinator, lease))
-        self.run_lease.keep("coordinator", False)
         if not result.succeeded:
             return None
         roster = self.roster(round_no)
@@ -332,14 +341,21 @@ class EtcdBackend:
         )
 
     def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
-        with etcd_errors(self.describe()):
-            self.client.put(self.keys.progress(round_no), progress.encode(), lease=self._lease, idempotent=True)
+        self._put_on_session(self.keys.progress(round_no), progress.encode())
 
     def publish_last_call(self, round_no: int, deadline: float) -> None:
+        self._put_on_session(self.keys.lastcall(round_no), repr(deadline).encode())
+
+    def _put_on_session(self, key: str, value: bytes) -> None:
+        """Put `key` on this node's lease; a lease already gone is a lost session (the caller
+        sees `session_lost()` and announces again), not an error."""
         with etcd_errors(self.describe()):
-            self.client.put(
-                self.keys.lastcall(round_no), repr(deadline), lease=self._lease, idempotent=True
-            )
+            try:
+                self.client.put(key, value, lease=self._lease, idempotent=True)
+            except EtcdLeaseNotFoundError:
+                if self._session is None:
+                    raise
+                self._session.lost.set()
 
     def retract(self, node_id: str, round_no: int) -> None:
         keys = self.keys
@@ -349,7 +365,12 @@ class EtcdBackend:
         with contextlib.suppress(EtcdError):
             self.client.txn(
                 [Compare.value(keys.coord(round_no)) == node_id.encode()],
-                [Op.delete(keys.coord(round_no)), Op.delete(keys.node(node_id))],
+                [
+                    Op.delete(keys.coord(round_no)),
+                    Op.delete(keys.node(node_id)),
+                    Op.delete(keys.lastcall(round_no)),
+                    Op.delete(keys.progress(round_no)),
+                ],
                 [Op.delete(keys.node(node_id))],
                 idempotent=True,
             )

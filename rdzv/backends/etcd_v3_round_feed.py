@@ -21,7 +21,7 @@ from rdzv.etcd import (
     Watch,
     prefix_end,
 )
-from rdzv.rendezvous.model import Control
+from rdzv.rendezvous.model import Control, RoundRecord
 
 log = logging.getLogger("rdzv")
 
@@ -37,20 +37,25 @@ class EtcdRoundFeed:
         control_feed: EtcdChangeFeed,
         client: EtcdClient,
         live_prefix: str,
-        after: int,
-        roster: EtcdRoster,
+        record: RoundRecord,
         describe: str,
         run_id: str,
     ) -> None:
+        if not isinstance(record.roster, EtcdRoster):
+            raise TypeError("a round whose members are stored apart")
         self._control = control_feed
         self._client = client
         self._start = live_prefix.encode()
-        self._roster = roster
+        self._roster: EtcdRoster = record.roster
+        # The live keys of this round were written between these revisions (the clearing of
+        # earlier attempts and the seal): a delete of any other is not a member's departure.
+        self._written = (record.watch_cursor, record.cursor or (1 << 62))
+        self._size = record.world_size
         self._describe = describe
         self._run_id = run_id
         self._gone: set[str] = set()
         with etcd_errors(describe):
-            self._watch = self._open(after)
+            self._watch = self._open(record.watch_cursor)
         self._resynced_at = 0.0
 
     @property
@@ -103,30 +108,42 @@ class EtcdRoundFeed:
 
     def _changes(self, events: list[Event]) -> list[NodeChange]:
         out: list[NodeChange] = []
+        low, high = self._written
         for event in events:
             key = event.kv.key.decode(errors="replace")
             node_id = key[len(self._start) :]
-            if event.prev_kv is not None:
-                assignment = decode(key, event.prev_kv.value)
-                if assignment is not None:
-                    self._roster.learn({node_id: assignment})
-            if node_id not in self._gone:
-                self._gone.add(node_id)
-                out.append(NodeChange(node_id, None))
+            prev = event.prev_kv
+            # Only a key the seal wrote, holding an assignment, is a member's: anything else
+            # deleted under the prefix (written by hand, by another tool) is no departure.
+            if prev is None or not low < prev.create_revision <= high or node_id in self._gone:
+                continue
+            assignment = decode(key, node_id, prev.value)
+            if assignment is None:
+                continue
+            self._roster.learn({node_id: assignment})
+            self._gone.add(node_id)
+            out.append(NodeChange(node_id, None))
         return out
 
     def _resync(self, why: str) -> list[NodeChange]:
-        # Start over from one read: the members listed (rank keys) whose live key is gone.
+        # Start over from one read. Counting is enough while every member not yet seen gone
+        # is still there (the usual case: the watch was only cancelled, or compacted while
+        # nobody left); only then are the members listed, by their rank keys.
         start = self._start
-        result = self._client.range(start, range_end=prefix_end(start), keys_only=True)
-        live = {kv.key.decode(errors="replace")[len(start) :] for kv in result.kvs}
-        fresh = self._open(result.revision)
+        end = prefix_end(start)
+        counted = self._client.range(start, range_end=end, count_only=True)
+        revision, gone = counted.revision, []
+        if counted.count < self._size - len(self._gone):
+            result = self._client.range(start, range_end=end, keys_only=True)
+            revision = result.revision
+            live = {kv.key.decode(errors="replace")[len(start) :] for kv in result.kvs}
+            gone = [i for i in self._roster.ids() if i not in live and i not in self._gone]
+            self._gone.update(gone)
+        fresh = self._open(revision)
         self._watch.cancel()
         self._watch = fresh
         self._resynced_at = time.monotonic()
-        gone = [i for i in self._roster.ids() if i not in live and i not in self._gone]
-        self._gone.update(gone)
-        log.info("rendezvous %s: %s; resynchronised at revision %d", self._run_id, why, result.revision)
+        log.info("rendezvous %s: %s; resynchronised at revision %d", self._run_id, why, revision)
         return [NodeChange(i, None) for i in gone]
 
     def close(self) -> None:

@@ -368,8 +368,8 @@ class Rendezvous:
                     return control
                 if control.coordinators.get(target) != self.node_id:
                     return control  # our claim lapsed with our lease
-                if self.node_id not in nodes:
-                    return control  # our own record was overwritten: announce it again
+                if self.node_id not in nodes or self.backend.session_lost():
+                    return control  # our own record was overwritten or went with our lease
                 count = self._usable(view, nodes)
                 prev_done = view.prev_done  # no live member still runs the old round
                 now = time.monotonic()
