@@ -154,8 +154,9 @@ class Backend(Protocol):
         was read and `coordinator` still holds the claim. `entries`: the records of (at
         least) the round's members as the coordinator saw them. `view_cursor`: where the
         coordinator's view of the nodes ended (`read_nodes`); a backend whose cursors compare
-        has members watch from there (`RoundRecord.watch_cursor`), so they also see a node that
-        went between that view and the seal. Returns the stored record or None."""
+        has members watch from there or later (`RoundRecord.watch_cursor`), so they also see a
+        member that went between that view and the seal (etcd v3: one whose lease ended; one
+        gone before its key was written fails the seal). Returns the stored record or None."""
         ...
 
     def publish_last_call(self, round_no: int, deadline: float) -> None: ...
