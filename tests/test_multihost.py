@@ -257,6 +257,8 @@ def test_netns_teardown_and_stale_sweep(netns_net: Network, tmp_path: Path) -> N
     host = net.add_host("x0", 50)
     sleeper = host.spawn(["sleep", "600"], name="sleeper")
     orphan = subprocess.Popen(host.exec_args(["sleep", "600"]), start_new_session=True)
+    # Inside before the close: one that enters after the close's look would outlive it.
+    wait_until(lambda: orphan.pid in ns_pids(host.ns), 10, "the orphan to enter the namespace")
     net.close()
     assert sleeper.poll() is not None
     assert orphan.wait(timeout=10) is not None
