@@ -82,18 +82,18 @@ class EtcdRoundFeed:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
+            wait = SLICE if left is None else min(SLICE, left)
             if self._watch.cancelled:
-                time.sleep(SLICE if left is None else min(SLICE, left))
+                time.sleep(wait)
                 continue
-            with etcd_errors(self._describe):
-                events = self._watch.get(SLICE if left is None else min(SLICE, left))
-            if events:
-                return self._changes(events)
+            departed = self._departures(wait)
+            if departed is not None:
+                return departed
 
-    def _departures(self) -> list[NodeChange] | None:
+    def _departures(self, wait: float = 0.0) -> list[NodeChange] | None:
         with etcd_errors(self._describe):
             try:
-                events = self._watch.get(0)
+                events = self._watch.get(wait)
             except EtcdCompactedError:
                 return self._resync("departures watch history was compacted")
             except EtcdAuthError:
@@ -101,7 +101,9 @@ class EtcdRoundFeed:
             except EtcdError as exc:
                 if self._client.closed:
                     raise
-                if time.monotonic() - self._resynced_at < RESYNC_EVERY:
+                paced = self._resynced_at + RESYNC_EVERY - time.monotonic()
+                if paced > 0:
+                    time.sleep(min(paced, wait))  # a blocking poll waits instead of spinning
                     return None
                 return self._resync(f"etcd cancelled the departures watch ({exc})")
         return self._changes(events) if events else None
