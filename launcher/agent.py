@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import socket
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -361,10 +362,31 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         if endpoint is not None:
             endpoint.agent_stopped("the launcher is ending")
         leave = getattr(handler, "leave", None)
+        end = handler.shutdown if shutdown_rdzv else leave if callable(leave) else None
+        if end is not None:
+            _end_rendezvous(end, reporter)
+
+
+SHUTDOWN_WAIT = 60.0  # seconds a node's close and leave may take before the launcher exits anyway
+
+
+def _end_rendezvous(end: Any, reporter: Reporter) -> None:
+    """Close or leave the rendezvous, within SHUTDOWN_WAIT: the job's outcome is known, and a
+    store that stopped answering must not keep a finished node running (its keys go with its
+    lease). Failures are one warning line, as in torch 2.14+."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
         try:
-            if shutdown_rdzv:
-                handler.shutdown()
-            elif callable(leave):
-                leave()
-        except Exception as exc:  # as torch 2.14+: the job's outcome stands
-            reporter.warning("shutdown_failed", f"could not close the rendezvous: {type(exc).__name__}: {exc}")
+            end()
+        except Exception as exc:  # reported below
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="rdzv-shutdown", daemon=True)
+    thread.start()
+    thread.join(SHUTDOWN_WAIT)
+    if thread.is_alive():
+        reporter.warning("shutdown_failed", f"could not close the rendezvous within {SHUTDOWN_WAIT:g} s; exiting anyway")
+    elif failed:
+        exc = failed[0]
+        reporter.warning("shutdown_failed", f"could not close the rendezvous: {type(exc).__name__}: {exc}")
