@@ -364,13 +364,13 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         leave = getattr(handler, "leave", None)
         end = handler.shutdown if shutdown_rdzv else leave if callable(leave) else None
         if end is not None:
-            _end_rendezvous(end, reporter)
+            end_rendezvous(end, reporter)
 
 
 SHUTDOWN_WAIT = 60.0  # seconds a node's close and leave may take before the launcher exits anyway
 
 
-def _end_rendezvous(end: Any, reporter: Reporter) -> None:
+def end_rendezvous(end: Any, reporter: Reporter) -> None:
     """Close or leave the rendezvous, within SHUTDOWN_WAIT: the job's outcome is known, and a
     store that stopped answering must not keep a finished node running (its keys go with its
     lease). Failures are one warning line, as in torch 2.14+."""
