@@ -275,6 +275,7 @@ class EtcdBackend:
         round_no = record.round
         claimed = Compare.value(keys.coord(round_no)) == coordinator.encode()
         assignments = record.assignments()
+        encoded = {node_id: assignment.encode() for node_id, assignment in assignments.items()}  # rank and live keys alike
         with etcd_errors(self.describe()):
             # What an earlier attempt at this round left is removed first.
             cleared = self.client.txn(
@@ -284,13 +285,13 @@ class EtcdBackend:
             if not cleared.succeeded:
                 return None
             ranks = [
-                (keys.ranks(round_no) + node_id, assignment.encode(), 0) for node_id, assignment in assignments.items()
+                (keys.ranks(round_no) + node_id, value, 0) for node_id, value in encoded.items()
             ]
             if not self.run_lease.write_on(lambda lease: self._write_batches(claimed, ranks, lease)):
                 return None
             live = [
-                (keys.live(round_no) + node_id, assignment.encode(), entries[node_id].session)
-                for node_id, assignment in assignments.items()
+                (keys.live(round_no) + node_id, value, entries[node_id].session)
+                for node_id, value in encoded.items()
             ]
             try:
                 if not self._write_batches(claimed, live, None):
