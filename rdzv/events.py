@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rdzv.inspect import CLOSED, LASTCALL, RunKey
-from rdzv.rendezvous.model import NodeInfo, RoundRecord
+from rdzv.rendezvous.records import NodeInfo, RoundRecord
 from rdzv.view import Change, RunView
 
 # torch.distributed.elastic.events.api.NodeState values

@@ -16,23 +16,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
+from rdzv.backends.etcd_v3.quarantine import EtcdV3QuarantineBoard
 from rdzv.etcd import EtcdClient, EtcdError, KeyValue
 from rdzv.layouts import EtcdV3Layout
-from rdzv.rendezvous.model import (
-    Assignment,
-    DetachedRoster,
-    InlineRoster,
-    NodeInfo,
+from rdzv.rendezvous.decoding import (
     RecordError,
-    RoundProgress,
-    RoundRecord,
     parse_lease_id,
     parse_node_id,
     parse_number,
     parse_round_no,
 )
 from rdzv.rendezvous.quarantine import QuarantineRecord, active
+from rdzv.rendezvous.records import Assignment, NodeInfo, RoundProgress, RoundRecord
+from rdzv.rendezvous.roster import DetachedRoster, InlineRoster
 from rdzv.rendezvous.settings import DEFAULT_PREFIX, password_from
 
 # What a key of a run is, by its name under `<prefix>/<run_id>/`.

@@ -39,10 +39,10 @@ class BackendEntry:
     handler: str | None = None
 
 
-_ETCD_V3 = BackendEntry("rdzv.backends.etcd_v3", 2379)
-_ETCD_V2 = BackendEntry("rdzv.backends.etcd_v2", 2379)
-_C10D = BackendEntry("rdzv.backends.c10d", 29400)
-_STATIC = BackendEntry("rdzv.backends.static", 29500, handler="StaticHandler")
+_ETCD_V3 = BackendEntry("rdzv.backends.etcd_v3.backend", 2379)
+_ETCD_V2 = BackendEntry("rdzv.backends.etcd_v2.backend", 2379)
+_C10D = BackendEntry("rdzv.backends.c10d.backend", 29400)
+_STATIC = BackendEntry("rdzv.backends.static.backend", 29500, handler="StaticHandler")
 
 BACKENDS: dict[str, BackendEntry] = {
     "etcd": _ETCD_V3,

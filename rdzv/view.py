@@ -24,7 +24,7 @@ from rdzv.inspect import (
     summarize,
     with_members,
 )
-from rdzv.rendezvous.model import NodeInfo, RoundRecord
+from rdzv.rendezvous.records import NodeInfo, RoundRecord
 
 KEEP_ROUNDS = 8  # rounds whose start times are remembered (for "sealed in N s")
 KEEP_DEPARTED = 4096  # departed nodes remembered by id (for their host names)

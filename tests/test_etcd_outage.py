@@ -35,7 +35,7 @@ from torch.distributed import DistStoreError
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 from waiting import wait_until
 
-from rdzv.backends.etcd_store import EtcdStore
+from rdzv.backends.etcd_v3.store import EtcdStore
 from rdzv.etcd import EtcdClient
 
 pytestmark = pytest.mark.timeout(240)

@@ -21,9 +21,9 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError, Rend
 from waiting import wait_until
 
 from rdzv import create_handler
-from rdzv.backends.etcd_v2_client import EtcdV2Client
-from rdzv.backends.etcd_v2_store import EtcdV2Store
-from rdzv.rendezvous.model import Control
+from rdzv.backends.etcd_v2.client import EtcdV2Client
+from rdzv.backends.etcd_v2.store import EtcdV2Store
+from rdzv.rendezvous.control import Control
 from rdzv.rendezvous.settings import parse_settings
 
 FAST = {"lease_ttl": "2", "last_call_timeout": "1", "join_timeout": "30", "read_timeout": "5"}

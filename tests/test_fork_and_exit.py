@@ -29,7 +29,7 @@ from etcd_harness import EtcdServer, free_port
 from rdzv_testlib import FAST_CONF, ROOT, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from rdzv.backends.etcd_v2_client import EtcdV2Client, EtcdV2Error
+from rdzv.backends.etcd_v2.client import EtcdV2Client, EtcdV2Error
 from rdzv.etcd import EtcdClient, EtcdError
 from rdzv.rendezvous.settings import parse_settings
 

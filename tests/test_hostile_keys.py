@@ -28,10 +28,11 @@ from rdzv_testlib import NodeGroup, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousStateError
 from waiting import wait_until
 
-from rdzv.backends.c10d import C10dBackend
-from rdzv.backends.etcd_v2 import EtcdV2Backend
+from rdzv.backends.c10d.backend import C10dBackend
+from rdzv.backends.etcd_v2.backend import EtcdV2Backend
 from rdzv.etcd import EtcdClient
-from rdzv.rendezvous.model import Assignment, NodeInfo, RecordError, RoundProgress, RoundRecord
+from rdzv.rendezvous.decoding import RecordError
+from rdzv.rendezvous.records import Assignment, NodeInfo, RoundProgress, RoundRecord
 
 pytestmark = pytest.mark.timeout(240)
 

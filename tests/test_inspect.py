@@ -11,7 +11,7 @@ from rdzv_testlib import new_run_id, node_group
 
 from rdzv import inspect
 from rdzv.etcd import EtcdClient
-from rdzv.rendezvous.model import NodeInfo
+from rdzv.rendezvous.records import NodeInfo
 
 
 def test_describe_list_and_clean(etcd) -> None:

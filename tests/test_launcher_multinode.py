@@ -52,7 +52,7 @@ class Backend:
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "etcd":
         try:
-            import rdzv.backends.etcd_v3  # noqa: F401
+            import rdzv.backends.etcd_v3.backend  # noqa: F401
         except ImportError:
             pytest.skip("etcd handler not yet available")
         server = request.getfixturevalue("etcd35")

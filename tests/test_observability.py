@@ -34,7 +34,7 @@ from waiting import wait_until
 from rdzv.etcd import EtcdClient, Event, KeyValue
 from rdzv.events import EventDeriver
 from rdzv.keyfeed import KeyFeed
-from rdzv.rendezvous.model import NodeInfo, RoundRecord
+from rdzv.rendezvous.records import NodeInfo, RoundRecord
 from rdzv.view import PrefixView, RunView
 
 pytestmark = pytest.mark.timeout(180)

@@ -19,8 +19,8 @@ from rdzv_testlib import NodeGroup, NodeProcess, new_run_id
 from torch.distributed.elastic.rendezvous import RendezvousHandler
 from waiting import wait_until
 
-from rdzv.rendezvous.model import NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.quarantine import QuarantineRecord, active, charged_host, host_key, host_of
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.sealing import build_record
 from rdzv.rendezvous.segments import SegmentCandidate, room, segment_order, usable
 

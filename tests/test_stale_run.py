@@ -20,7 +20,7 @@ import pytest
 from etcd_harness import EtcdServer
 from launcher_helpers import ENV_DUMP, clean_env, run_launcher, write_script
 
-from rdzv.backends.run_keepers import RUN_TTL_LEASES
+from rdzv.backends.common.run_keepers import RUN_TTL_LEASES
 from rdzv.etcd import EtcdClient
 
 pytestmark = pytest.mark.timeout(180)

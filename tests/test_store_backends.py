@@ -19,7 +19,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from rdzv import create_handler
-from rdzv.backends.c10d_store import (
+from rdzv.backends.c10d.store import (
     HOLE,
     ChangeLog,
     LogReader,

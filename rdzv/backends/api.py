@@ -25,7 +25,8 @@ from typing import Protocol
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.rendezvous.model import Control, NodeEntry, NodeInfo, RoundProgress, RoundRecord
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord
 
 
 class StoreUnreachableError(RendezvousConnectionError):

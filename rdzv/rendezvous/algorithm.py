@@ -1,27 +1,21 @@
-"""The rendezvous algorithm, written once for every backend.
+"""The rendezvous algorithm, written once for every backend: one node's join loop.
 
 Per round, each node writes one record ("I want round N") and one node, the first to ask, claims
-the coordination of round N in the same atomic step. Only the coordinator watches the node
-records; everyone else waits for one change: the sealed-round record. The coordinator seals the
-round (one compare-and-set) when
+the coordination of round N in the same atomic step. The coordinator (`coordinator.py`) alone
+reads the node records, and seals the round when `seal_condition.decide` says so; everyone else
+waits for one change: the sealed round, reading the progress the coordinator publishes.
 
-* `max_nodes` are present, or
-* every live member of the previous round has asked for this round and at least `min_nodes`
-  are present (re-formation pays no last call), or
-* `min_nodes` are present and the last call is over (first formation, or all previous members
-  gone).
-
-A round never seals while a live member of the previous round still runs it: late nodes wait
-until the members notice them (`num_nodes_waiting()`) and rejoin, spares wait until a member
-leaves. After formation each member watches the node records: a member whose record vanished
-(lease expired), a member asking for a new round, or a newcomer when the round has room makes
-`num_nodes_waiting()` positive, which is what makes torch's agent restart the group.
+After a round seals, each member follows it through `RoundMembership` (`membership.py`): the
+backend's feed of departures (etcd v3: deletes of the round's live keys; etcd-v2 and c10d: the
+node records) and the progress published for the next round (newcomers with room, members
+asking for a new round) make `num_nodes_waiting()` positive, which is what makes torch's agent
+restart the group.
 
 Restarts after worker failures are counted once for the whole job, in the sealed round: a node
 whose workers failed with every member still there says so in its record (`failed`), and the
 coordinator charges one restart when such a node asks for the next round, unless a member of
-the previous round is gone by then (the failure is then the departure's, a membership change).
-Every node reads the count from the same sealed record, so every node agrees on it.
+the previous round is gone by then (a membership change). Every node reads the count from the
+same sealed record, so every node agrees on it. docs/rendezvous.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -32,33 +26,23 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 
-from rdzv.backends.api import ELASTIC, LIVENESS, ROSTER_APART, SPARES, Backend, ChangeFeed
+from rdzv.backends.api import ELASTIC, LIVENESS, SPARES, Backend, ChangeFeed
 from rdzv.ports import free_port
 from rdzv.rendezvous import join_errors
-from rdzv.rendezvous.eligible import EligibleView
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.coordinator import Coordinator
 from rdzv.rendezvous.membership import Departures, GroupCounts, RoundMembership
-from rdzv.rendezvous.model import (
-    MISSING_SHOWN,
-    Control,
-    NodeEntry,
-    NodeInfo,
-    RoundProgress,
-    RoundRecord,
-)
 from rdzv.rendezvous.outage import StoreUnreachableError, ride_out
 from rdzv.rendezvous.progress import (
     PROGRESS_INTERVAL,
     ProgressCallback,
     ProgressReports,
-    not_back,
     previous_round,
 )
 from rdzv.rendezvous.quarantine import Quarantine
-from rdzv.rendezvous.sealing import build_record, oversize
-from rdzv.rendezvous.segments import effective_max, room, segment_label, segment_size, usable
+from rdzv.rendezvous.records import NodeInfo, RoundRecord
+from rdzv.rendezvous.segments import segment_label, segment_size
 from rdzv.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger("rdzv")
@@ -188,7 +172,10 @@ class Rendezvous:
                 continue
             control.coordinators[target] = coordinator
             if coordinator == self.node_id:
-                control = self._coordinate(target, control, cursor, deadline)
+                control = Coordinator(
+                    s, self.backend, self.node_id, self.host, target, self._quarantine,
+                    self._segment_size, self._progress, self._spare, self._give_up,
+                ).run(control, cursor, deadline)
                 check_quarantine = self._quarantine.enabled  # we may have set ourselves aside
             else:
                 control = self._await_seal(target, control, cursor, deadline)
@@ -345,113 +332,6 @@ class Rendezvous:
         finally:
             feed.close()
 
-    # ----------------------------------------------------------------- coordinating
-    def _coordinate(self, target: int, control: Control, cursor: int, deadline: float) -> Control:
-        s = self.settings
-        nodes, nodes_cursor = self.backend.read_nodes()
-        # Watch from the announce: events between it and the snapshot replay to the same state,
-        # and control changes in that window are not missed.
-        feed = self.backend.watch(cursor, control, nodes=True, known=set(nodes))
-        previous = control.sealed if control.round == target - 1 else None
-        quarantined = self._quarantine.hosts_out()  # one read, only with quarantine on
-        view = EligibleView(target, set(previous.ids) if previous else set(), withheld_hosts=set(quarantined))
-        max_nodes = effective_max(s.max_nodes, self._segment_size)
-        for node_id, entry in nodes.items():
-            view.put(node_id, entry)
-        last_call: float | None = None
-        published = _Published()
-        log.info("rendezvous %s: coordinating round %d", s.run_id, target)
-        try:
-            while True:
-                control = feed.control
-                if control.corrupt or control.closed or control.round >= target:
-                    return control
-                if control.coordinators.get(target) != self.node_id:
-                    return control  # our claim lapsed with our lease
-                if self.node_id not in nodes or self.backend.session_lost():
-                    return control  # our own record was overwritten or went with our lease
-                count = self._usable(view, nodes)
-                prev_done = view.prev_done  # no live member still runs the old round
-                now = time.monotonic()
-                seal_now = False
-                if prev_done and count >= max_nodes:
-                    seal_now = True
-                elif prev_done and count >= s.min_nodes:
-                    if view.live_prev:
-                        seal_now = True  # the previous group is back: no last call
-                    elif last_call is None:
-                        last_call = now + s.last_call_timeout
-                        self.backend.publish_last_call(target, time.time() + s.last_call_timeout)
-                    elif now >= last_call:
-                        seal_now = True
-                else:
-                    last_call = None
-                if seal_now:
-                    record = build_record(
-                        target, [nodes[i] for i in view.eligible], previous, view.live_prev,
-                        view.departed, min_nodes=s.min_nodes, max_nodes=max_nodes,
-                        withheld=[nodes[i] for i in view.withheld], segment_size=self._segment_size,
-                    )
-                    host = self._quarantine.verdict(record, quarantined)
-                    if host is not None:
-                        # Set aside now, and look again: a spare may take its place, or the
-                        # group goes on smaller, or waits for enough nodes.
-                        quarantined[host] = self._quarantine.impose(host, record)
-                        view.withhold(host, nodes)
-                        if host == self.host:
-                            # Our own host: hand the round to another coordinator and sit out.
-                            self.backend.retract(self.node_id, target)
-                            return control
-                        continue
-                    record = self._quarantine.settled(record, quarantined)
-                    size = None if ROSTER_APART in self.backend.capabilities else oversize(record)
-                    if size is not None:
-                        # Close the run: every waiting node stops now. Retracting alone would
-                        # let the next one claim the round and refuse it too, one by one.
-                        error = join_errors.round_too_large(s.run_id, self.backend, record, size)
-                        log.error("%s", error)
-                        self.backend.close_run()
-                        self.backend.retract(self.node_id, target)
-                        raise error
-                    # Our view of the nodes ended at `nodes_cursor` (or later, as the feed
-                    # delivered): the backend records where members start watching.
-                    sealed = self.backend.seal(control, record, nodes, self.node_id, nodes_cursor)
-                    if sealed is not None:
-                        log.info(
-                            "rendezvous %s: sealed round %d with %d nodes",
-                            s.run_id, target, sealed.world_size,
-                        )
-                        control.sealed = sealed
-                        return control
-                    control, _ = self.backend.read_control()
-                    return control
-                if now >= deadline and not self._spare(control, target):
-                    self._give_up(target, control, not_back(previous, nodes, target, MISSING_SHOWN), count)
-                waits = [deadline - now, PROGRESS_INTERVAL]
-                if last_call is not None:
-                    waits.append(last_call - now)
-                waits.append(published.publish(
-                    self.backend, target, view, previous, nodes, now, self._newcomers(view, nodes)
-                ))
-                self._progress.report(
-                    target, control, role="coordinator",
-                    spare=self._spare(control, target), nodes=nodes, joined=count,
-                )
-                # Everything queued is applied before the next look (one look per wake-up,
-                # not per batch: thousands of announcements arrive in many batches).
-                changes = feed.poll(max(min(waits), 0.01))
-                while changes is not None:
-                    for change in changes:
-                        if change.entry is None:
-                            nodes.pop(change.node_id, None)
-                            view.drop(change.node_id)
-                        else:
-                            nodes[change.node_id] = change.entry
-                            view.put(change.node_id, change.entry)
-                    changes = feed.poll(0)
-        finally:
-            feed.close()
-
     # ----------------------------------------------------------------- helpers
     def _spare(self, control: Control, target: int) -> bool:
         """A spare waits without a deadline: the previous round is full and still running (or,
@@ -463,20 +343,6 @@ class Rendezvous:
             and (sealed.full or self._segment_size > 0)
             and sealed.rank_of(self.node_id) is None
         )
-
-    def _usable(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int:
-        """Eligible nodes a round can take: all of them, or with segments those in whole ones."""
-        if not self._segment_size:
-            return len(view.eligible)
-        return usable((nodes[i].info.segment for i in view.eligible), self._segment_size, self.settings.max_nodes)
-
-    def _newcomers(self, view: EligibleView, nodes: Mapping[str, NodeEntry]) -> int | None:
-        """With segments, the newcomers members make room for: only those that complete a
-        whole new segment (a partial one waits as spares). None: all of them (no segments)."""
-        if not self._segment_size:
-            return None
-        labels = (nodes[i].info.segment for i in view.eligible if i not in view.prev_ids)
-        return room(labels, self._segment_size)
 
     def _ended(self) -> bool:
         """This node shut down, or the run closed (one read): a wait outside the group ends.
@@ -515,42 +381,3 @@ class Rendezvous:
         if self._membership is not None:
             self._membership.close()
             self._membership = None
-
-
-# A coordinator publishes its round's progress at once when what members act on changes (a
-# newcomer with room, a member asking for a new round, every member back), else at most every
-# PROGRESS_INTERVAL: each publish reaches every waiting and running node.
-@dataclass
-class _Published:
-    signal: tuple[bool, bool, bool] | None = None
-    counts: tuple[int, int, int, int] | None = None
-    at: float = 0.0
-
-    def publish(
-        self,
-        backend: Backend,
-        target: int,
-        view: EligibleView,
-        previous: RoundRecord | None,
-        nodes: Mapping[str, NodeEntry],
-        now: float,
-        newcomers: int | None = None,
-    ) -> float:
-        """Publish round `target`'s progress if due; return the seconds until it may be.
-        `newcomers`: those members should make room for, when not every eligible newcomer."""
-        joined, rejoining, not_back_count = len(view.eligible), view.rejoining, view.not_back
-        counts = (joined, joined - rejoining if newcomers is None else newcomers, rejoining, not_back_count)
-        signal = (counts[1] > 0, rejoining > 0, not_back_count == 0)
-        if counts == self.counts:
-            return PROGRESS_INTERVAL
-        if signal == self.signal and now - self.at < PROGRESS_INTERVAL:
-            return self.at + PROGRESS_INTERVAL - now
-        # Names only when published: not_back scans the previous round.
-        progress = RoundProgress(*counts, missing=tuple(not_back(previous, nodes, target, MISSING_SHOWN)))
-        try:
-            backend.publish_progress(target, progress)
-        except StoreUnreachableError as exc:
-            log.debug("rendezvous: progress of round %d not published: %s", target, exc)
-            return 0.5  # tried again soon: the seal needs the store anyway
-        self.signal, self.counts, self.at = signal, counts, now
-        return PROGRESS_INTERVAL

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from rdzv.rendezvous.model import NodeEntry
+from rdzv.rendezvous.records import NodeEntry
 
 
 @dataclass

@@ -13,8 +13,10 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
-from rdzv.rendezvous.model import MAX_ROUND_RECORD, Control, RoundRecord
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.decoding import MAX_ROUND_RECORD
 from rdzv.rendezvous.progress import rejoin_wanted
+from rdzv.rendezvous.records import RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings
 
 if TYPE_CHECKING:  # annotations only

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.model import Control, NodeEntry, RoundProgress, RoundRecord
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import NodeEntry, RoundProgress, RoundRecord
 
 if TYPE_CHECKING:  # annotations only: the view itself needs no torch
     from rdzv.backends.api import Backend, ChangeFeed

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from rdzv.rendezvous.model import MISSING_SHOWN, Control, NodeEntry, RoundRecord
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import MISSING_SHOWN, NodeEntry, RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings
 
 ProgressCallback = Callable[[dict[str, object]], None]

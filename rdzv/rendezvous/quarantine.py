@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.model import NodeEntry, RecordError, RoundRecord
+from rdzv.rendezvous.decoding import RecordError
+from rdzv.rendezvous.records import NodeEntry, RoundRecord
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_number
 
 if TYPE_CHECKING:  # annotations only: rdzv status reads records without torch

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from torch.distributed import DistStoreError, Store
 
-from rdzv.backends.delegating_store import DelegatingStore
+from rdzv.rendezvous.delegating_store import DelegatingStore
 from rdzv.rendezvous.membership import Departures
 from rdzv.rendezvous.progress import listed
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from rdzv.rendezvous.model import MAX_ROUND_RECORD, NodeEntry, RoundRecord
+from rdzv.rendezvous.decoding import MAX_ROUND_RECORD
 from rdzv.rendezvous.quarantine import carried_count, charged_host
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
+from rdzv.rendezvous.records import NodeEntry, RoundRecord
 from rdzv.rendezvous.segments import SegmentCandidate, segment_order
 
 

@@ -12,10 +12,11 @@ import etcd
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import NodeChange
-from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, EtcdV2UnreachableError
-from rdzv.backends.pumped_feed import Change
+from rdzv.backends.common.pumped_feed import Change
+from rdzv.backends.etcd_v2.client import REMOVED, EtcdV2Client, EtcdV2Error, EtcdV2UnreachableError
 from rdzv.layouts import EtcdV2Layout
-from rdzv.rendezvous.model import Control, NodeEntry, node_entry
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import NodeEntry, node_entry
 
 
 class FeedSource(Protocol):

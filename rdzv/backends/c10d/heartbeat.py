@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 from rdzv.backends.api import LIVENESS
-from rdzv.backends.c10d_store import C10dLayout, StoreConnection
-from rdzv.rendezvous.model import RoundRecord
+from rdzv.backends.c10d.store import C10dLayout, StoreConnection
+from rdzv.rendezvous.records import RoundRecord
 
 log = logging.getLogger("rdzv")
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from torch.distributed import DistStoreError, Store
 
-from rdzv.backends.store_values import to_bytes
+from rdzv.backends.common.store_values import to_bytes
 from rdzv.etcd import Compare, EtcdClient, EtcdConnectionError, EtcdError, EtcdTLSError, Op
 
 T = TypeVar("T")

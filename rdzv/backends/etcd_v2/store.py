@@ -24,8 +24,8 @@ from typing import Any
 import etcd
 from torch.distributed import DistStoreError, Store
 
-from rdzv.backends.etcd_v2_client import REMOVED, EtcdV2Client, EtcdV2Error, index_of, whole_seconds
-from rdzv.backends.store_values import to_bytes
+from rdzv.backends.common.store_values import to_bytes
+from rdzv.backends.etcd_v2.client import REMOVED, EtcdV2Client, EtcdV2Error, index_of, whole_seconds
 
 
 def key_of(name: str) -> str:

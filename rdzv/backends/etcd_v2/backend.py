@@ -39,33 +39,24 @@ import etcd
 from torch.distributed import Store
 
 from rdzv.backends.api import ALL_CAPABILITIES, departures_from_nodes
-from rdzv.backends.etcd_v2_client import (
+from rdzv.backends.common.pumped_feed import PumpedFeed
+from rdzv.backends.common.run_keepers import RUN_TTL_LEASES, keeps_run
+from rdzv.backends.common.state_document import apply_state, encode_state
+from rdzv.backends.common.ticker import Ticker
+from rdzv.backends.etcd_v2.client import (
     EtcdV2Client,
     EtcdV2Error,
     index_of,
     v2_errors,
     whole_seconds,
 )
-from rdzv.backends.etcd_v2_feed import EtcdV2Watcher
-from rdzv.backends.etcd_v2_quarantine import EtcdV2QuarantineBoard
-from rdzv.backends.etcd_v2_store import EtcdV2Store
-from rdzv.backends.pumped_feed import PumpedFeed
-from rdzv.backends.run_keepers import RUN_TTL_LEASES, keeps_run
-from rdzv.backends.state_document import apply_state, encode_state
-from rdzv.backends.ticker import Ticker
+from rdzv.backends.etcd_v2.feed import EtcdV2Watcher
+from rdzv.backends.etcd_v2.quarantine import EtcdV2QuarantineBoard
+from rdzv.backends.etcd_v2.store import EtcdV2Store
 from rdzv.layouts import EtcdV2Layout
-from rdzv.rendezvous.model import (
-    Control,
-    NodeEntry,
-    NodeInfo,
-    RoundProgress,
-    RoundRecord,
-    guard,
-    node_entry,
-    parse_node_id,
-    parse_number,
-    parse_round_no,
-)
+from rdzv.rendezvous.control import Control, guard
+from rdzv.rendezvous.decoding import parse_node_id, parse_number, parse_round_no
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord, node_entry
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_number
 
 log = logging.getLogger("rdzv")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import NodeChange
-from rdzv.rendezvous.model import Control
+from rdzv.rendezvous.control import Control
 
 # What a feed's fetch returns: node changes, and control updates as functions applied to
 # `feed.control` in the thread that polls (so the algorithm never sees a half-applied change).

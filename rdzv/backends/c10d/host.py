@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch.distributed import TCPStore
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-from rdzv.backends.c10d_store import OpCounts, StoreConnection, connect_store, serve_store
+from rdzv.backends.c10d.store import OpCounts, StoreConnection, connect_store, serve_store
 from rdzv.hosts import is_this_host
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 

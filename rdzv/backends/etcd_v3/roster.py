@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from rdzv.backends.etcd_errors import etcd_errors
+from rdzv.backends.etcd_v3.errors import etcd_errors
 from rdzv.etcd import EtcdClient, prefix_end
-from rdzv.rendezvous.model import Assignment, RecordError, not_a_node, parse_node_id
+from rdzv.rendezvous.decoding import RecordError, parse_node_id
+from rdzv.rendezvous.records import Assignment, not_a_node
 
 
 class EtcdRoster:

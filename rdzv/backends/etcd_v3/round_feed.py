@@ -9,9 +9,9 @@ import logging
 import time
 
 from rdzv.backends.api import NodeChange
-from rdzv.backends.etcd_errors import etcd_errors
-from rdzv.backends.etcd_roster import EtcdRoster, decode
-from rdzv.backends.etcd_v3_feed import RESYNC_EVERY, EtcdChangeFeed
+from rdzv.backends.etcd_v3.errors import etcd_errors
+from rdzv.backends.etcd_v3.feed import RESYNC_EVERY, EtcdChangeFeed
+from rdzv.backends.etcd_v3.roster import EtcdRoster, decode
 from rdzv.etcd import (
     EtcdAuthError,
     EtcdClient,
@@ -21,7 +21,8 @@ from rdzv.etcd import (
     Watch,
     prefix_end,
 )
-from rdzv.rendezvous.model import Control, RoundRecord
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import RoundRecord
 
 log = logging.getLogger("rdzv")
 

@@ -16,14 +16,14 @@ from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from rdzv.backends.api import ALL_CAPABILITIES, ROSTER_APART, departures_from_nodes
-from rdzv.backends.etcd_errors import etcd_errors
-from rdzv.backends.etcd_roster import EtcdRoster
-from rdzv.backends.etcd_run_lease import RunLease
-from rdzv.backends.etcd_store import EtcdStore
-from rdzv.backends.etcd_v3_feed import EtcdChangeFeed
-from rdzv.backends.etcd_v3_quarantine import EtcdV3QuarantineBoard
-from rdzv.backends.etcd_v3_round_feed import EtcdRoundFeed
-from rdzv.backends.run_keepers import keeps_run
+from rdzv.backends.common.run_keepers import keeps_run
+from rdzv.backends.etcd_v3.errors import etcd_errors
+from rdzv.backends.etcd_v3.feed import EtcdChangeFeed
+from rdzv.backends.etcd_v3.quarantine import EtcdV3QuarantineBoard
+from rdzv.backends.etcd_v3.roster import EtcdRoster
+from rdzv.backends.etcd_v3.round_feed import EtcdRoundFeed
+from rdzv.backends.etcd_v3.run_lease import RunLease
+from rdzv.backends.etcd_v3.store import EtcdStore
 from rdzv.etcd import (
     Compare,
     EtcdClient,
@@ -36,21 +36,16 @@ from rdzv.etcd import (
     prefix_end,
 )
 from rdzv.layouts import EtcdV3Layout
-from rdzv.rendezvous.model import (
-    Control,
-    DetachedRoster,
-    NodeEntry,
-    NodeInfo,
+from rdzv.rendezvous.control import Control, guard
+from rdzv.rendezvous.decoding import (
     RecordError,
-    RoundProgress,
-    RoundRecord,
-    guard,
-    node_entry,
     parse_lease_id,
     parse_node_id,
     parse_number,
     parse_round_no,
 )
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord, node_entry
+from rdzv.rendezvous.roster import DetachedRoster
 from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings
 
 DEFAULT_PORT = 2379

@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from torch.distributed import TCPStore
 
-from rdzv.backends.c10d_host import Opener
-from rdzv.backends.c10d_store import C10dLayout, OpCounts, StoreConnection
-from rdzv.backends.state_document import encode_state
+from rdzv.backends.c10d.host import Opener
+from rdzv.backends.c10d.store import C10dLayout, OpCounts, StoreConnection
+from rdzv.backends.common.state_document import encode_state
 
 ROUND_STORE_TIMEOUT = 300.0
 

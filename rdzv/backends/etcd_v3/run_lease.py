@@ -1,5 +1,5 @@
 """The etcd v3 run lease as one node sees it: its id, and this node's keep-alive of it while
-the node is one of the run's few keepers (`rdzv.backends.run_keepers`), not on every node.
+the node is one of the run's few keepers (`rdzv.backends.common.run_keepers`), not on every node.
 
 The run's own keys (`ctl/lease`, `ctl/current`, `ctl/closed`, round stores) live on it.
 Nodes that do not keep it learn that it lapsed from the delete of `ctl/lease` (which lives on
@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from rdzv.backends.run_keepers import RUN_TTL_LEASES
+from rdzv.backends.common.run_keepers import RUN_TTL_LEASES
 from rdzv.etcd import Compare, EtcdClient, EtcdLeaseNotFoundError, Op
-from rdzv.rendezvous.model import RecordError, parse_lease_id
+from rdzv.rendezvous.decoding import RecordError, parse_lease_id
 
 T = TypeVar("T")
 

@@ -23,28 +23,25 @@ from torch.distributed import PrefixStore, Store
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import ELASTIC, SPARES, NodeChange, departures_from_nodes
-from rdzv.backends.c10d_connections import C10dConnections, unpack_cursor
-from rdzv.backends.c10d_heartbeat import Heartbeats, Liveness
-from rdzv.backends.c10d_host import Opener, open_c10d
-from rdzv.backends.c10d_quarantine import NAME as QUARANTINE_KEY
-from rdzv.backends.c10d_quarantine import C10dQuarantineBoard
-from rdzv.backends.c10d_store import C10dLayout, LogReader, OpCounts, StoreConnection
-from rdzv.backends.lazy_store import LazyStore
-from rdzv.backends.pumped_feed import Change, PumpedFeed
-from rdzv.backends.state_document import apply_state, encode_state
-from rdzv.backends.ticker import Ticker
-from rdzv.rendezvous.model import (
-    Control,
+from rdzv.backends.c10d.connections import C10dConnections, unpack_cursor
+from rdzv.backends.c10d.heartbeat import Heartbeats, Liveness
+from rdzv.backends.c10d.host import Opener, open_c10d
+from rdzv.backends.c10d.quarantine import NAME as QUARANTINE_KEY
+from rdzv.backends.c10d.quarantine import C10dQuarantineBoard
+from rdzv.backends.c10d.store import C10dLayout, LogReader, OpCounts, StoreConnection
+from rdzv.backends.common.lazy_store import LazyStore
+from rdzv.backends.common.pumped_feed import Change, PumpedFeed
+from rdzv.backends.common.state_document import apply_state, encode_state
+from rdzv.backends.common.ticker import Ticker
+from rdzv.rendezvous.control import Control, guard
+from rdzv.rendezvous.decoding import parse_node_id, parse_number, parse_round_no
+from rdzv.rendezvous.records import (
     NodeEntry,
     NodeInfo,
     RoundProgress,
     RoundRecord,
-    guard,
     node_entry,
     not_a_node,
-    parse_node_id,
-    parse_number,
-    parse_round_no,
 )
 from rdzv.rendezvous.settings import RendezvousSettings, config_bool
 

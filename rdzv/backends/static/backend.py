@@ -33,10 +33,10 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from rdzv.backends.api import Backend
-from rdzv.backends.c10d import C10dBackend
-from rdzv.backends.c10d_heartbeat import NoHeartbeats
-from rdzv.backends.c10d_host import single_endpoint
-from rdzv.backends.c10d_store import OpCounts, StoreConnection, connect_store, serve_store
+from rdzv.backends.c10d.backend import C10dBackend
+from rdzv.backends.c10d.heartbeat import NoHeartbeats
+from rdzv.backends.c10d.host import single_endpoint
+from rdzv.backends.c10d.store import OpCounts, StoreConnection, connect_store, serve_store
 from rdzv.rendezvous.handler import RdzvHandler
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 

@@ -10,7 +10,7 @@ from collections.abc import Collection
 from typing import Protocol
 
 from rdzv.backends.api import NodeChange
-from rdzv.backends.etcd_errors import etcd_errors
+from rdzv.backends.etcd_v3.errors import etcd_errors
 from rdzv.etcd import (
     EtcdAuthError,
     EtcdClient,
@@ -21,7 +21,8 @@ from rdzv.etcd import (
     prefix_end,
 )
 from rdzv.layouts import EtcdV3Layout
-from rdzv.rendezvous.model import Control, NodeEntry
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import NodeEntry
 
 log = logging.getLogger("rdzv")
 

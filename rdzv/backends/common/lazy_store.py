@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch.distributed import Store
 
-from rdzv.backends.delegating_store import DelegatingStore
+from rdzv.rendezvous.delegating_store import DelegatingStore
 
 
 class LazyStore(DelegatingStore):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 
-from rdzv.rendezvous.model import Control, RecordError, RoundRecord, guard
+from rdzv.rendezvous.control import Control, guard
+from rdzv.rendezvous.decoding import RecordError
+from rdzv.rendezvous.records import RoundRecord
 
 
 def encode_state(sealed: RoundRecord | None, closed: bool) -> str:

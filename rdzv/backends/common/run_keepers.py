@@ -9,7 +9,7 @@ new keeper to take over, while a crashed job's records still expire within secon
 
 from __future__ import annotations
 
-from rdzv.rendezvous.model import HEAD_RANKS, RoundRecord
+from rdzv.rendezvous.records import HEAD_RANKS, RoundRecord
 
 KEEPER_RANKS = HEAD_RANKS  # ranks of the running round that keep the run's records alive (named in its header)
 RUN_TTL_LEASES = 3  # the run's records outlive their last keeper by this many lease TTLs

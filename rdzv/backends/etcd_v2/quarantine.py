@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import etcd
 
-from rdzv.backends.etcd_v2_client import EtcdV2Client, v2_errors, whole_seconds
+from rdzv.backends.etcd_v2.client import EtcdV2Client, v2_errors, whole_seconds
 from rdzv.layouts import EtcdV2Layout
 from rdzv.rendezvous.quarantine import host_key, host_of
 

@@ -9,8 +9,8 @@ import json
 import time
 from collections.abc import Callable
 
-from rdzv.backends.c10d_store import StoreConnection
-from rdzv.rendezvous.model import RecordError
+from rdzv.backends.c10d.store import StoreConnection
+from rdzv.rendezvous.decoding import RecordError
 from rdzv.rendezvous.quarantine import QuarantineRecord
 
 NAME = "quarantine"

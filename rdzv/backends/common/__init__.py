@@ -1,0 +1,2 @@
+"""Pieces several backends share: the pumped change feed, the ticker, the state document, the
+run's keepers, torch Store adapters and the backoff."""
