@@ -7,6 +7,8 @@ Round numbers in key names are zero-padded so that key order is round order.
 from __future__ import annotations
 
 ROUND_DIGITS = 12
+# The kinds of per-round control value (`RoundControlKeys.per_round`; c10d packs all three in one).
+CLAIM, LAST_CALL, PROGRESS = "claim", "last call", "progress"
 
 
 def round_key(round_no: int) -> str:
@@ -14,7 +16,34 @@ def round_key(round_no: int) -> str:
     return f"{round_no:0{ROUND_DIGITS}d}"
 
 
-class EtcdV3Layout:
+class RoundControlKeys:
+    """The per-round control keys both etcd layouts keep (each sets the three folders): a
+    forming round's claim, last call and published progress."""
+
+    coord_dir: str
+    lastcall_dir: str
+    progress_dir: str
+
+    def coord(self, round_no: int) -> str:
+        return self.coord_dir + round_key(round_no)
+
+    def lastcall(self, round_no: int) -> str:
+        return self.lastcall_dir + round_key(round_no)
+
+    def progress(self, round_no: int) -> str:
+        return self.progress_dir + round_key(round_no)
+
+    def per_round(self, key: str) -> tuple[str, str] | None:
+        """(kind, the round's part of the key) when `key` is a per-round control key."""
+        for kind, folder in (
+            (CLAIM, self.coord_dir), (LAST_CALL, self.lastcall_dir), (PROGRESS, self.progress_dir)
+        ):
+            if key.startswith(folder):
+                return kind, key[len(folder) :]
+        return None
+
+
+class EtcdV3Layout(RoundControlKeys):
     """The etcd v3 backend's keys under ``<prefix>/<run_id>/``::
 
         ctl/lease            id of the run lease (kept alive by every node; holds the run's keys)
@@ -61,15 +90,6 @@ class EtcdV3Layout:
         self.store_dir = self.root + self.STORE
         self.quarantine_dir = self.root + self.QUARANTINE
 
-    def coord(self, round_no: int) -> str:
-        return self.coord_dir + round_key(round_no)
-
-    def lastcall(self, round_no: int) -> str:
-        return self.lastcall_dir + round_key(round_no)
-
-    def progress(self, round_no: int) -> str:
-        return self.progress_dir + round_key(round_no)
-
     def node(self, node_id: str) -> str:
         return self.nodes + node_id
 
@@ -88,7 +108,7 @@ class EtcdV3Layout:
         return f"{self.store_dir}{round_key(round_no)}/"
 
 
-class EtcdV2Layout:
+class EtcdV2Layout(RoundControlKeys):
     """The etcd v2 backend's keys under ``<prefix>/<run_id>``::
 
         w/ctl/state            state document: sealed round + closed flag [TTL run_ttl, refreshed
@@ -112,15 +132,6 @@ class EtcdV2Layout:
         self.nodes = self.watched + "/node"
         self.store_dir = run_prefix + "/store/"
         self.quarantine_dir = run_prefix + "/quarantine/"  # not under /w: feeds never see it
-
-    def coord(self, round_no: int) -> str:
-        return self.coord_dir + round_key(round_no)
-
-    def lastcall(self, round_no: int) -> str:
-        return self.lastcall_dir + round_key(round_no)
-
-    def progress(self, round_no: int) -> str:
-        return self.progress_dir + round_key(round_no)
 
     def node(self, node_id: str) -> str:
         return f"{self.nodes}/{node_id}"

@@ -14,12 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.settings import (
-    RendezvousSettings,
-    check_config,
-    check_run_id,
-    parse_settings,
-)
+from rdzv.rendezvous.settings import RendezvousSettings, check_config, check_run_id, parse_settings
 from rdzv.torch_support import check_torch
 
 if TYPE_CHECKING:  # annotations only

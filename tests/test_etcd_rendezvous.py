@@ -252,7 +252,7 @@ def test_no_write_of_a_65536_node_round_nears_etcds_request_limit() -> None:
     names: a header the size of a 2-node round's, and member keys in batches far below etcd's
     default request limit (1.5 MiB), whatever N is. The same round listed in one record would
     not fit (the backends that keep one refuse it before writing)."""
-    from rdzv.backends.etcd_v3.backend import TXN_OPS
+    from rdzv.backends.etcd_v3.seal import TXN_OPS
     from rdzv.layouts import EtcdV3Layout
     from rdzv.rendezvous.decoding import MAX_ROUND_RECORD
     from rdzv.rendezvous.records import RoundRecord

@@ -9,7 +9,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from rdzv.rendezvous.decoding import RecordError, first_warning, forget_warning
+from rdzv.layouts import CLAIM, LAST_CALL
+from rdzv.rendezvous.decoding import (
+    RecordError,
+    first_warning,
+    forget_warning,
+    parse_node_id,
+    parse_number,
+    parse_round_no,
+)
 from rdzv.rendezvous.records import RoundProgress, RoundRecord
 
 log = logging.getLogger("rdzv")
@@ -60,6 +68,23 @@ class Control:
         else:
             self.progress[round_no] = progress
 
+    def apply_round_value(self, kind: str, round_text: str, raw: bytes | str | None) -> None:
+        """One per-round control value, as every backend stores them (`kind`: a
+        `rdzv.layouts.RoundControlKeys` kind; `raw` None: gone). Decoded before anything
+        changes: a value that does not decode raises RecordError (see `guard`)."""
+        round_no = parse_round_no(round_text)
+        value = None if raw is None else decode_round_value(kind, raw)
+        self.set_round_value(kind, round_no, value)
+
+    def set_round_value(self, kind: str, round_no: int, value: object) -> None:
+        """Set a decoded per-round value (`decode_round_value`; None: gone)."""
+        if kind == CLAIM:
+            self.set_coordinator(round_no, value)  # type: ignore[arg-type]
+        elif kind == LAST_CALL:
+            self.set_last_call(round_no, value)  # type: ignore[arg-type]
+        else:
+            self.set_progress(round_no, value)  # type: ignore[arg-type]
+
     def reset_to(self, fresh: Control) -> None:
         """Take every field of `fresh`: a feed that started over from a new read."""
         self.__dict__.update(fresh.__dict__)
@@ -86,3 +111,12 @@ def guard(control: Control, key: str) -> Iterator[None]:
         if control.corrupt.pop(key, None) is not None:
             forget_warning(key)
 
+
+def decode_round_value(kind: str, raw: bytes | str) -> str | float | RoundProgress:
+    """A per-round control value decoded: a claim's holder, a last call's end (wall clock), a
+    forming round's progress. Raises RecordError."""
+    if kind == CLAIM:
+        return parse_node_id(raw)
+    if kind == LAST_CALL:
+        return parse_number(raw, "last call deadline")
+    return RoundProgress.decode(raw)

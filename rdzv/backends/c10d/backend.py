@@ -28,26 +28,19 @@ from rdzv.backends.c10d.heartbeat import Heartbeats, Liveness
 from rdzv.backends.c10d.host import Opener, open_c10d
 from rdzv.backends.c10d.quarantine import NAME as QUARANTINE_KEY
 from rdzv.backends.c10d.quarantine import C10dQuarantineBoard
+from rdzv.backends.c10d.records import apply_claim, holder_of, node_change
 from rdzv.backends.c10d.store import C10dLayout, LogReader, OpCounts, StoreConnection
+from rdzv.backends.common.last_out import leave_run
 from rdzv.backends.common.lazy_store import LazyStore
 from rdzv.backends.common.pumped_feed import Change, PumpedFeed
 from rdzv.backends.common.state_document import apply_state, encode_state
 from rdzv.backends.common.ticker import Ticker
-from rdzv.rendezvous.control import Control, guard
-from rdzv.rendezvous.decoding import parse_node_id, parse_number, parse_round_no
-from rdzv.rendezvous.records import (
-    NodeEntry,
-    NodeInfo,
-    RoundProgress,
-    RoundRecord,
-    node_entry,
-    not_a_node,
-)
+from rdzv.rendezvous.control import Control
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord
 from rdzv.rendezvous.settings import RendezvousSettings, config_bool
 
 log = logging.getLogger("rdzv")
 
-DEFAULT_PORT = 29400
 # A feed's reader blocks this long per wait. Nothing relies on the wait ending (close wakes
 # it, holes are mended by the ticker); it only bounds how long a forgotten reader lingers.
 READ_WAIT = 3600.0
@@ -158,7 +151,7 @@ class C10dBackend:
         if not conn.check([keys.full(name)]):
             return
         raw = conn.get(keys.full(name))
-        if _holder(raw) == holder and conn.compare_set(keys.full(name), raw, "") == b"":
+        if holder_of(raw) == holder and conn.compare_set(keys.full(name), raw, "") == b"":
             self.connections.log(name, control=True)
 
     # ------------------------------------------------------------------ control state
@@ -166,16 +159,9 @@ class C10dBackend:
         """A changed key's current value as a feed change (never raises: a node record that
         does not decode is not a node, a control record that does not is noted in control)."""
         if name.startswith(C10dLayout.NODE):
-            node_id = name[len(C10dLayout.NODE) :]
-            if not raw:
-                return NodeChange(node_id, None)
-            arrival, _, info = raw.partition(b" ")
-            if not arrival.isdigit():
-                not_a_node(self.keys.full(name), "no arrival number before the record")
-                return NodeChange(node_id, None)
-            return NodeChange(node_id, node_entry(self.keys.full(name), node_id, info, int(arrival)))
+            return node_change(self.keys.full(name), name[len(C10dLayout.NODE) :], raw)
         if name.startswith(C10dLayout.CLAIM):
-            return lambda control: _apply_claim(control, self.keys.full(name), raw)
+            return lambda control: apply_claim(control, self.keys.full(name), raw)
         return lambda control: self._apply_state(control, raw)
 
     def _apply_state(self, control: Control, raw: bytes) -> None:
@@ -190,7 +176,7 @@ class C10dBackend:
         # A forming round is always the one after the sealed one: its claim is all we need.
         claim = self.keys.full(self.keys.claim(control.round + 1))
         if self.conn.check([claim]):
-            _apply_claim(control, claim, self.conn.get(claim))
+            apply_claim(control, claim, self.conn.get(claim))
         return control, cursor
 
     def announce(self, node: NodeInfo, control: Control) -> tuple[str | None, int]:
@@ -206,7 +192,7 @@ class C10dBackend:
             self._registered = True
         self.connections.log(keys.node(node.node_id), control=False)
         name = keys.claim(node.want)
-        holder = _holder(conn.compare_set(keys.full(name), "", node.node_id))
+        holder = holder_of(conn.compare_set(keys.full(name), "", node.node_id))
         claimed_now = holder == node.node_id and self._claim != node.want
         if claimed_now:
             self.connections.log(name, control=True)
@@ -292,7 +278,7 @@ class C10dBackend:
         # `view_cursor` is not needed: members watch from just before the seal, read here.
         keys, conn = self.keys, self.conn
         cursor, (claim,) = self.connections.position(keys.full(keys.claim(record.round)))
-        if _holder(claim) != coordinator:
+        if holder_of(claim) != coordinator:
             return None
         sealed = RoundRecord.decode(record.encode(), cursor)
         doc = encode_state(sealed, closed=False)
@@ -311,7 +297,7 @@ class C10dBackend:
         self._annotate_claim(round_no, 2, progress.encode().decode())
 
     def _annotate_claim(self, round_no: int, field: int, value: str) -> None:
-        """Set field `field` of round `round_no`'s claim value (see `_apply_claim`), if held."""
+        """Set field `field` of round `round_no`'s claim value (see `records.apply_claim`), if held."""
         keys, conn = self.keys, self.conn
         name = keys.claim(round_no)
         raw = conn.get(keys.full(name))
@@ -370,14 +356,16 @@ class C10dBackend:
     def leave(self) -> None:
         """Stop beating, remove our record; the last node out starts a new generation."""
         try:
-            self.withdraw()
-            if self.connections.opened and self._node_id is not None and not self.read_nodes()[0]:
-                self.conn.add(self.keys.gen_counter, 1)
+            leave_run(self.withdraw, self._nodes_left, lambda: self.conn.add(self.keys.gen_counter, 1),
+                      self.connections.drop_spares)
         except RendezvousConnectionError as exc:
             # Typically the hosting node is gone already: nothing left to clean up.
             log.info("rendezvous %s: leaving without cleanup: %s", self.settings.run_id, exc)
-        finally:
-            self.connections.drop_spares()
+
+    def _nodes_left(self) -> bool:
+        """Whether another node is still there (never ours to clean up before we connected
+        or announced)."""
+        return not self.connections.opened or self._node_id is None or bool(self.read_nodes()[0])
 
     def notice_time(self) -> float:
         return self.liveness.notice_time()
@@ -398,32 +386,6 @@ class C10dBackend:
         if ELASTIC not in self.capabilities:
             return None  # static: a fixed group cannot go on without one of its nodes
         return C10dQuarantineBoard(lambda: self.conn, lambda: self.keys.full(QUARANTINE_KEY))
-
-
-def _holder(raw: bytes) -> str:
-    """Who holds a claim ("" when released); a claim that is not text names nobody we know."""
-    return raw.decode(errors="replace").partition("\t")[0]
-
-
-def _apply_claim(control: Control, key: str, raw: bytes) -> None:
-    """A claim value "<holder>[\\t<last call deadline>[\\t<progress>]]" at `key`
-    (".../claim/<round>"); an empty deadline is none."""
-    with guard(control, key):
-        round_no = parse_round_no(key.rpartition("/")[2])
-        holder, deadline, progress = (raw.decode(errors="replace").split("\t", 2) + ["", ""])[:3]
-        if not holder:
-            control.set_coordinator(round_no, None)
-            control.set_last_call(round_no, None)
-            control.set_progress(round_no, None)
-            return
-        holder = parse_node_id(holder)
-        when = parse_number(deadline, "last call deadline") if deadline else None
-        published = RoundProgress.decode(progress) if progress else None
-        control.set_coordinator(round_no, holder)
-        if when is not None:
-            control.set_last_call(round_no, when)
-        if published is not None:
-            control.set_progress(round_no, published)
 
 
 def create_backend(settings: RendezvousSettings) -> C10dBackend:

@@ -9,6 +9,8 @@ new keeper to take over, while a crashed job's records still expire within secon
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from rdzv.rendezvous.records import HEAD_RANKS, RoundRecord
 
 KEEPER_RANKS = HEAD_RANKS  # ranks of the running round that keep the run's records alive (named in its header)
@@ -21,3 +23,23 @@ def keeps_run(sealed: RoundRecord | None, node_id: str | None) -> bool:
         return False
     # From the header: no roster lookup (every node decides this for every sealed round).
     return node_id in sealed.head[:KEEPER_RANKS]
+
+
+@dataclass
+class KeepReasons:
+    """Why this node keeps the run's records alive ("coordinator", "member"): it keeps them
+    while any reason holds. Not locked: its owner's lock guards it with what depends on it."""
+
+    held: set[str] = field(default_factory=set)
+
+    def hold(self, reason: str, holding: bool) -> None:
+        if holding:
+            self.held.add(reason)
+        else:
+            self.held.discard(reason)
+
+    def clear(self) -> None:
+        self.held.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.held)

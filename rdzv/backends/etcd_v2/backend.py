@@ -39,8 +39,10 @@ import etcd
 from torch.distributed import Store
 
 from rdzv.backends.api import ALL_CAPABILITIES, departures_from_nodes
+from rdzv.backends.common.etcd_expiry import seen_gone_within
+from rdzv.backends.common.last_out import leave_run
 from rdzv.backends.common.pumped_feed import PumpedFeed
-from rdzv.backends.common.run_keepers import RUN_TTL_LEASES, keeps_run
+from rdzv.backends.common.run_keepers import RUN_TTL_LEASES, KeepReasons, keeps_run
 from rdzv.backends.common.state_document import apply_state, encode_state
 from rdzv.backends.common.ticker import Ticker
 from rdzv.backends.etcd_v2.client import (
@@ -55,16 +57,13 @@ from rdzv.backends.etcd_v2.quarantine import EtcdV2QuarantineBoard
 from rdzv.backends.etcd_v2.store import EtcdV2Store
 from rdzv.layouts import EtcdV2Layout
 from rdzv.rendezvous.control import Control, guard
-from rdzv.rendezvous.decoding import parse_node_id, parse_number, parse_round_no
 from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord, node_entry
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings, config_number
 
 log = logging.getLogger("rdzv")
 
-DEFAULT_PORT = 2379
 DEFAULT_STORE_TTL = 7200.0
 WATCH_WAIT = 10.0  # longest long poll; a closed feed's thread ends within this
-EXPIRY_SLACK = 1.0  # beyond the node key's TTL: etcd's expiry tick and the watch event
 
 
 class EtcdV2Backend:
@@ -83,7 +82,7 @@ class EtcdV2Backend:
         self._node_id: str | None = None
         self._lock = threading.Lock()
         self._owned: set[str] = set()  # keys this node keeps alive (its node key and claims)
-        self._leading: set[str] = set()  # why we keep the state document alive (role names)
+        self._leading = KeepReasons()  # why we keep the state document alive
         self._lost = False
         self._keeper: int | None = None
         # When the oldest refresh etcd has not answered yet was started (None: all answered).
@@ -145,10 +144,7 @@ class EtcdV2Backend:
 
     def _lead(self, reason: str, leading: bool) -> None:
         with self._lock:
-            if leading:
-                self._leading.add(reason)
-            else:
-                self._leading.discard(reason)
+            self._leading.hold(reason, leading)
 
     # ------------------------------------------------------------------ control state
     def apply_control(self, control: Control, key: str, value: str | None) -> None:
@@ -159,17 +155,10 @@ class EtcdV2Backend:
             apply_state(control, value, key)
             self._follow(control.sealed)
             return
-        with guard(control, key):
-            if key.startswith(keys.coord_dir):
-                round_no = parse_round_no(key[len(keys.coord_dir) :])
-                control.set_coordinator(round_no, None if value is None else parse_node_id(value))
-            elif key.startswith(keys.lastcall_dir):
-                round_no = parse_round_no(key[len(keys.lastcall_dir) :])
-                deadline = None if value is None else parse_number(value, "last call deadline")
-                control.set_last_call(round_no, deadline)
-            elif key.startswith(keys.progress_dir):
-                round_no = parse_round_no(key[len(keys.progress_dir) :])
-                control.set_progress(round_no, None if value is None else RoundProgress.decode(value))
+        per_round = keys.per_round(key)
+        if per_round is not None:
+            with guard(control, key):
+                control.apply_round_value(*per_round, value)
 
     def _read_dir(self, path: str) -> tuple[list[etcd.EtcdResult], int]:
         with v2_errors(self.describe()):
@@ -344,18 +333,16 @@ class EtcdV2Backend:
 
     def leave(self) -> None:
         """Stop refreshing, delete our keys; if no node is left, remove the run's keys."""
-        try:
-            self.withdraw()
-            if self.count_nodes() == 0:
-                # Converted only if not swallowed: another node may have removed it first.
-                with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
-                    self.client.delete(self.keys.root, recursive=True, dir=True)
-        finally:
-            self.client.close()
+        leave_run(self.withdraw, lambda: self.count_nodes() > 0, self._remove_run, self.client.close)
+
+    def _remove_run(self) -> None:
+        # Converted only if not swallowed: another node may have removed it first.
+        with v2_errors(self.describe()), contextlib.suppress(etcd.EtcdKeyNotFound):
+            self.client.delete(self.keys.root, recursive=True, dir=True)
 
     def notice_time(self) -> float:
         # Keys expire on etcd's 500 ms sync tick; the delete then ends a long poll.
-        return self.lease_ttl + EXPIRY_SLACK
+        return seen_gone_within(self.lease_ttl)
 
     def keep_alive_lag(self) -> float | None:
         with self._lock:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 
 from torch.distributed import Store
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
 from rdzv.backends.api import ALL_CAPABILITIES, ROSTER_APART, departures_from_nodes
+from rdzv.backends.common.etcd_expiry import seen_gone_within
+from rdzv.backends.common.last_out import leave_run
 from rdzv.backends.common.run_keepers import keeps_run
 from rdzv.backends.etcd_v3.errors import etcd_errors
 from rdzv.backends.etcd_v3.feed import EtcdChangeFeed
@@ -23,6 +25,7 @@ from rdzv.backends.etcd_v3.quarantine import EtcdV3QuarantineBoard
 from rdzv.backends.etcd_v3.roster import EtcdRoster
 from rdzv.backends.etcd_v3.round_feed import EtcdRoundFeed
 from rdzv.backends.etcd_v3.run_lease import RunLease
+from rdzv.backends.etcd_v3.seal import RoundSealer
 from rdzv.backends.etcd_v3.store import EtcdStore
 from rdzv.etcd import (
     Compare,
@@ -32,26 +35,16 @@ from rdzv.etcd import (
     KeyValue,
     Op,
     Session,
-    TxnResult,
     prefix_end,
 )
-from rdzv.layouts import EtcdV3Layout
+from rdzv.layouts import CLAIM, EtcdV3Layout
 from rdzv.rendezvous.control import Control, guard
-from rdzv.rendezvous.decoding import (
-    RecordError,
-    parse_lease_id,
-    parse_node_id,
-    parse_number,
-    parse_round_no,
-)
+from rdzv.rendezvous.decoding import RecordError, parse_lease_id, parse_node_id
 from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundProgress, RoundRecord, node_entry
 from rdzv.rendezvous.roster import DetachedRoster
 from rdzv.rendezvous.settings import DEFAULT_PREFIX, RendezvousSettings
 
-DEFAULT_PORT = 2379
 LEAVE_READ_LIMIT = 16  # node records a leaving node reads to decide whether it is the last
-EXPIRY_SLACK = 1.0  # beyond lease_ttl: etcd's lease expiry tick (500 ms) and the watch event
-TXN_OPS = 128  # etcd's default --max-txn-ops: the most keys one seal batch writes
 
 
 class EtcdBackend:
@@ -119,19 +112,12 @@ class EtcdBackend:
                 if not deleted and value != b"1":
                     raise RecordError(f"a closed marker holds 1, not {value[:60]!r}")
                 control.closed = not deleted
-            elif key.startswith(keys.coord_dir):
-                round_no = parse_round_no(key[len(keys.coord_dir) :])
-                if not deleted and not kv.lease:
+            elif (per_round := keys.per_round(key)) is not None:
+                kind, round_text = per_round
+                if kind == CLAIM and not deleted and not kv.lease:
                     # A claim lives on its holder's lease; one without would never expire.
                     raise RecordError("a coordinator claim not bound to a node's lease")
-                control.set_coordinator(round_no, None if deleted else parse_node_id(value))
-            elif key.startswith(keys.lastcall_dir):
-                round_no = parse_round_no(key[len(keys.lastcall_dir) :])
-                deadline = None if deleted else parse_number(value, "last call deadline")
-                control.set_last_call(round_no, deadline)
-            elif key.startswith(keys.progress_dir):
-                round_no = parse_round_no(key[len(keys.progress_dir) :])
-                control.set_progress(round_no, None if deleted else RoundProgress.decode(value))
+                control.apply_round_value(kind, round_text, None if deleted else value)
             elif key == keys.lease:
                 if deleted:
                     # It lives on the run lease: gone with it. Nodes that do not keep the lease
@@ -253,88 +239,16 @@ class EtcdBackend:
         coordinator: str,
         view_cursor: int,
     ) -> RoundRecord | None:
-        """Write the members' keys under round/<round>/ (rank keys on the run lease, live keys
-        each on its member's lease), in batches that hold only while our claim does, then the
-        header. Members watch their live keys from before the first batch, so one that goes
-        after its key was written is seen as lost; one that went before fails its batch (its
-        lease is gone) and the coordinator looks again."""
+        """Seal `record` (etcd_v3/seal.py: the members' keys, then the header)."""
         try:
-            return self._seal(control, record, entries, coordinator)
+            sealed = RoundSealer(self.client, self.keys, self.run_lease, self.describe()).seal(
+                control, record, entries, coordinator, self.roster(record.round)
+            )
+            if sealed is not None:
+                self.run_lease.keep("member", keeps_run(sealed, coordinator))
+            return sealed
         finally:
             self.run_lease.keep("coordinator", False)  # sealed or given up: a member's reason now
-
-    def _seal(
-        self, control: Control, record: RoundRecord, entries: Mapping[str, NodeEntry], coordinator: str
-    ) -> RoundRecord | None:
-        keys = self.keys
-        round_no = record.round
-        claimed = Compare.value(keys.coord(round_no)) == coordinator.encode()
-        assignments = record.assignments()
-        encoded = {node_id: assignment.encode() for node_id, assignment in assignments.items()}  # rank and live keys alike
-        with etcd_errors(self.describe()):
-            # What an earlier attempt at this round left is removed first.
-            cleared = self.client.txn(
-                [claimed], [Op.delete(keys.round_dir(round_no), range_end=prefix_end(keys.round_dir(round_no)))], [],
-                idempotent=True,
-            )
-            if not cleared.succeeded:
-                return None
-            ranks = [
-                (keys.ranks(round_no) + node_id, value, 0) for node_id, value in encoded.items()
-            ]
-            if not self.run_lease.write_on(lambda lease: self._write_batches(claimed, ranks, lease)):
-                return None
-            live = [
-                (keys.live(round_no) + node_id, value, entries[node_id].session)
-                for node_id, value in encoded.items()
-            ]
-            try:
-                if not self._write_batches(claimed, live, None):
-                    return None
-            except EtcdLeaseNotFoundError:
-                return None  # a member is gone: the coordinator's feed shows it, and it looks again
-            # Members watch from the clearing: nothing after it can be missed.
-            header = dataclasses.replace(record, view_cursor=cleared.revision)
-            result = self.run_lease.write_on(lambda lease: self._seal_txn(control, header, coordinator, lease))
-        if not result.succeeded:
-            return None
-        roster = self.roster(round_no)
-        roster.learn(assignments)
-        sealed = RoundRecord.decode(header.encode_header(), result.revision).with_roster(roster)
-        self.run_lease.keep("member", keeps_run(sealed, coordinator))
-        return sealed
-
-    def _write_batches(self, claimed: Compare, puts: Sequence[tuple[str, bytes, int]], lease: int | None) -> bool:
-        """Put `puts` (key, value, lease; `lease` instead when given) in txns of TXN_OPS, each
-        only while `claimed` holds. False once one does not."""
-        for start in range(0, len(puts), TXN_OPS):
-            ops = [Op.put(key, value, lease=lease if lease is not None else own) for key, value, own in puts[start : start + TXN_OPS]]
-            if not self.client.txn([claimed], ops, [], idempotent=True).succeeded:
-                return False
-        return True
-
-    def _seal_txn(self, control: Control, record: RoundRecord, coordinator: str, run_lease: int) -> TxnResult:
-        keys = self.keys
-        return self.client.txn(
-            [
-                Compare.mod_revision(keys.current) == int(control.token or 0),
-                Compare.value(keys.coord(record.round)) == coordinator.encode(),
-                Compare.create_revision(keys.closed) == 0,
-            ],
-            [
-                Op.put(keys.current, record.encode_header(), lease=run_lease),
-                Op.delete(keys.coord(record.round)),
-                Op.delete(keys.lastcall(record.round)),
-                Op.delete(keys.progress(record.round)),
-                # Older rounds' members and stores are unused once every live member asked
-                # for this one.
-                Op.delete(keys.round_root, range_end=keys.round_dir(record.round)),
-                Op.delete(keys.store_dir, range_end=keys.store(record.round)),
-            ],
-            [],
-            # Safe to repeat: a second attempt of an applied seal fails its compare.
-            idempotent=True,
-        )
 
     def publish_progress(self, round_no: int, progress: RoundProgress) -> None:
         self._put_on_session(self.keys.progress(round_no), progress.encode())
@@ -387,23 +301,25 @@ class EtcdBackend:
 
     def leave(self) -> None:
         """Revoke our lease; if no node is left, remove the run's keys and its lease."""
-        try:
-            self.withdraw()
-            with etcd_errors(self.describe()):
-                if not self._nodes_left():
-                    self.client.delete(self.keys.root, prefix=True, idempotent=True)
-                    if self.run_lease.id is not None:
-                        with contextlib.suppress(EtcdError):
-                            self.client.lease_revoke(self.run_lease.id)
-        finally:
-            self.run_lease.drop()
-            self.client.close()  # shared per process: only the last user closes the channel
+        leave_run(self.withdraw, self._nodes_left, self._remove_run, self._release)
+
+    def _remove_run(self) -> None:
+        with etcd_errors(self.describe()):
+            self.client.delete(self.keys.root, prefix=True, idempotent=True)
+        if self.run_lease.id is not None:
+            with contextlib.suppress(EtcdError):
+                self.client.lease_revoke(self.run_lease.id)
+
+    def _release(self) -> None:
+        self.run_lease.drop()
+        self.client.close()  # shared per process: only the last user closes the channel
 
     def _nodes_left(self) -> bool:
         """Whether a node of the run is still there. Records that are no node (garbage, or not
         on a lease: written by hand) must not keep the run's keys forever; reading at most a
         few values keeps this one small request when many nodes leave at once."""
-        result = self.client.range(self.keys.nodes, prefix=True, limit=LEAVE_READ_LIMIT)
+        with etcd_errors(self.describe()):
+            result = self.client.range(self.keys.nodes, prefix=True, limit=LEAVE_READ_LIMIT)
         if result.count > len(result.kvs):
             return True
         return any(
@@ -420,7 +336,7 @@ class EtcdBackend:
 
     def notice_time(self) -> float:
         # etcd revokes expired leases on a 500 ms tick; the delete then reaches every watch.
-        return self.settings.lease_ttl + EXPIRY_SLACK
+        return seen_gone_within(self.settings.lease_ttl)
 
     def keep_alive_lag(self) -> float | None:
         session = self._session
@@ -457,15 +373,9 @@ def connect(settings: RendezvousSettings) -> EtcdClient:
     """A (process-shared) client, checked now so a bad endpoint fails fast and clearly."""
     access = settings.access
     client = EtcdClient.shared(
-        list(settings.endpoints),
-        timeout=settings.read_timeout,
-        connect_timeout=min(settings.read_timeout, 5.0),
-        ca_cert=access.cacert,
-        cert=access.cert,
-        key=access.key,
-        tls=access.tls,
-        user=access.user,
-        password=access.password,
+        list(settings.endpoints), timeout=settings.read_timeout,
+        connect_timeout=min(settings.read_timeout, 5.0), ca_cert=access.cacert, cert=access.cert,
+        key=access.key, tls=access.tls, user=access.user, password=access.password,
     )
     try:
         with etcd_errors(f"etcd {','.join(settings.endpoints)}"):

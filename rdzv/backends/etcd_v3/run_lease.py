@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from rdzv.backends.common.run_keepers import RUN_TTL_LEASES
+from rdzv.backends.common.run_keepers import RUN_TTL_LEASES, KeepReasons
 from rdzv.etcd import Compare, EtcdClient, EtcdLeaseNotFoundError, Op
 from rdzv.rendezvous.decoding import RecordError, parse_lease_id
 
@@ -37,7 +37,7 @@ class RunLease:
         self._id: int | None = None
         self._registration: int | None = None  # our keep-alive, while we keep it
         self._lost = threading.Event()
-        self._reasons: set[str] = set()  # why this node keeps it ("coordinator", "member")
+        self._reasons = KeepReasons()
         self._lock = threading.Lock()
 
     @property
@@ -61,10 +61,7 @@ class RunLease:
     def keep(self, reason: str, keeping: bool) -> None:
         """Keep the lease alive for `reason`, or no longer for it."""
         with self._lock:
-            if keeping:
-                self._reasons.add(reason)
-            else:
-                self._reasons.discard(reason)
+            self._reasons.hold(reason, keeping)
             self._sync_locked()
 
     def drop(self) -> None:

@@ -40,8 +40,6 @@ from rdzv.backends.c10d.store import OpCounts, StoreConnection, connect_store, s
 from rdzv.rendezvous.handler import RdzvHandler
 from rdzv.rendezvous.settings import ConfigError, RendezvousSettings
 
-DEFAULT_PORT = 29500
-
 HINT = ". The static rendezvous store lives in node rank 0's process; the job cannot go on without it."
 
 
