@@ -18,13 +18,15 @@ from typing import TypeVar
 from torch.distributed import DistStoreError, Store
 
 from rdzv.backends.common.store_values import to_bytes
+from rdzv.backoff import Backoff
 from rdzv.etcd import Compare, EtcdClient, EtcdConnectionError, EtcdError, EtcdTLSError, Op
 
 T = TypeVar("T")
 
 # etcd rejects transactions with more than --max-txn-ops (default 128) operations.
 TXN_BATCH = 64
-# Pauses between attempts while etcd is unreachable: doubling from RETRY_FIRST to RETRY_MAX s.
+# Pauses between attempts while etcd is unreachable: drawn from [0, cap], the cap doubling from
+# RETRY_FIRST to RETRY_MAX s.
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
 
@@ -57,17 +59,18 @@ class EtcdStore(Store):
         the store's timeout from now). Errors become DistStoreError, as TCPStore's."""
         if deadline is None:
             deadline = time.monotonic() + self.timeout.total_seconds()
-        delay = RETRY_FIRST
+        pauses = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             try:
                 return call()
             except EtcdTLSError as exc:
                 raise self._fail(what, exc) from exc
             except EtcdConnectionError as exc:
-                if time.monotonic() + delay >= deadline:
+                # Give up now rather than wake past the deadline only to fail there.
+                pause = pauses.pause()
+                if time.monotonic() + pause >= deadline:
                     raise self._fail(what, exc) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                time.sleep(pause)
             except EtcdError as exc:
                 raise self._fail(what, exc) from exc
 
