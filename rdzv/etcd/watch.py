@@ -3,9 +3,8 @@
 Each :class:`Watch` gets a client-chosen ``watch_id`` (honoured by etcd >= 3.4), so responses
 route straight to their watch without relying on the order of ``created`` answers. One reader
 thread serves the whole stream. When the stream breaks (member died, no leader, failover) the
-reader re-opens it, after a jittered pause, on the client's next endpoint and re-creates every
-live watch from its last delivered revision + 1, so callers see an uninterrupted,
-duplicate-free event sequence.
+reader re-opens it (after a jittered pause) on the next endpoint and re-creates every live
+watch from its last delivered revision + 1: callers see an uninterrupted, duplicate-free feed.
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ from rdzv.etcd.transport import Transport
 
 log = logging.getLogger("rdzv.etcd")
 
-# Pauses before re-opening a broken watch stream: drawn from [0, cap], the cap doubling from
-# REOPEN_PAUSE_FIRST to REOPEN_PAUSE_MAX s; jittered so clients that lost etcd together do not
-# all re-open together.
+# A broken stream is re-opened after a pause in [0, cap], cap doubling FIRST..MAX s (jittered).
 REOPEN_PAUSE_FIRST = 0.05
 REOPEN_PAUSE_MAX = 1.0
 
