@@ -99,6 +99,23 @@ def test_store_operations(etcd) -> None:
         client.close()
 
 
+def test_store_counter_and_timeout_errors(etcd) -> None:
+    client = EtcdClient(etcd.endpoint)
+    try:
+        prefix = f"/rdzv-store-test/{new_run_id()}/"
+        store = EtcdStore(client, prefix, timeout=5)
+        store.set("c", "x")
+        with pytest.raises(DistStoreError, match=r"add\('c'\): the value is not an integer: b'x'"):
+            store.add("c", 1)
+        missing = [f"k{i}" for i in range(7)]
+        shown = r"key\(s\) k0, k1, k2, k3, k4 and 2 more$"
+        with pytest.raises(DistStoreError, match=f"timed out after 0.5 s waiting for {shown}"):
+            store.wait(missing[::-1], timedelta(seconds=0.5))
+        client.delete(prefix, prefix=True)
+    finally:
+        client.close()
+
+
 def test_agent_rank_assignment_runs_on_the_round_store(etcd) -> None:
     from torch.distributed.elastic.agent.server.api import SimpleElasticAgent, WorkerSpec
 

@@ -142,6 +142,42 @@ def test_round_store(v2: EtcdServer) -> None:
         client.close()
 
 
+def test_round_store_counter_and_timeout_errors(v2: EtcdServer) -> None:
+    client = EtcdV2Client.shared(parse_settings(_params(v2.endpoint)))
+    try:
+        store = EtcdV2Store(client, f"/rdzv-store-test/{new_run_id()}", ttl=60, timeout=5)
+        store.set("c", "x")
+        with pytest.raises(DistStoreError, match=r"add\('c'\): the value is not an integer: b'x'"):
+            store.add("c", 1)
+        with pytest.raises(DistStoreError, match=r"timed out after 0.5 s waiting for 2 key\(s\): n1, n2$"):
+            store.wait(["n2", "n1"], timedelta(seconds=0.5))
+    finally:
+        client.close()
+
+
+def test_round_store_wait_rereads_when_the_event_history_moved_on(
+    v2: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = EtcdV2Client.shared(parse_settings(_params(v2.endpoint)))
+    try:
+        store = EtcdV2Store(client, f"/rdzv-store-test/{new_run_id()}", ttl=60, timeout=5)
+        real_watch = client.watch
+        polls: list[object] = []
+
+        def history_gone(*args: object, **kwargs: object) -> object:
+            polls.append(args)
+            if len(polls) == 1:  # the key is written while etcd's history moves past the wait
+                store.set("late", "here")
+                raise etcd.EtcdEventIndexCleared("The event in requested index is outdated")
+            return real_watch(*args, **kwargs)
+
+        monkeypatch.setattr(client, "watch", history_gone)
+        assert store.get("late") == b"here"
+        assert len(polls) == 1  # found by the re-read, not by a later event
+    finally:
+        client.close()
+
+
 def test_feed_recovers_when_the_event_history_moved_on(v2: EtcdServer) -> None:
     with _pair(v2, "history") as (run_id, nodes):
         backend = nodes[0].backend

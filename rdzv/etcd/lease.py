@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from rdzv.backoff import Backoff
 from rdzv.etcd.errors import EtcdAuthError, EtcdError
 from rdzv.etcd.proto import etcd_min_pb2 as pb
 from rdzv.etcd.stream import StreamOwner, requests
@@ -39,6 +40,7 @@ OnLost = Callable[[int], None]
 # A new stream's first keep-alives are spread over up to this many seconds (and a quarter of
 # each lease's interval); re-opening a broken stream backs off up to REOPEN_BACKOFF_MAX s.
 REOPEN_SPREAD = 1.0
+REOPEN_BACKOFF_FIRST = 0.05
 REOPEN_BACKOFF_MAX = 2.0
 
 
@@ -257,7 +259,9 @@ class LeaseKeeper(StreamOwner):
                     log.exception("on_lost callback for lease %x failed", lease_id)
 
     def _run(self) -> None:
-        backoff = 0.05
+        # Between half and all of the cap: a re-open is a new stream for a struggling etcd, so
+        # never at once, yet jittered so clients that lost it together do not return together.
+        reopen_pauses = Backoff(REOPEN_BACKOFF_FIRST, REOPEN_BACKOFF_MAX, floor=0.5)
         while True:
             with self._cond:
                 while not self._closed and not self._leases:
@@ -274,9 +278,8 @@ class LeaseKeeper(StreamOwner):
                 idx, err = broken
                 self._transport.stream_failed(idx, err)
                 if self._answered and time.monotonic() - self._opened_at > 5.0:
-                    backoff = 0.05  # the stream had worked for a while: retry promptly
-                self._sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(backoff * 2, REOPEN_BACKOFF_MAX)
+                    reopen_pauses.reset()  # the stream had worked for a while: retry promptly
+                self._sleep(reopen_pauses.pause())
             if need_open:
                 try:
                     self._open_stream()
@@ -289,8 +292,7 @@ class LeaseKeeper(StreamOwner):
                     log.debug("etcd keep-alive stream: %s", e)
                     self._transport.stream_failed(-1, None)
                     self._note_unconfirmed()
-                    self._sleep(random.uniform(backoff / 2, backoff))
-                    backoff = min(backoff * 2, REOPEN_BACKOFF_MAX)
+                    self._sleep(reopen_pauses.pause())
                     continue
             self._tick()
 

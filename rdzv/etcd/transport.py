@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from rdzv.backoff import Backoff
 from rdzv.etcd.endpoints import Channel, channel_options, parse_endpoints, tls_credentials
 from rdzv.etcd.errors import (
     EtcdBusyError,
@@ -52,6 +52,10 @@ PROBE_TIMEOUT = 1.0
 # Pauses between tries of a busy etcd: drawn from [0, cap], the cap doubling up to BUSY_PAUSE_MAX.
 BUSY_PAUSE_FIRST = 0.05
 BUSY_PAUSE_MAX = 1.0
+# Pauses after every member failed once to connect: drawn from [0, cap], the cap doubling from
+# ROUND_PAUSE_FIRST to ROUND_PAUSE_MAX (a small pause per round: connect_timeout bounds them all).
+ROUND_PAUSE_FIRST = 0.05
+ROUND_PAUSE_MAX = 0.5
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -247,8 +251,8 @@ class Transport:
         tls_failed: set[int] = set()
         reauthed = False
         attempts = 0
-        backoff = 0.05
-        busy_pause = BUSY_PAUSE_FIRST
+        round_pauses = Backoff(ROUND_PAUSE_FIRST, ROUND_PAUSE_MAX)
+        busy_pauses = Backoff(BUSY_PAUSE_FIRST, BUSY_PAUSE_MAX)
         while True:
             if self._closed:
                 raise self.closed_error()
@@ -283,10 +287,7 @@ class Transport:
                         ) from None
                     if endpoint_count > 1:
                         self._rotate(idx)
-                    pause = min(random.uniform(0, busy_pause), deadline - time.monotonic())
-                    if pause > 0:
-                        time.sleep(pause)
-                    busy_pause = min(busy_pause * 2, BUSY_PAUSE_MAX)
+                    busy_pauses.sleep(deadline)
                     continue
                 if code == _UNAVAILABLE:
                     failures[address] = cause_of(details)
@@ -318,11 +319,9 @@ class Transport:
                             raise self._gave_up(failures) from None
                     attempts += 1
                     if attempts % endpoint_count == 0:
-                        # Every member failed once: pause before the next round.
-                        pause = min(backoff, deadline - time.monotonic())
-                        if pause > 0:
-                            time.sleep(pause)
-                        backoff = min(backoff * 2, 0.5)
+                        # Every member failed once: pause before the next round (jittered, so
+                        # clients that lost etcd together do not reconnect in step).
+                        round_pauses.sleep(deadline)
                     continue
                 if code == _DEADLINE:
                     failures[address] = f"no answer within {per_try:.3g}s"

@@ -3,8 +3,8 @@
 Each :class:`Watch` gets a client-chosen ``watch_id`` (honoured by etcd >= 3.4), so responses
 route straight to their watch without relying on the order of ``created`` answers. One reader
 thread serves the whole stream. When the stream breaks (member died, no leader, failover) the
-reader re-opens it on the client's next endpoint and re-creates every live watch from its last
-delivered revision + 1, so callers see an uninterrupted, duplicate-free event sequence.
+reader re-opens it (after a jittered pause) on the next endpoint and re-creates every live
+watch from its last delivered revision + 1: callers see an uninterrupted, duplicate-free feed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Literal
 
 import grpc
 
+from rdzv.backoff import Backoff
 from rdzv.etcd.errors import (
     EtcdAuthError,
     EtcdCompactedError,
@@ -33,6 +34,10 @@ from rdzv.etcd.stream import StreamOwner, requests
 from rdzv.etcd.transport import Transport
 
 log = logging.getLogger("rdzv.etcd")
+
+# A broken stream is re-opened after a pause in [0, cap], cap doubling FIRST..MAX s (jittered).
+REOPEN_PAUSE_FIRST = 0.05
+REOPEN_PAUSE_MAX = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +313,7 @@ class WatchHub(StreamOwner):
     # -- stream management -----------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.05
+        reopen_pauses = Backoff(REOPEN_PAUSE_FIRST, REOPEN_PAUSE_MAX)
         while True:
             with self._lock:
                 # Idle with no watches: the stream is closed and reopened on the next watch().
@@ -330,7 +335,7 @@ class WatchHub(StreamOwner):
                     call = channel.watch.Watch(requests(outbox), metadata=metadata)
                     self._queue, self._call = outbox, call
                 for resp in call:
-                    backoff = 0.05
+                    reopen_pauses.reset()  # the stream works: a later break is a new spell
                     self._last_error = ""
                     self._dispatch(resp)
                 raise EtcdConnectionError("watch stream closed by server")
@@ -356,8 +361,7 @@ class WatchHub(StreamOwner):
                 self._teardown_locked()
                 if self._closed:
                     return
-                self._wake.wait(backoff)
-            backoff = min(backoff * 2, 1.0)
+                self._wake.wait(reopen_pauses.pause())
 
     def _fail_all(self, err: EtcdError) -> None:
         with self._lock:

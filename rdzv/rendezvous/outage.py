@@ -10,7 +10,6 @@ below a doubling cap, so that nodes turned away together do not all come back to
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,6 +17,7 @@ from typing import TypeVar
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import StoreBusyError, StoreUnreachableError
+from rdzv.backoff import Backoff
 
 log = logging.getLogger("rdzv")
 
@@ -43,7 +43,8 @@ def ride_out(
     `deadline()` (read again before each retry: a spare's moves on) is ahead."""
     since: float | None = None  # when the first failed attempt began
     warned: float | None = None
-    cap = RETRY_FIRST
+    # At least a tenth of the cap: a pause of ~0 would only add load.
+    pauses = Backoff(RETRY_FIRST, RETRY_MAX, floor=0.1)
     while True:
         started = time.monotonic()
         try:
@@ -65,9 +66,7 @@ def ride_out(
                     "rendezvous %s: %s %s for %.0f s, retrying until %s (join_timeout): %s",
                     run_id, where, state, now - since, until, exc,
                 )
-            # At least a tenth of the cap: a pause of ~0 would only add load.
-            time.sleep(min(random.uniform(cap / 10, cap), max(end - now, 0.0)))
-            cap = min(cap * 2, RETRY_MAX)
+            pauses.sleep(end)
             continue
         if warned is not None and since is not None:
             log.warning("rendezvous %s: %s answers again after %.0f s", run_id, where, time.monotonic() - since)

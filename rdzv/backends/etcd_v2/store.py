@@ -15,17 +15,19 @@ v2 path and value.
 from __future__ import annotations
 
 import base64
-import contextlib
-import time
-from collections.abc import Iterator
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import etcd
-from torch.distributed import DistStoreError, Store
+from torch.distributed import DistStoreError
 
+from rdzv.backends.common.kv_store import Cursor, KeyChanges, Version, VersionedStore
 from rdzv.backends.common.store_values import to_bytes
 from rdzv.backends.etcd_v2.client import REMOVED, EtcdV2Client, EtcdV2Error, index_of, whole_seconds
+
+T = TypeVar("T")
+# One long poll of a v2 watch waits at most this long, then is asked again.
+WATCH_POLL_MAX = 30.0
 
 
 def key_of(name: str) -> str:
@@ -44,29 +46,28 @@ def unpack(text: str | None) -> bytes:
     return base64.b64decode(text or "")
 
 
-class EtcdV2Store(Store):
+class EtcdV2Store(VersionedStore):
     """A torch Store in one v2 directory. Keys expire `ttl` s after their last write: v2 can
     only expire keys one by one, and refreshing every key of a round would cost a write per key
     per interval, so a crashed job's round store goes away on a fixed clock instead."""
 
+    _client_errors = (EtcdV2Error, etcd.EtcdException)
+
     def __init__(
         self, client: EtcdV2Client, directory: str, *, ttl: float, timeout: float = 300.0
     ) -> None:
-        super().__init__()
+        super().__init__(f"etcd v2 store {directory.rstrip('/')}", timeout)
         self._client = client
         self._dir = directory.rstrip("/")
         self._ttl = whole_seconds(ttl)
-        self.set_timeout(timedelta(seconds=timeout))
 
     def _path(self, name: str) -> str:
         return f"{self._dir}/{key_of(name)}"
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except (EtcdV2Error, etcd.EtcdException) as exc:
-            raise DistStoreError(f"etcd v2 store {self._dir}: {what} failed: {exc}") from exc
+    def _patiently(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
+        # The v2 client tries other members itself; nothing here is worth trying again.
+        with self._errors(what):
+            return call()
 
     # ------------------------------------------------------------------ writes
     def set(self, key: str, value: str | bytes) -> None:
@@ -77,23 +78,20 @@ class EtcdV2Store(Store):
         for key, value in zip(keys, values, strict=True):
             self.set(key, value)
 
-    def add(self, key: str, amount: int) -> int:
-        path = self._path(key)
-        with self._errors(f"add({key!r})"):
-            while True:
-                try:
-                    node = self._client.read(path)
-                except etcd.EtcdKeyNotFound:
-                    node = None
-                total = amount + (int(unpack(node.value)) if node is not None else 0)
-                guard: dict[str, Any] = (
-                    {"prevIndex": node.modifiedIndex} if node is not None else {"prevExist": False}
-                )
-                try:
-                    self._client.write(path, pack(str(total).encode()), ttl=self._ttl, **guard)
-                    return total
-                except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
-                    continue  # somebody else added in between: read again
+    def _read_versioned(self, key: str) -> tuple[bytes, Version] | None:
+        try:
+            node = self._client.read(self._path(key))
+        except etcd.EtcdKeyNotFound:
+            return None
+        return unpack(node.value), node.modifiedIndex
+
+    def _write_if_unchanged(self, key: str, value: bytes, version: Version | None) -> bool:
+        guard: dict[str, Any] = {"prevIndex": version} if version is not None else {"prevExist": False}
+        try:
+            self._client.write(self._path(key), pack(value), ttl=self._ttl, **guard)
+            return True
+        except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
+            return False
 
     def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
         path, expected_value, new = self._path(key), to_bytes(expected), to_bytes(desired)
@@ -115,13 +113,6 @@ class EtcdV2Store(Store):
                 return False
 
     # ------------------------------------------------------------------ reads
-    def get(self, key: str) -> bytes:
-        return self._wait_for([key], self.timeout)[key]
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        found = self._wait_for(keys, self.timeout)
-        return [found[k] for k in keys]
-
     def check(self, keys: list[str]) -> bool:
         with self._errors("check"):
             if len(keys) == 1:
@@ -133,9 +124,6 @@ class EtcdV2Store(Store):
                     return False
             present = self._snapshot()[0]
         return all(k in present for k in keys)
-
-    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._wait_for(keys, timeout if timeout is not None else self.timeout)
 
     def num_keys(self) -> int:
         with self._errors("num_keys"):
@@ -152,31 +140,52 @@ class EtcdV2Store(Store):
         }
         return values, result.etcd_index
 
-    def _wait_for(self, keys: list[str], timeout: timedelta) -> dict[str, bytes]:
-        limit = timeout.total_seconds()
-        deadline = time.monotonic() + limit
-        with self._errors("wait"):
-            values, index = self._snapshot()
-            wanted = {self._path(k): k for k in keys if k not in values}
-            while wanted:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    shown = ", ".join(sorted(wanted.values())[:5])
-                    raise DistStoreError(
-                        f"etcd v2 store {self._dir}: timed out after {limit:g} s waiting for "
-                        f"{len(wanted)} key(s): {shown}"
-                    )
-                try:
-                    event = self._client.watch(self._dir, index + 1, min(left, 30.0))
-                except etcd.EtcdWatchTimedOut:
-                    continue
-                except etcd.EtcdEventIndexCleared:
-                    values, index = self._snapshot()  # history moved past us: start over
-                    wanted = {p: k for p, k in wanted.items() if k not in values}
-                    continue
-                index = event.modifiedIndex
-                name = wanted.get(event.key)
-                if name is not None and event.action not in REMOVED:
-                    values[name] = unpack(event.value)
-                    del wanted[event.key]
-        return values
+    def _read_keys(self, keys: list[str]) -> tuple[dict[str, bytes], Cursor]:
+        return self._snapshot()
+
+    def _watch_keys(self, keys: list[str], cursor: Cursor) -> KeyChanges:
+        return _PolledKeys(self._client, self._dir, {self._path(k): k for k in keys}, cursor, self._snapshot)
+
+    def _timed_out(self, seconds: float, missing: list[str]) -> DistStoreError:
+        shown = ", ".join(missing[:5])
+        return DistStoreError(
+            f"etcd v2 store {self._dir}: timed out after {seconds:g} s waiting for "
+            f"{len(missing)} key(s): {shown}"
+        )
+
+
+class _PolledKeys:
+    """Writes of some keys of a directory after an etcd index: one long poll per event of the
+    directory (v2 watches one key or one tree, and delivers one event per request)."""
+
+    def __init__(
+        self,
+        client: EtcdV2Client,
+        directory: str,
+        names: dict[str, str],
+        index: int,
+        reread: Callable[[], tuple[dict[str, bytes], int]],
+    ) -> None:
+        self._client = client
+        self._dir = directory
+        self._names = names  # path -> key
+        self._index = index
+        self._reread = reread
+
+    def next(self, seconds: float) -> list[tuple[str, bytes]]:
+        try:
+            event = self._client.watch(self._dir, self._index + 1, min(seconds, WATCH_POLL_MAX))
+        except etcd.EtcdWatchTimedOut:
+            return []
+        except etcd.EtcdEventIndexCleared:
+            # History moved past us: start over from a fresh read of the directory.
+            values, self._index = self._reread()
+            return [(k, values[k]) for k in self._names.values() if k in values]
+        self._index = event.modifiedIndex
+        name = self._names.get(event.key)
+        if name is None or event.action in REMOVED:
+            return []
+        return [(name, unpack(event.value))]
+
+    def close(self) -> None:
+        pass  # nothing stays open between long polls

@@ -12,25 +12,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import TypeVar
 
-from torch.distributed import DistStoreError, Store
+from torch.distributed import DistStoreError
 
+from rdzv.backends.common.kv_store import Cursor, KeyChanges, Version, VersionedStore
 from rdzv.backends.common.store_values import to_bytes
-from rdzv.etcd import Compare, EtcdClient, EtcdConnectionError, EtcdError, EtcdTLSError, Op
+from rdzv.backoff import Backoff
+from rdzv.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdTLSError,
+    Op,
+    Watch,
+)
 
 T = TypeVar("T")
 
 # etcd rejects transactions with more than --max-txn-ops (default 128) operations.
 TXN_BATCH = 64
-# Pauses between attempts while etcd is unreachable: doubling from RETRY_FIRST to RETRY_MAX s.
+# Pauses between attempts while etcd is unreachable: drawn from [0, cap], the cap doubling from
+# RETRY_FIRST to RETRY_MAX s.
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
 
 
-class EtcdStore(Store):
+class EtcdStore(VersionedStore):
     """torch's Store interface over the etcd v3 keys below `prefix`, written on `lease`."""
+
+    _client_errors = (EtcdError,)
 
     def __init__(
         self,
@@ -40,34 +52,31 @@ class EtcdStore(Store):
         lease: int = 0,
         timeout: float = 300.0,
     ) -> None:
-        super().__init__()
+        super().__init__(f"etcd store {prefix}", timeout)
         self._client = client
         self._prefix = prefix
         self._lease = lease
-        self.set_timeout(timedelta(seconds=timeout))
 
     def _key(self, key: str) -> bytes:
         return (self._prefix + key).encode()
-
-    def _fail(self, what: str, exc: Exception) -> DistStoreError:
-        return DistStoreError(f"etcd store {self._prefix}: {what} failed: {exc}")
 
     def _patiently(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
         """`call()`, tried again while etcd is unreachable until `deadline` (monotonic; default:
         the store's timeout from now). Errors become DistStoreError, as TCPStore's."""
         if deadline is None:
             deadline = time.monotonic() + self.timeout.total_seconds()
-        delay = RETRY_FIRST
+        pauses = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             try:
                 return call()
             except EtcdTLSError as exc:
                 raise self._fail(what, exc) from exc
             except EtcdConnectionError as exc:
-                if time.monotonic() + delay >= deadline:
+                # Give up now rather than wake past the deadline only to fail there.
+                pause = pauses.pause()
+                if time.monotonic() + pause >= deadline:
                     raise self._fail(what, exc) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                time.sleep(pause)
             except EtcdError as exc:
                 raise self._fail(what, exc) from exc
 
@@ -88,31 +97,19 @@ class EtcdStore(Store):
             ]
             self._patiently("multi_set", lambda ops=ops: self._client.txn([], ops, [], idempotent=True))
 
-    def add(self, key: str, amount: int) -> int:
-        """Atomic counter: read, then compare-and-put on the key's mod revision."""
+    def _read_versioned(self, key: str) -> tuple[bytes, Version] | None:
+        kv = self._client.get(self._key(key))
+        return (kv.value, kv.mod_revision) if kv is not None else None
+
+    def _write_if_unchanged(self, key: str, value: bytes, version: Version | None) -> bool:
         full = self._key(key)
-        try:
-            while True:
-                kv = self._client.get(full)
-                try:
-                    current = int(kv.value) if kv is not None else 0
-                except ValueError:
-                    # As TCPStore: a counter that is not a number is the caller's store error.
-                    raise DistStoreError(
-                        f"etcd store {self._prefix}: add({key!r}): the value is not an integer: "
-                        f"{kv.value[:60]!r}"
-                    ) from None
-                expected = kv.mod_revision if kv is not None else 0
-                new = current + amount
-                result = self._client.txn(
-                    [Compare.mod_revision(full) == expected],
-                    [Op.put(full, str(new).encode(), lease=self._lease)],
-                    [],
-                )
-                if result.succeeded:
-                    return new
-        except EtcdError as exc:
-            raise self._fail(f"add({key!r})", exc) from exc
+        # An absent key's mod revision compares as 0.
+        result = self._client.txn(
+            [Compare.mod_revision(full) == (version or 0)],
+            [Op.put(full, value, lease=self._lease)],
+            [],
+        )
+        return result.succeeded
 
     def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
         full = self._key(key)
@@ -136,18 +133,8 @@ class EtcdStore(Store):
         )
 
     # ------------------------------------------------------------------ reads
-    def get(self, key: str) -> bytes:
-        return self.multi_get([key])[0]
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        values = self._wait_for(keys, self.timeout)
-        return [values[k] for k in keys]
-
     def check(self, keys: list[str]) -> bool:
-        return self._patiently("check", lambda: all(self._read(keys)[0].get(k) is not None for k in keys))
-
-    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._wait_for(keys, timeout if timeout is not None else self.timeout)
+        return self._patiently("check", lambda: all(self._read_keys(keys)[0].get(k) is not None for k in keys))
 
     def num_keys(self) -> int:
         return self._patiently(
@@ -155,7 +142,7 @@ class EtcdStore(Store):
             lambda: self._client.range(self._prefix.encode(), prefix=True, count_only=True).count,
         )
 
-    def _read(self, keys: list[str]) -> tuple[dict[str, bytes], int]:
+    def _read_keys(self, keys: list[str]) -> tuple[dict[str, bytes], Cursor]:
         found: dict[str, bytes] = {}
         revision = 0
         for start in range(0, len(keys), TXN_BATCH):
@@ -168,33 +155,32 @@ class EtcdStore(Store):
                     found[k] = response.kvs[0].value
         return found, revision
 
-    def _wait_for(self, keys: list[str], timeout: timedelta) -> dict[str, bytes]:
-        deadline = time.monotonic() + timeout.total_seconds()
-        return self._patiently("wait", lambda: self._wait_once(keys, timeout, deadline), deadline)
+    def _watch_keys(self, keys: list[str], cursor: Cursor) -> KeyChanges:
+        return _WatchedKeys(self._client, {self._key(k): k for k in keys}, cursor)
 
-    def _wait_once(self, keys: list[str], timeout: timedelta, deadline: float) -> dict[str, bytes]:
-        found, revision = self._read(keys)
-        missing = {self._key(k): k for k in keys if k not in found}
-        if not missing:
-            return found
-        # One watch over the span of the missing keys, from just after our read.
-        low, high = min(missing), max(missing)
-        watch = self._client.watch(low, range_end=high + b"\0", start_revision=revision + 1)
-        try:
-            while missing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    shown = ", ".join(sorted(missing.values())[:5])
-                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                    raise DistStoreError(
-                        f"etcd store {self._prefix}: timed out after "
-                        f"{timeout.total_seconds():g} s waiting for key(s) {shown}{more}"
-                    )
-                for event in watch.get(left) or ():
-                    name = missing.get(event.kv.key)
-                    if name is not None and event.type == "PUT":
-                        found[name] = event.kv.value
-                        del missing[event.kv.key]
-        finally:
-            watch.cancel()
-        return found
+    def _timed_out(self, seconds: float, missing: list[str]) -> DistStoreError:
+        shown = ", ".join(missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return DistStoreError(
+            f"etcd store {self._prefix}: timed out after "
+            f"{seconds:g} s waiting for key(s) {shown}{more}"
+        )
+
+
+class _WatchedKeys:
+    """Puts of some keys after a revision: one watch over the span of the keys."""
+
+    def __init__(self, client: EtcdClient, names: dict[bytes, str], revision: int) -> None:
+        self._names = names
+        low, high = min(names), max(names)
+        self._watch: Watch = client.watch(low, range_end=high + b"\0", start_revision=revision + 1)
+
+    def next(self, seconds: float) -> list[tuple[str, bytes]]:
+        return [
+            (self._names[e.kv.key], e.kv.value)
+            for e in self._watch.get(seconds) or ()
+            if e.type == "PUT" and e.kv.key in self._names
+        ]
+
+    def close(self) -> None:
+        self._watch.cancel()
