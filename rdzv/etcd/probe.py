@@ -13,6 +13,7 @@ import socket
 import ssl
 
 # The HTTP/2 client preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+PROBE_TIMEOUT = 1.0  # the most one probe waits (callers bound it by their connect timeout)
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _SETTINGS = 0x04
 

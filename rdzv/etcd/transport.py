@@ -35,20 +35,19 @@ from rdzv.etcd.errors import (
     cause_of,
     error_from_rpc,
     is_connect_failure,
-    is_silent_endpoint,
     is_tls_failure,
     never_sent,
     token_expired,
 )
-from rdzv.etcd.probe import accepts_connections, mismatch_hint
+from rdzv.etcd.failures import describe, gave_up
+from rdzv.etcd.probe import PROBE_TIMEOUT, mismatch_hint
 from rdzv.etcd.proto import etcd_min_pb2 as pb
 
 Metadata = tuple[tuple[str, str], ...]
 
 _BASE_MD: Metadata = (("hasleader", "true"),)
-# How long a protocol probe's verdict on an endpoint holds (no probe per retry), and its bound.
+# How long a protocol probe's verdict on an endpoint holds (no probe per retry).
 PROBE_HOLDS = 30.0
-PROBE_TIMEOUT = 1.0
 # Pauses between tries of a busy etcd: drawn from [0, cap], the cap doubling up to BUSY_PAUSE_MAX.
 BUSY_PAUSE_FIRST = 0.05
 BUSY_PAUSE_MAX = 1.0
@@ -261,7 +260,7 @@ class Transport:
             metadata = self.metadata() if auth else _BASE_MD
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._gave_up(failures, f"no answer within {total:g}s")
+                raise gave_up(self._endpoints, self.endpoint, failures, self.connect_timeout, f"no answer within {total:g}s")
             per_try = remaining
             if retry and endpoint_count > 1:
                 # Leave time to try another member if this one hangs.
@@ -303,7 +302,7 @@ class Transport:
                                     "; ".join(mismatched.values()), code="UNAVAILABLE"
                                 ) from None
                             raise EtcdTLSError(
-                                self._describe(failures), code="UNAVAILABLE"
+                                describe(self._endpoints, failures), code="UNAVAILABLE"
                             ) from None
                     elif not retry and not never_sent(details):
                         raise EtcdConnectionError(
@@ -316,7 +315,7 @@ class Transport:
                             len(connect_failed | tls_failed) == endpoint_count
                             and time.monotonic() - start >= self.connect_timeout
                         ):
-                            raise self._gave_up(failures) from None
+                            raise gave_up(self._endpoints, self.endpoint, failures, self.connect_timeout) from None
                     attempts += 1
                     if attempts % endpoint_count == 0:
                         # Every member failed once: pause before the next round (jittered, so
@@ -333,7 +332,7 @@ class Transport:
                             f"etcd at {address} timed out after {per_try:.3g}s; the request "
                             "was not retried and may or may not have been applied"
                         ) from None
-                    raise self._gave_up(failures) from None
+                    raise gave_up(self._endpoints, self.endpoint, failures, self.connect_timeout) from None
                 if auth and self.user is not None and not reauthed and token_expired(details):
                     reauthed = True
                     self.invalidate_token(metadata)
@@ -388,30 +387,3 @@ class Transport:
         hint = mismatch_hint(endpoint.address, endpoint.secure, bound)
         self._probed[idx] = (now + PROBE_HOLDS, hint)
         return hint
-
-    def _busy(self, address: str, cause: str) -> bool:
-        """Whether a member's failure means it is there but not serving: it said so, or it
-        accepts connections and stays silent (a connect that timed out is checked with one
-        TCP probe: a dropped route or a wrong address is no etcd in trouble)."""
-        if busy_cause(cause) is not None or cause.startswith("no answer within"):
-            return True
-        return is_silent_endpoint(cause) and accepts_connections(
-            address, min(self.connect_timeout, PROBE_TIMEOUT)
-        )
-
-    def _describe(self, failures: dict[str, str], state: str = "unreachable") -> str:
-        if len(self._endpoints) == 1:
-            addr = self._endpoints[0].address
-            return f"etcd at {addr} {state}: {failures.get(addr, 'no answer')}"
-        parts = [f"{e.address} ({failures.get(e.address, 'not tried')})" for e in self._endpoints]
-        return f"etcd {state}: " + ", ".join(parts)
-
-    def _gave_up(self, failures: dict[str, str], default: str | None = None) -> EtcdConnectionError:
-        """The error for a call that ran out of time: `EtcdBusyError` when some member was
-        reached and silent or busy (worth waiting for), else refused/unresolvable everywhere."""
-        if not failures and default:
-            failures = {self.endpoint: default}
-        busy = any(self._busy(address, cause) for address, cause in failures.items())
-        if busy:
-            return EtcdBusyError(self._describe(failures, "not answering"), code="UNAVAILABLE")
-        return EtcdConnectionError(self._describe(failures), code="UNAVAILABLE")

@@ -94,19 +94,11 @@ class Watch:
         self._created = threading.Event()
 
     # -- hub side (reader thread) --------------------------------------------------------
-
     def _create_request(self) -> pb.WatchRequest:
-        return pb.WatchRequest(
-            create_request=pb.WatchCreateRequest(
-                key=self.key,
-                range_end=self.range_end,
-                start_revision=self._next_rev,
-                progress_notify=True,
-                filters=self._filters,
-                prev_kv=self._prev_kv,
-                watch_id=self.watch_id,
-            )
-        )
+        return pb.WatchRequest(create_request=pb.WatchCreateRequest(
+            key=self.key, range_end=self.range_end, start_revision=self._next_rev,
+            progress_notify=True, filters=self._filters, prev_kv=self._prev_kv, watch_id=self.watch_id,
+        ))
 
     def _on_created(self, header_revision: int) -> None:
         # A "from now" watch starts after the header revision: pin that so a re-create
