@@ -186,7 +186,9 @@ def _create_handler(params: Any, s: LaunchSettings) -> Any:
     from rdzv.registry import create_handler
 
     try:
-        return create_handler(params)
+        # --rdzv-conf was checked in the launcher's one pass (launcher.config); what the launcher
+        # added since (timeout, rank, local_world_size, segment) it made valid itself.
+        return create_handler(params, config_checked=True)
     except (ValueError, TypeError, KeyError) as exc:
         # Settings the handler rejects (rdzv-conf values and the like).
         raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,29 @@ def test_ignored_static_options_are_noticed(tmp_path: Path) -> None:
     assert "--node-rank is only used by the static backend" in messages
 
 
+def test_rdzv_conf_is_parsed_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the command line: --rdzv-conf is parsed and checked one time, and the
+    handler is told so; the library's own path (no config_checked) still checks it."""
+    from rdzv.rendezvous import settings as rdzv_settings
+
+    calls: list[str] = []
+    real_check, real_parse = config.check_config, config.parse_rdzv_conf
+    monkeypatch.setattr(config, "check_config", lambda conf: calls.append("check") or real_check(conf))
+    monkeypatch.setattr(config, "parse_rdzv_conf", lambda *a, **k: calls.append("parse") or real_parse(*a, **k))
+    s = _settings(["--rdzv-conf=last_call_timeout=3,segment_size=0"], tmp_path)
+    assert calls == ["parse", "check"]
+    assert s.rdzv_configs == {"last_call_timeout": "3", "segment_size": "0", "timeout": 900}
+
+    checked: list[object] = []
+    monkeypatch.setattr(rdzv_settings, "check_config", lambda conf: checked.append(dict(conf)))
+    params = types.SimpleNamespace(run_id="j", config={"lease_tll": "3"}, endpoint="h:1", backend="etcd",
+                                   min_nodes=1, max_nodes=1, local_addr="h")
+    rdzv_settings.parse_settings(params, config_checked=True)  # type: ignore[arg-type]
+    assert checked == []
+    rdzv_settings.parse_settings(params)  # type: ignore[arg-type]
+    assert checked == [{"lease_tll": "3"}]
+
+
 # ---------------------------------------------------------------- small parsers
 
 
@@ -530,7 +554,6 @@ def test_auto_and_gpu_count_any_accelerator(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_privateuse1_name_counts_its_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
 
     import torch
 
