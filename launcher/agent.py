@@ -20,7 +20,7 @@ from launcher.report import Reporter, ReporterLogHandler
 from launcher.settings import LaunchSettings, Notice
 
 if TYPE_CHECKING:
-    from launcher.metrics_endpoint import MetricsEndpoint
+    from launcher.metrics.endpoint import MetricsEndpoint
 
 # torchrun's words, on one line.
 OMP_NOTICE = (
@@ -171,10 +171,10 @@ def _check_event_handler(name: str) -> None:
 
 
 def _start_metrics(s: LaunchSettings) -> MetricsEndpoint | None:
-    """The --metrics-port endpoint (launcher.metrics_endpoint), listening; None when off."""
+    """The --metrics-port endpoint (launcher.metrics.endpoint), listening; None when off."""
     if s.metrics_port is None:
         return None
-    from launcher.metrics_endpoint import MetricsEndpoint
+    from launcher.metrics.endpoint import MetricsEndpoint
 
     return MetricsEndpoint(s.metrics_port, s.run_id, s.backend)
 
@@ -210,8 +210,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
     from launcher import torch_compat
     from launcher.elastic_agent import RdzvAgent
+    from launcher.metrics.recorder import NULL_RECORDER, Recorder
     from launcher.progress import ReportingHandler
-    from launcher.recorder import NULL_RECORDER, Recorder
 
     _check_event_handler(s.event_log_handler)
     try:
@@ -306,7 +306,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     )
     health = None
     if s.health_check is not None:
-        from launcher.health import HealthGate
+        from launcher.health.gate import HealthGate
 
         health = HealthGate(s.health_check, s.health_check_timeout, reporter, on_failure=recorder.health_check_failed)
     agent = RdzvAgent(

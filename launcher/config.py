@@ -15,7 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from launcher.entrypoint import resolve_entrypoint
-from launcher.health import parse_health_check, parse_health_timeout
+from launcher.health.gate import parse_health_check, parse_health_timeout
 from launcher.parsers import (
     parse_filters,
     parse_nnodes,
