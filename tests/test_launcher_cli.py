@@ -241,19 +241,19 @@ def test_far_too_many_workers_need_a_confirmation(tmp_path: Path) -> None:
 
 
 def test_oversubscription_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher import agent
+    from launcher import devices
 
-    monkeypatch.setattr(agent, "_cpu_count", lambda: 2)
-    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 0)
-    agent.check_oversubscription(8, "8", allowed=False)  # 4x the CPUs is fine
-    agent.check_oversubscription(2, "cpu", allowed=False)
+    monkeypatch.setattr(devices, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "_accelerator_count", lambda torch: 0)
+    devices.check_oversubscription(8, "8", allowed=False)  # 4x the CPUs is fine
+    devices.check_oversubscription(2, "cpu", allowed=False)
     with pytest.raises(UsageProblem, match=r"--nproc-per-node=9 is more than 4x this machine's 2 CPU\(s\) and more than its 0"):
-        agent.check_oversubscription(9, "9", allowed=False)
-    agent.check_oversubscription(9, "9", allowed=True)
-    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 16)
-    agent.check_oversubscription(16, "16", allowed=False)  # one worker per accelerator is fine
+        devices.check_oversubscription(9, "9", allowed=False)
+    devices.check_oversubscription(9, "9", allowed=True)
+    monkeypatch.setattr(devices, "_accelerator_count", lambda torch: 16)
+    devices.check_oversubscription(16, "16", allowed=False)  # one worker per accelerator is fine
     with pytest.raises(UsageProblem):
-        agent.check_oversubscription(17, "17", allowed=False)
+        devices.check_oversubscription(17, "17", allowed=False)
 
 
 def test_allow_oversubscribe_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -474,7 +474,7 @@ def test_nproc_per_node_words() -> None:
 
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     cpus = len(os.sched_getaffinity(0))
     assert resolve_nproc("3") == 3
@@ -543,7 +543,7 @@ def test_auto_and_gpu_count_any_accelerator(monkeypatch: pytest.MonkeyPatch) -> 
     """An XPU (or any torch.accelerator) counts for 'auto' and 'gpu', as with torchrun."""
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 3)
@@ -557,7 +557,7 @@ def test_privateuse1_name_counts_its_devices(monkeypatch: pytest.MonkeyPatch) ->
 
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "npu")
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 4), raising=False)
