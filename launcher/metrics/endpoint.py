@@ -1,6 +1,6 @@
 """`rdzv-launch --metrics-port`: the launcher's recorder and its HTTP endpoint, started together.
 
-`/metrics` is the launcher's private registry (launcher.metrics); `/healthz` answers 200 `ok`
+`/metrics` is the launcher's private registry (launcher.metrics.prometheus); `/healthz` answers 200 `ok`
 while the agent runs and 503 once it has stopped. Without --metrics-port nothing listens and the
 agent gets the no-op recorder.
 """
