@@ -172,7 +172,7 @@ def recorder_cost(calls: int = 100_000) -> dict[str, float]:
     """Microseconds per call of the recorder's hot calls."""
     from prometheus_client import generate_latest
 
-    from launcher.metrics import PrometheusRecorder
+    from launcher.metrics.prometheus import PrometheusRecorder
     from rdzv.rendezvous.membership import GroupCounts
 
     rec = PrometheusRecorder("bench", "etcd")

@@ -251,9 +251,9 @@ def _make_handler(job: Job):  # noqa: ANN202 - returns torch's RendezvousHandler
 
 def _launcher_path(handler, run_id: str, metrics: bool):  # noqa: ANN001, ANN202
     """The handler as rdzv-launch wraps it (launcher.progress), with its metrics recorder or none."""
-    from launcher.metrics import PrometheusRecorder
+    from launcher.metrics.prometheus import PrometheusRecorder
+    from launcher.metrics.recorder import NULL_RECORDER
     from launcher.progress import ReportingHandler
-    from launcher.recorder import NULL_RECORDER
     from launcher.report import Reporter
 
     recorder = PrometheusRecorder(run_id, "etcd") if metrics else NULL_RECORDER

@@ -15,12 +15,13 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from launcher.devices import check_oversubscription, resolve_nproc
 from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter, ReporterLogHandler
 from launcher.settings import LaunchSettings, Notice
 
 if TYPE_CHECKING:
-    from launcher.metrics_endpoint import MetricsEndpoint
+    from launcher.metrics.endpoint import MetricsEndpoint
 
 # torchrun's words, on one line.
 OMP_NOTICE = (
@@ -61,79 +62,9 @@ def import_torch() -> list[Notice]:
     return [Notice("torch_import", f"torch: {w.category.__name__}: {w.message}", "warning") for w in caught]
 
 
-def resolve_nproc(spec: str) -> int:
-    """Workers per node, as torchrun counts them. Only device words ask torch about devices
-    (CUDA stays untouched otherwise); 'gpu' and 'auto' count any accelerator torch knows
-    (CUDA, XPU, a privateuse1 backend), and a backend's own name counts its devices."""
-    if spec.isdigit():
-        return int(spec)
-    if spec == "cpu":
-        return _cpu_count()
-    import torch
-
-    if spec in ("auto", "gpu"):
-        count = _accelerator_count(torch)
-        if count > 0:
-            return count
-        if spec == "auto":
-            return _cpu_count()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        raise UsageProblem(f"--nproc-per-node=gpu but no GPU is visible{hint}")
-    module = getattr(torch, spec, None) if spec in ("cuda", "xpu", _privateuse1_name(torch)) else None
-    if module is None:
-        raise UsageProblem(
-            f"--nproc-per-node must be a number, auto, cpu, gpu, xpu or an accelerator torch knows, got {spec!r}"
-        )
-    count = module.device_count() if module.is_available() else 0
-    if count < 1:
-        raise UsageProblem(f"--nproc-per-node={spec} but no {spec} device is visible")
-    return int(count)
-
-
-# More workers than this many per CPU (and more than the accelerators) is almost always a typo
-# (--nproc-per-node 100000) and would fork thousands of processes: refused unless confirmed.
-OVERSUBSCRIBE_FACTOR = 4
-
-
-def check_oversubscription(nproc: int, spec: str, allowed: bool) -> None:
-    """Raise UsageProblem for a numeric --nproc-per-node above OVERSUBSCRIBE_FACTOR x the CPUs
-    this process may use and above the visible accelerators, unless --allow-oversubscribe."""
-    cpus = _cpu_count()
-    if allowed or not spec.isdigit() or nproc <= OVERSUBSCRIBE_FACTOR * cpus:
-        return
-    import torch
-
-    # Only on this path does a numeric --nproc-per-node ask torch about accelerators.
-    accelerators = _accelerator_count(torch)
-    if nproc <= accelerators:
-        return
-    raise UsageProblem(
-        f"--nproc-per-node={nproc} is more than {OVERSUBSCRIBE_FACTOR}x this machine's {cpus} CPU(s) "
-        f"and more than its {accelerators} accelerator(s); pass --allow-oversubscribe if you mean it"
-    )
-
-
-def _accelerator_count(torch: Any) -> int:
-    """Visible devices of the current accelerator, whatever its kind (honours *_VISIBLE_DEVICES)."""
-    accelerator = torch.accelerator
-    return int(accelerator.device_count()) if accelerator.is_available() else 0
-
-
-def _privateuse1_name(torch: Any) -> str:
-    return str(torch._C._get_privateuse1_backend_name())
-
-
 def _with_hostname(template: str | None) -> str | None:
     # torch substitutes ${hostname} itself from 2.14 on; before, it would stay literal.
     return template.replace("${hostname}", socket.gethostname()) if template else None
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _make_logs_specs(s: LaunchSettings) -> Any:
@@ -171,10 +102,10 @@ def _check_event_handler(name: str) -> None:
 
 
 def _start_metrics(s: LaunchSettings) -> MetricsEndpoint | None:
-    """The --metrics-port endpoint (launcher.metrics_endpoint), listening; None when off."""
+    """The --metrics-port endpoint (launcher.metrics.endpoint), listening; None when off."""
     if s.metrics_port is None:
         return None
-    from launcher.metrics_endpoint import MetricsEndpoint
+    from launcher.metrics.endpoint import MetricsEndpoint
 
     return MetricsEndpoint(s.metrics_port, s.run_id, s.backend)
 
@@ -186,7 +117,9 @@ def _create_handler(params: Any, s: LaunchSettings) -> Any:
     from rdzv.registry import create_handler
 
     try:
-        return create_handler(params)
+        # --rdzv-conf was checked in the launcher's one pass (launcher.config); what the launcher
+        # added since (timeout, rank, local_world_size, segment) it made valid itself.
+        return create_handler(params, config_checked=True)
     except (ValueError, TypeError, KeyError) as exc:
         # Settings the handler rejects (rdzv-conf values and the like).
         raise UsageProblem(f"{s.backend} rendezvous: {exc}") from None
@@ -208,8 +141,8 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
     from launcher import torch_compat
     from launcher.elastic_agent import RdzvAgent
+    from launcher.metrics.recorder import NULL_RECORDER, Recorder
     from launcher.progress import ReportingHandler
-    from launcher.recorder import NULL_RECORDER, Recorder
 
     _check_event_handler(s.event_log_handler)
     try:
@@ -304,7 +237,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     )
     health = None
     if s.health_check is not None:
-        from launcher.health import HealthGate
+        from launcher.health.gate import HealthGate
 
         health = HealthGate(s.health_check, s.health_check_timeout, reporter, on_failure=recorder.health_check_failed)
     agent = RdzvAgent(

@@ -1,8 +1,9 @@
 """Turn rdzv-launch's option values into a checked LaunchSettings, or one clear UsageProblem.
 
-Everything here runs before anything is spawned and, except for the backend-name check (which
-asks rdzv.registry), without importing torch, so bad input is answered quickly. Single values are
-parsed in `parsers`, the script in `entrypoint`, the rendezvous in `rendezvous_choice`.
+One pass, before anything is spawned and, except for the backend-name check (which asks
+rdzv.registry), without importing torch, so bad input is answered quickly: every value is parsed
+once (single values in `parsers`, the script in `entrypoint`), `--rdzv-conf` is checked once,
+here, and the rendezvous is chosen from the parsed values (`rendezvous_choice`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from launcher.entrypoint import resolve_entrypoint
-from launcher.health import parse_health_check, parse_health_timeout
+from launcher.health.gate import parse_health_check, parse_health_timeout
 from launcher.parsers import (
     parse_filters,
     parse_nnodes,
@@ -75,8 +76,8 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
     node_segment = _node_segment(v.get("node_segment"))
     entrypoint, lead_args, name = resolve_entrypoint(v["training_script"], v["module"], v["no_python"], v["run_path"])
     notices: list[Notice] = []
-    _check_grouping(v["rdzv_conf"], min_nodes, max_nodes)
-    rdzv = resolve_rendezvous(v, given, min_nodes, max_nodes, notices)
+    configs = _checked_rdzv_conf(v["rdzv_conf"], min_nodes, max_nodes)
+    rdzv = resolve_rendezvous(v, given, configs, min_nodes, max_nodes, notices)
     if node_segment is not None:
         rdzv.configs["segment"] = node_segment  # the handler reads it from the settings
     return LaunchSettings(
@@ -126,16 +127,19 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
     )
 
 
-def _check_grouping(conf: str, min_nodes: int, max_nodes: int) -> None:
-    """segment_size and the quarantine settings against --nnodes, before the endpoint is probed
-    (the handler checks them again: the library and torchrun do not come through here)."""
+def _checked_rdzv_conf(conf: str, min_nodes: int, max_nodes: int) -> dict[str, Any]:
+    """--rdzv-conf parsed and checked, the one time for a launch: as the handlers check it (unknown
+    keys, passwords, numbers), then segment_size and the quarantine settings against --nnodes,
+    before the endpoint is probed. The handler is told it was checked (launcher.agent); the
+    library and torchrun, which do not come through here, have the handler check it."""
     try:
-        configs = parse_rdzv_conf(conf, check_key=check_config_key)
+        configs: dict[str, Any] = parse_rdzv_conf(conf, check_key=check_config_key)
         check_config(configs)
         check_segment_size(configs, min_nodes, max_nodes)
         QuarantinePolicy.from_config(configs)
     except ConfigError as exc:
         raise UsageProblem(f"--rdzv-conf: {exc}") from None
+    return configs
 
 
 def _node_segment(text: str | None) -> str | None:

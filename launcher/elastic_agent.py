@@ -7,11 +7,11 @@
   one (rdzv.rendezvous.round_store); after each round the agent's remaining restarts come from the round's
   job-wide count, and workers get RDZV_ROUND, so every node's workers see the same
   TORCHELASTIC_RESTART_COUNT and round.
-* `_rendezvous` also runs `--health-check` first (launcher.health): a node that fails it stays
+* `_rendezvous` also runs `--health-check` first (launcher.health.gate): a node that fails it stays
   out of the round until it passes.
 * `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
   (launcher.leave).
-* metrics (`--metrics-port`): a `launcher.recorder.Recorder` hears of failed workers, each
+* metrics (`--metrics-port`): a `launcher.metrics.recorder.Recorder` hears of failed workers, each
   round's restart attribution and workers running again.
 
 With a handler that is not ours, the agent is torch's (plus the exit barrier).
@@ -31,10 +31,10 @@ from torch.distributed.elastic.agent.server.api import (
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from launcher.exit_barrier import ExitBarrierAgent
-from launcher.health import HealthGate
+from launcher.health.gate import HealthGate
 from launcher.leave import leave_gracefully
 from launcher.membership import FailureAttribution, membership_of
-from launcher.recorder import FAILURE, NULL_RECORDER, Recorder
+from launcher.metrics.recorder import FAILURE, NULL_RECORDER, Recorder
 from rdzv.rendezvous.round_store import RoundMemberGoneError
 
 ROUND_VAR = "RDZV_ROUND"

@@ -1,6 +1,6 @@
 """A RendezvousHandler wrapper that reports waiting progress and times each formation.
 
-It also tells the launcher's metrics (launcher.recorder) when a rendezvous starts and
+It also tells the launcher's metrics (launcher.metrics.recorder) when a rendezvous starts and
 completes, and what each `num_nodes_waiting()` answered (a positive answer is trouble: the
 agent restarts its workers for a membership change).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousInfo
 
-from launcher.recorder import MEMBERSHIP, NULL_RECORDER, Recorder
+from launcher.metrics.recorder import MEMBERSHIP, NULL_RECORDER, Recorder
 from launcher.report import Reporter, format_progress
 
 RESERVED = {"ts", "level", "event", "message", "always", "run_id", "waited_s"}

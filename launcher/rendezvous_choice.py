@@ -1,5 +1,6 @@
 """Which rendezvous a launch uses: the backend, endpoint and run id from --rdzv-* (and torchrun's
---standalone, --master-addr/--master-port), with the endpoint checked for an answer."""
+--standalone, --master-addr/--master-port), with the endpoint checked for an answer. --rdzv-conf
+comes in parsed and checked (launcher.config)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.parsers import parse_endpoint, parse_endpoint_list, parse_rdzv_conf
+from launcher.parsers import parse_endpoint, parse_endpoint_list
 from launcher.probes import check_reachable, is_this_host
 from launcher.problems import UsageProblem
 from launcher.settings import Notice
 
-# Torch-free: run ids and --rdzv-conf are checked by the same code as in the handlers.
-from rdzv.rendezvous.settings import ConfigError, check_config, check_config_key, check_run_id
+# Torch-free: run ids are checked by the same code as in the handlers.
+from rdzv.rendezvous.settings import ConfigError, check_run_id
 
 DEFAULT_PORTS = {"etcd": 2379, "etcd-v2": 2379, "c10d": 29400}
 DEFAULT_MASTER_PORT = 29500
@@ -48,11 +49,16 @@ class RendezvousChoice:
 
 
 def resolve_rendezvous(
-    v: Mapping[str, Any], given: set[str], min_nodes: int, max_nodes: int, notices: list[Notice]
+    v: Mapping[str, Any],
+    given: set[str],
+    configs: dict[str, Any],
+    min_nodes: int,
+    max_nodes: int,
+    notices: list[Notice],
 ) -> RendezvousChoice:
     """Choose the backend, endpoint and run id from the option values `v` (`given`: the options
-    set explicitly); what the user should know is appended to `notices`."""
-    configs = _checked_rdzv_conf(v["rdzv_conf"])
+    set explicitly) and the checked --rdzv-conf `configs` (which the choice completes and keeps);
+    what the user should know is appended to `notices`."""
     configs.setdefault("timeout", DEFAULT_RDZV_TIMEOUT)
     backend: str | None = v["rdzv_backend"] or None
     endpoint: str = (v["rdzv_endpoint"] or "").strip()
@@ -121,16 +127,6 @@ def resolve_rendezvous(
             Notice("run_id_generated", f"generated run id {run_id} (--rdzv-id={run_id})", fields={"run_id": run_id})
         )
     return RendezvousChoice(backend, endpoint, run_id, configs)
-
-
-def _checked_rdzv_conf(text: str) -> dict[str, Any]:
-    """--rdzv-conf, checked as the handlers will check it (unknown keys, passwords, numbers)."""
-    try:
-        configs: dict[str, Any] = parse_rdzv_conf(text, check_key=check_config_key)
-        check_config(configs)
-    except ConfigError as exc:
-        raise UsageProblem(f"--rdzv-conf: {exc}") from None
-    return configs
 
 
 def _one_endpoint(endpoint: str, backend: str) -> None:

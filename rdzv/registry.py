@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rdzv.rendezvous.settings import RendezvousSettings, check_config, check_run_id, parse_settings
+from rdzv.rendezvous.settings import RendezvousSettings, parse_settings
 from rdzv.torch_support import check_torch
 
 if TYPE_CHECKING:  # annotations only
@@ -57,12 +57,13 @@ def backend_names() -> list[str]:
     return ["etcd", "etcd-v2", "c10d", "static"]
 
 
-def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+def create_handler(params: RendezvousParameters, *, config_checked: bool = False) -> RendezvousHandler:
     """Create the rendezvous handler named by ``params.backend``.
 
     Raises ValueError (ConfigError for settings: run id, --rdzv-conf keys and values, endpoints)
     before the backend loads or anything is written, and UnsupportedTorchError on a torch
-    outside the supported range (rdzv.torch_support).
+    outside the supported range (rdzv.torch_support). ``config_checked``: the caller checked
+    ``params.config`` already (rdzv-launch does, once); see ``parse_settings``.
     """
     check_torch()
     try:
@@ -72,10 +73,8 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
             f"unknown rendezvous backend {params.backend!r}; choose one of {', '.join(backend_names())}"
         ) from None
     # Checked here for every entry point (library, torchrun plugins, rdzv-launch), before the
-    # backend's modules load.
-    check_run_id(params.run_id)
-    check_config(params.config)
-    settings = parse_settings(params, default_port=entry.default_port)
+    # backend's modules load: run id first, then --rdzv-conf (unless the caller checked it).
+    settings = parse_settings(params, default_port=entry.default_port, config_checked=config_checked)
     from rdzv.rendezvous.handler import RdzvHandler  # noqa: F811 - torch: only once a handler is wanted
 
     module = importlib.import_module(entry.module)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from launcher_helpers import ROOT, clean_env
 
-from launcher.agent import check_oversubscription, resolve_nproc
+from launcher.devices import check_oversubscription, resolve_nproc
 from launcher.problems import UsageProblem
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,9 +65,9 @@ def test_no_gpu_visible(cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_one_worker_per_gpu_is_not_oversubscription(cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    import launcher.agent as agent
+    import launcher.devices as devices
 
-    monkeypatch.setattr(agent, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "_cpu_count", lambda: 2)
     cuda.count = 16
     check_oversubscription(16, "16", allowed=False)
     with pytest.raises(UsageProblem, match="more than its 16 accelerator"):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from launcher_helpers import ROOT, run_launcher
 
-from launcher import gpu_check
-from launcher.health import HealthGate, parse_health_check, run_check
+from launcher.health import gpu as gpu_check
+from launcher.health.gate import HealthGate, parse_health_check, run_check
 from launcher.nvlink import nvlink_segment
 from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter
@@ -50,7 +50,7 @@ def test_bad_timeout_and_segment_size(tmp_path: Path) -> None:
 
 
 def test_builtin_is_the_gpu_check_module() -> None:
-    assert parse_health_check("builtin:gpu") == [sys.executable, "-m", "launcher.gpu_check"]
+    assert parse_health_check("builtin:gpu") == [sys.executable, "-m", "launcher.health.gpu"]
     assert parse_health_check("") is None
     assert parse_health_check("true --x 'a b'") == ["true", "--x", "a b"]
 
@@ -170,7 +170,7 @@ def test_the_all_reduce_runs_across_processes() -> None:
 
 
 def test_builtin_gpu_passes_on_a_machine_without_accelerators() -> None:
-    result = run_check([sys.executable, "-m", "launcher.gpu_check"], 60)
+    result = run_check([sys.executable, "-m", "launcher.health.gpu"], 60)
     assert result.ok and result.why == "no accelerator visible: nothing to check (passed)", result
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -240,19 +241,19 @@ def test_far_too_many_workers_need_a_confirmation(tmp_path: Path) -> None:
 
 
 def test_oversubscription_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher import agent
+    from launcher import devices
 
-    monkeypatch.setattr(agent, "_cpu_count", lambda: 2)
-    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 0)
-    agent.check_oversubscription(8, "8", allowed=False)  # 4x the CPUs is fine
-    agent.check_oversubscription(2, "cpu", allowed=False)
+    monkeypatch.setattr(devices, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "_accelerator_count", lambda torch: 0)
+    devices.check_oversubscription(8, "8", allowed=False)  # 4x the CPUs is fine
+    devices.check_oversubscription(2, "cpu", allowed=False)
     with pytest.raises(UsageProblem, match=r"--nproc-per-node=9 is more than 4x this machine's 2 CPU\(s\) and more than its 0"):
-        agent.check_oversubscription(9, "9", allowed=False)
-    agent.check_oversubscription(9, "9", allowed=True)
-    monkeypatch.setattr(agent, "_accelerator_count", lambda torch: 16)
-    agent.check_oversubscription(16, "16", allowed=False)  # one worker per accelerator is fine
+        devices.check_oversubscription(9, "9", allowed=False)
+    devices.check_oversubscription(9, "9", allowed=True)
+    monkeypatch.setattr(devices, "_accelerator_count", lambda torch: 16)
+    devices.check_oversubscription(16, "16", allowed=False)  # one worker per accelerator is fine
     with pytest.raises(UsageProblem):
-        agent.check_oversubscription(17, "17", allowed=False)
+        devices.check_oversubscription(17, "17", allowed=False)
 
 
 def test_allow_oversubscribe_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,6 +385,29 @@ def test_ignored_static_options_are_noticed(tmp_path: Path) -> None:
     assert "--node-rank is only used by the static backend" in messages
 
 
+def test_rdzv_conf_is_parsed_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the command line: --rdzv-conf is parsed and checked one time, and the
+    handler is told so; the library's own path (no config_checked) still checks it."""
+    from rdzv.rendezvous import settings as rdzv_settings
+
+    calls: list[str] = []
+    real_check, real_parse = config.check_config, config.parse_rdzv_conf
+    monkeypatch.setattr(config, "check_config", lambda conf: calls.append("check") or real_check(conf))
+    monkeypatch.setattr(config, "parse_rdzv_conf", lambda *a, **k: calls.append("parse") or real_parse(*a, **k))
+    s = _settings(["--rdzv-conf=last_call_timeout=3,segment_size=0"], tmp_path)
+    assert calls == ["parse", "check"]
+    assert s.rdzv_configs == {"last_call_timeout": "3", "segment_size": "0", "timeout": 900}
+
+    checked: list[object] = []
+    monkeypatch.setattr(rdzv_settings, "check_config", lambda conf: checked.append(dict(conf)))
+    params = types.SimpleNamespace(run_id="j", config={"lease_tll": "3"}, endpoint="h:1", backend="etcd",
+                                   min_nodes=1, max_nodes=1, local_addr="h")
+    rdzv_settings.parse_settings(params, config_checked=True)  # type: ignore[arg-type]
+    assert checked == []
+    rdzv_settings.parse_settings(params)  # type: ignore[arg-type]
+    assert checked == [{"lease_tll": "3"}]
+
+
 # ---------------------------------------------------------------- small parsers
 
 
@@ -450,7 +474,7 @@ def test_nproc_per_node_words() -> None:
 
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     cpus = len(os.sched_getaffinity(0))
     assert resolve_nproc("3") == 3
@@ -519,7 +543,7 @@ def test_auto_and_gpu_count_any_accelerator(monkeypatch: pytest.MonkeyPatch) -> 
     """An XPU (or any torch.accelerator) counts for 'auto' and 'gpu', as with torchrun."""
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 3)
@@ -530,11 +554,10 @@ def test_auto_and_gpu_count_any_accelerator(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_privateuse1_name_counts_its_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
 
     import torch
 
-    from launcher.agent import resolve_nproc
+    from launcher.devices import resolve_nproc
 
     monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "npu")
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 4), raising=False)

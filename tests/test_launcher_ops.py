@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from launcher_helpers import clean_env
 
-from launcher import ops
+from launcher.ops import cli as ops
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rdzv_testlib import new_run_id
 from waiting import wait_until
 
-from launcher.metrics_endpoint import MetricsEndpoint
-from launcher.recorder import FAILURE, MEMBERSHIP, RecoveryTracker
+from launcher.metrics.endpoint import MetricsEndpoint
+from launcher.metrics.recorder import FAILURE, MEMBERSHIP, RecoveryTracker
 from rdzv.rendezvous.membership import GroupCounts
 
 pytestmark = pytest.mark.timeout(240)
@@ -239,7 +239,7 @@ def test_recovery_phases_and_cause() -> None:
 
 
 def test_the_docs_name_every_launcher_metric() -> None:
-    from launcher.metrics import PrometheusRecorder
+    from launcher.metrics.prometheus import PrometheusRecorder
 
     recorder = PrometheusRecorder("docs", "etcd")
     recorder.watch_worker_group(lambda: "HEALTHY")

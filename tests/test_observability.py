@@ -378,7 +378,7 @@ def test_exporter_healthz_says_when_etcd_fails(tmp_path: Path) -> None:
 
 
 def test_the_dashboard_and_the_docs_use_the_exported_names() -> None:
-    from launcher.exporter import ExporterState, ViewCollector
+    from launcher.ops.exporter import ExporterState, ViewCollector
 
     root = Path(__file__).resolve().parents[1]
     exported = {family.name + ("_total" if family.type == "counter" else "")
@@ -394,8 +394,8 @@ def test_the_dashboard_and_the_docs_use_the_exported_names() -> None:
 
 
 def test_the_commands_do_not_import_torch() -> None:
-    code = ("import sys, launcher.ops, launcher.event_feed, launcher.live_status, launcher.exporter, "
+    code = ("import sys, launcher.ops.cli, launcher.ops.events, launcher.ops.live_status, launcher.ops.exporter, "
             "rdzv.events, rdzv.view, rdzv.keyfeed; "
-            "launcher.ops.main(['events', '--help']); print('torch' in sys.modules)")
+            "launcher.ops.cli.main(['events', '--help']); print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "False", proc

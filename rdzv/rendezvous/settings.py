@@ -277,9 +277,15 @@ def _optional_count(params: RendezvousParameters, name: str) -> int | None:
     return None if raw is None else _count(name, raw)
 
 
-def parse_settings(params: RendezvousParameters, default_port: int = 2379) -> RendezvousSettings:
+def parse_settings(
+    params: RendezvousParameters, default_port: int = 2379, *, config_checked: bool = False
+) -> RendezvousSettings:
+    """A handler's settings from `params`; ConfigError names the first bad one. `config_checked`:
+    the caller ran `check_config` on `params.config` already (rdzv-launch, in its one pass over
+    the command line), so it is not checked a second time; every other caller leaves it False."""
     run_id = check_run_id(params.run_id)
-    check_config(params.config)
+    if not config_checked:
+        check_config(params.config)
     endpoints, url_tls = parse_endpoints(params.endpoint, default_port)
     protocol = str(params.config.get("protocol") or "").strip().lower()
     cacert = _lookup(params, "cacert")

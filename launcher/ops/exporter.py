@@ -1,7 +1,7 @@
 """`rdzv exporter`: Prometheus metrics of every run under a prefix, from ONE watch of the prefix.
 
 The watch folds into an in-memory `rdzv.view.PrefixView`; a custom collector reads that view on
-each scrape (no etcd request per scrape, no writes ever). Served by launcher.metrics_http on
+each scrape (no etcd request per scrape, no writes ever). Served by launcher.metrics.server on
 `/metrics`, with `/healthz` beside it (200 while the watch runs, 503 while etcd fails).
 """
 
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher import metrics_http
+from launcher.metrics import server as metrics_server
 from rdzv.etcd import EtcdError
 from rdzv.inspect import connect, norm_prefix
 from rdzv.keyfeed import KeyFeed
@@ -136,7 +136,7 @@ def serve(endpoint: str, prefix: str, host: str, port: int, conn: dict[str, Any]
     state = ExporterState(prefix)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ViewCollector(state))
-    server = metrics_http.start(host, port, state.health, registry, "rdzv-exporter-http")
+    server = metrics_server.start(host, port, state.health, registry, "rdzv-exporter-http")
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     root = norm_prefix(prefix) + "/"
@@ -150,5 +150,5 @@ def serve(endpoint: str, prefix: str, host: str, port: int, conn: dict[str, Any]
                 feed.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        metrics_http.stop(server)
+        metrics_server.stop(server)
     return 0

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher.recorder import CAUSES, PHASES, RecoveryTracker
+from launcher.metrics.recorder import CAUSES, PHASES, RecoveryTracker
 from rdzv.rendezvous.membership import GroupCounts
 from rdzv.rendezvous.observed import REQUESTS
 
@@ -68,7 +68,7 @@ class KeepAliveCollector(Collector):
 
 
 class PrometheusRecorder:
-    """A `launcher.recorder.Recorder` that keeps Prometheus metrics in `self.registry`."""
+    """A `launcher.metrics.recorder.Recorder` that keeps Prometheus metrics in `self.registry`."""
 
     def __init__(self, run_id: str, backend: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)

@@ -2,8 +2,8 @@
 
 The etcd key layout belongs to `rdzv.inspect`; this module only calls it and formats the answer
 (the watch-driven commands live in their own modules: `rdzv status --watch` in
-`launcher.live_status`, `rdzv events` in `launcher.event_feed`, `rdzv exporter` in
-`launcher.exporter`):
+`launcher.ops.live_status`, `rdzv events` in `launcher.ops.events`, `rdzv exporter` in
+`launcher.ops.exporter`):
 
     list_runs(endpoint, prefix=..., **conn) -> list[dict]             # one dict per run
     describe_run(endpoint, run_id, prefix=..., **conn) -> dict        # one run in detail
@@ -158,7 +158,7 @@ def status(endpoint: str, prefix: str | None, conf: str, run_id: str | None, as_
     if watch:
         if run_id is None or as_json:
             raise click.UsageError("--watch needs --rdzv-id and does not go with --json")
-        from launcher.live_status import watch_status
+        from launcher.ops.live_status import watch_status
 
         return _interruptible(watch_status, endpoint, run_id, _prefix(prefix), conn)
     if run_id is None:
@@ -192,7 +192,7 @@ def _interruptible(fn: Callable[..., int], *args: Any, **kwargs: Any) -> int:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line (torch's RdzvEvent fields and more).")
 def events(endpoint: str, prefix: str | None, conf: str, run_id: str, follow: bool, as_json: bool) -> int:
     """A run's rendezvous events: nodes joined, lost and left, last calls, rounds sealed, close."""
-    from launcher.event_feed import run_events
+    from launcher.ops.events import run_events
 
     return _interruptible(run_events, endpoint, run_id, _prefix(prefix), follow=follow, as_json=as_json,
                           conn=_conn(conf))
@@ -205,7 +205,7 @@ def events(endpoint: str, prefix: str | None, conf: str, run_id: str, follow: bo
 def exporter(endpoint: str, prefix: str | None, conf: str, port: int, host: str) -> int:
     """Serve Prometheus metrics of every run under the prefix, from one watch of it."""
     try:
-        from launcher.exporter import serve
+        from launcher.ops.exporter import serve
     except ModuleNotFoundError as exc:
         raise NotAvailable(f"rdzv exporter needs {exc.name} (pip install prometheus_client)") from None
     return _interruptible(serve, endpoint, _prefix(prefix), host, port, _conn(conf))

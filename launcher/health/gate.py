@@ -1,7 +1,7 @@
 """`--health-check`: a node proves itself before every join, or stays out of the round.
 
 The check is a command (`--health-check CMD`, split like a shell would, or `builtin:gpu`,
-`launcher.gpu_check`) run in its own process group with a timeout: exit status 0 passes;
+`launcher.health.gpu`) run in its own process group with a timeout: exit status 0 passes;
 anything else, or no answer within `--health-check-timeout`, fails, and the whole process group
 is killed. A node whose check fails says why in one line (event `health_check_failed`), takes
 its record out of the run if it was a member (the others re-form without it, as after a
@@ -26,7 +26,7 @@ from typing import Any
 from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter
 
-BUILTINS = {"builtin:gpu": [sys.executable, "-m", "launcher.gpu_check"]}
+BUILTINS = {"builtin:gpu": [sys.executable, "-m", "launcher.health.gpu"]}
 DEFAULT_TIMEOUT = 120.0  # seconds: a GPU check on 8 devices with an all-reduce takes ~10-30 s
 BACKOFF_FIRST = 2.0  # seconds before the first retry, doubled per failure up to BACKOFF_MAX
 BACKOFF_MAX = 60.0

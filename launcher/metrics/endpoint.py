@@ -1,14 +1,14 @@
 """`rdzv-launch --metrics-port`: the launcher's recorder and its HTTP endpoint, started together.
 
-`/metrics` is the launcher's private registry (launcher.metrics); `/healthz` answers 200 `ok`
+`/metrics` is the launcher's private registry (launcher.metrics.prometheus); `/healthz` answers 200 `ok`
 while the agent runs and 503 once it has stopped. Without --metrics-port nothing listens and the
 agent gets the no-op recorder.
 """
 
 from __future__ import annotations
 
-from launcher import metrics_http
-from launcher.metrics import PrometheusRecorder
+from launcher.metrics import server
+from launcher.metrics.prometheus import PrometheusRecorder
 from launcher.problems import UsageProblem
 
 LISTEN_ALL = "0.0.0.0"
@@ -22,7 +22,7 @@ class MetricsEndpoint:
         self._running = True
         self._why = ""
         try:
-            self._server = metrics_http.start(host, port, self._health, self.recorder.registry, "rdzv-metrics-http")
+            self._server = server.start(host, port, self._health, self.recorder.registry, "rdzv-metrics-http")
         except OSError as exc:
             raise UsageProblem(f"--metrics-port={port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.host = host
@@ -36,4 +36,4 @@ class MetricsEndpoint:
 
     def close(self) -> None:
         self.agent_stopped("exiting")
-        metrics_http.stop(self._server)
+        server.stop(self._server)

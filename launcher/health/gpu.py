@@ -1,6 +1,6 @@
 """`rdzv-launch --health-check=builtin:gpu`: this node's accelerators work, or it stays out.
 
-Run as `python -m launcher.gpu_check` (its own process: a hung device is killed with it at the
+Run as `python -m launcher.health.gpu` (its own process: a hung device is killed with it at the
 health check's timeout, and the launcher never holds a device context). On every visible
 accelerator: allocate ALLOC_MIB of memory and check it was written, then a matrix product of
 small integers, exact in any float format, compared with the CPU's. With several devices, one

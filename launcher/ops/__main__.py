@@ -1,0 +1,6 @@
+"""`python -m launcher.ops` is `rdzv`."""
+
+from launcher.ops.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
