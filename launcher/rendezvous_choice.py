@@ -15,9 +15,9 @@ from launcher.problems import UsageProblem
 from launcher.settings import Notice
 
 # Torch-free: run ids are checked by the same code as in the handlers.
+from rdzv.registry import BACKENDS
 from rdzv.rendezvous.settings import ConfigError, check_run_id
 
-DEFAULT_PORTS = {"etcd": 2379, "etcd-v2": 2379, "c10d": 29400}
 DEFAULT_MASTER_PORT = 29500
 # torchrun's rendezvous timeout when --rdzv-conf does not set one.
 DEFAULT_RDZV_TIMEOUT = 900
@@ -104,11 +104,11 @@ def resolve_rendezvous(
 
     timeout = float(v["endpoint_check_timeout"])
     if backend in ("etcd", "etcd-v2"):
-        targets = parse_endpoint_list(endpoint, DEFAULT_PORTS[backend])
+        targets = parse_endpoint_list(endpoint, BACKENDS[backend].default_port)
         check_reachable([(h, p) for h, p in targets if p is not None], timeout, backend)
     elif backend == "c10d":
         _one_endpoint(endpoint, backend)
-        host, port = parse_endpoint(endpoint, DEFAULT_PORTS["c10d"])
+        host, port = parse_endpoint(endpoint, BACKENDS["c10d"].default_port)
         is_host = str(configs.get("is_host", "")).lower()
         hosting = is_host in ("1", "true", "t", "yes", "y") or (is_host == "" and (port == 0 or is_this_host(host)))
         if not hosting and port is not None:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 class Backoff:
     """The pauses of one retry loop: make one per loop (or per call), `reset` after a success."""
 
-    def __init__(self, first: float, most: float, *, floor: float = 0.0) -> None:
+    def __init__(
+        self, first: float, most: float, *, floor: float = 0.0, rng: random.Random | None = None
+    ) -> None:
         if not 0.0 < first <= most:
             raise ValueError(f"backoff needs 0 < first <= most, got first={first}, most={most}")
         if not 0.0 <= floor <= 1.0:
@@ -25,10 +27,11 @@ class Backoff:
         self.most = most
         self.floor = floor
         self.cap = first
+        self._uniform = (rng or random).uniform  # a seeded Random makes tests repeatable
 
     def pause(self) -> float:
         """The next pause in seconds; the cap doubles (up to `most`) for the one after."""
-        drawn = random.uniform(self.floor * self.cap, self.cap)
+        drawn = self._uniform(self.floor * self.cap, self.cap)
         self.cap = min(self.cap * 2, self.most)
         return drawn
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from launcher.problems import LaunchFailed, UsageProblem
 from launcher.report import Reporter
+from rdzv.backoff import Backoff
 
 BUILTINS = {"builtin:gpu": [sys.executable, "-m", "launcher.health.gpu"]}
 DEFAULT_TIMEOUT = 120.0  # seconds: a GPU check on 8 devices with an all-reduce takes ~10-30 s
@@ -145,6 +146,8 @@ class HealthGate:
         record taken out of a round it was in) and retries with backoff; if the run closes
         meanwhile, LaunchFailed says the node never passed."""
         failures = 0
+        # Pauses in [cap/2, cap]: a group's failing nodes do not all come back together.
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX, floor=0.5, rng=self._rng)
         while True:
             result = run_check(self.argv, self.timeout)
             if result.ok:
@@ -160,7 +163,7 @@ class HealthGate:
                 return
             failures += 1
             self._on_failure()
-            delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX) * self._rng.uniform(0.5, 1.0)
+            delay = backoff.pause()
             self._reporter.emit(
                 "health_check_failed",
                 f"health check `{self.describe()}` failed ({result.why}): this node stays out of the "

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from launcher.metrics import server as metrics_server
+from rdzv.backoff import Backoff
 from rdzv.etcd import EtcdError
 from rdzv.inspect import connect, norm_prefix
 from rdzv.keyfeed import KeyFeed
@@ -107,7 +108,7 @@ class ViewCollector(Collector):
 
 def _follow(state: ExporterState, feed: KeyFeed, stop: threading.Event) -> None:
     """Fold the feed into the view until `stop`; etcd failures are retried with backoff."""
-    backoff = 0.5
+    backoff = Backoff(0.5, MAX_BACKOFF)
     started = False
     while not stop.is_set():
         resyncs = feed.resyncs
@@ -116,12 +117,13 @@ def _follow(state: ExporterState, feed: KeyFeed, stop: threading.Event) -> None:
         except EtcdError as exc:
             with state.lock:
                 state.error, state.resyncs = str(exc), feed.resyncs
-            log.warning("rdzv exporter: %s; reading again in %gs", exc, backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            pause = backoff.pause()
+            log.warning("rdzv exporter: %s; reading again in %.1fs", exc, pause)
+            stop.wait(pause)
             continue
         live = started and feed.resyncs == resyncs
-        started, backoff = True, 0.5
+        started = True
+        backoff.reset()
         now = time.time()
         with state.lock:
             for event in batch or ():
