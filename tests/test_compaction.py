@@ -110,9 +110,10 @@ def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, c
             future.result(timeout=60)
             assert a.num_nodes_waiting() == 0
             # What the watch hub does with a server's cancel response (no reason we can provoke
-            # on a healthy etcd without compaction): the watch fails with the reason.
+            # on a healthy etcd without compaction): the watch fails with the reason. The feed's
+            # watch is a RestartingWatch around the etcd watch.
             feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
-            feed._watch._fail(EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
+            feed._watch._watch._fail(EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
             assert a.num_nodes_waiting() == 0  # resynchronised: nothing changed meanwhile
             assert _resynced(caplog, "etcd cancelled the departures watch")
             b.kill()

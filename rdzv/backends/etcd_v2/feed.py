@@ -13,6 +13,7 @@ from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
 from rdzv.backends.api import NodeChange
 from rdzv.backends.common.pumped_feed import Change
+from rdzv.backends.common.resync import KnownNodes
 from rdzv.backends.etcd_v2.client import REMOVED, EtcdV2Client, EtcdV2Error, EtcdV2UnreachableError
 from rdzv.layouts import EtcdV2Layout
 from rdzv.rendezvous.control import Control
@@ -52,7 +53,7 @@ class EtcdV2Watcher:
         self.path = self.keys.watched if nodes else self.keys.ctl
         self.next = after + 1
         # Node ids held as present (by the consumer, or seen here), to replay deletions on a resync.
-        self.known: set[str] = set(known) if nodes else set()
+        self.known = KnownNodes(known if nodes else ())
         self.read_timeout = read_timeout
         self._failing_since: float | None = None
 
@@ -75,11 +76,9 @@ class EtcdV2Watcher:
             node_id = event.key[len(nodes_dir) :]
             entry = None if value is None else node_entry(event.key, node_id, value, event.createdIndex)
             # A record that does not decode is not a node: as if the key were absent.
-            if entry is None:
-                self.known.discard(node_id)
-            else:
-                self.known.add(node_id)
-            return [NodeChange(node_id, entry)]
+            change = NodeChange(node_id, entry)
+            self.known.note(change)
+            return [change]
         key = event.key
         return [lambda control: self.source.apply_control(control, key, value)]
 
@@ -101,8 +100,6 @@ class EtcdV2Watcher:
         changes: list[Change] = [lambda control: control.reset_to(fresh)]
         if self.nodes:
             nodes, _ = self.source.read_nodes()
-            changes += [NodeChange(nid, None) for nid in self.known - nodes.keys()]
-            changes += [NodeChange(nid, entry) for nid, entry in nodes.items()]
-            self.known = set(nodes)
+            changes += self.known.resync(nodes)
         self.next = index + 1  # the node read came later: replaying the gap is harmless
         return changes

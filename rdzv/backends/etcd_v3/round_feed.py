@@ -5,26 +5,17 @@ departure, never the other nodes' announcements."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 from rdzv.backends.api import NodeChange
+from rdzv.backends.common.resync import departed
 from rdzv.backends.etcd_v3.errors import etcd_errors
-from rdzv.backends.etcd_v3.feed import RESYNC_EVERY, EtcdChangeFeed
+from rdzv.backends.etcd_v3.feed import EtcdChangeFeed
+from rdzv.backends.etcd_v3.restarting_watch import RestartingWatch, StartOver
 from rdzv.backends.etcd_v3.roster import EtcdRoster, decode
-from rdzv.etcd import (
-    EtcdAuthError,
-    EtcdClient,
-    EtcdCompactedError,
-    EtcdError,
-    Event,
-    Watch,
-    prefix_end,
-)
+from rdzv.etcd import EtcdClient, Event, prefix_end
 from rdzv.rendezvous.control import Control
 from rdzv.rendezvous.records import RoundRecord
-
-log = logging.getLogger("rdzv")
 
 SLICE = 0.05  # seconds: how a blocking poll alternates between the two watches
 
@@ -53,21 +44,16 @@ class EtcdRoundFeed:
         self._written = (record.watch_cursor, record.cursor or (1 << 62))
         self._size = record.world_size
         self._describe = describe
-        self._run_id = run_id
         self._gone: set[str] = set()
         with etcd_errors(describe):
-            self._watch = self._open(record.watch_cursor)
-        self._resynced_at = 0.0
+            self._watch = RestartingWatch(
+                client, self._start, prefix_end(self._start), record.watch_cursor,
+                run_id=run_id, label="departures watch", filters=("noput",), prev_kv=True,
+            )
 
     @property
     def control(self) -> Control:
         return self._control.control
-
-    def _open(self, after: int) -> Watch:
-        return self._client.watch(
-            self._start, range_end=prefix_end(self._start), start_revision=after + 1,
-            filters=("noput",), prev_kv=True,
-        )
 
     def poll(self, timeout: float | None) -> list[NodeChange] | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -77,9 +63,9 @@ class EtcdRoundFeed:
                 # The job is ending: every member's lease goes as it finishes, and a departure
                 # then means nothing; without this each member would be sent every other's.
                 self._watch.cancel()
-            departed = None if self._watch.cancelled else self._departures()
-            if changes is not None or departed is not None:
-                return (changes or []) + (departed or [])
+            gone = None if self._watch.cancelled else self._departures()
+            if changes is not None or gone is not None:
+                return (changes or []) + (gone or [])
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
@@ -87,26 +73,15 @@ class EtcdRoundFeed:
             if self._watch.cancelled:
                 time.sleep(wait)
                 continue
-            departed = self._departures(wait)
-            if departed is not None:
-                return departed
+            gone = self._departures(wait)
+            if gone is not None:
+                return gone
 
     def _departures(self, wait: float = 0.0) -> list[NodeChange] | None:
         with etcd_errors(self._describe):
-            try:
-                events = self._watch.get(wait)
-            except EtcdCompactedError:
-                return self._resync("departures watch history was compacted")
-            except EtcdAuthError:
-                raise
-            except EtcdError as exc:
-                if self._client.closed:
-                    raise
-                paced = self._resynced_at + RESYNC_EVERY - time.monotonic()
-                if paced > 0:
-                    time.sleep(min(paced, wait))  # a blocking poll waits instead of spinning
-                    return None
-                return self._resync(f"etcd cancelled the departures watch ({exc})")
+            events = self._watch.get(wait)
+            if isinstance(events, StartOver):
+                return self._resync(events.why)
         return self._changes(events) if events else None
 
     def _changes(self, events: list[Event]) -> list[NodeChange]:
@@ -140,14 +115,9 @@ class EtcdRoundFeed:
             result = self._client.range(start, range_end=end, keys_only=True)
             revision = result.revision
             live = {kv.key.decode(errors="replace")[len(start) :] for kv in result.kvs}
-            gone = [i for i in self._roster.ids() if i not in live and i not in self._gone]
+            gone = departed(self._roster.ids(), live | self._gone)
             self._gone.update(gone)
-        fresh = self._open(revision)
-        self._watch.cancel()
-        self._watch = fresh
-        self._resynced_at = time.monotonic()
-        log.info("rendezvous %s: %s; resynchronised at revision %d", self._run_id, why, revision)
-        return [NodeChange(i, None) for i in gone]
+        return self._watch.restart(revision, why, lambda: [NodeChange(i, None) for i in gone])
 
     def close(self) -> None:
         self._watch.cancel()
