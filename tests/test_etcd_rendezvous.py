@@ -36,6 +36,32 @@ def test_no_keys_left_after_a_clean_end(etcd) -> None:
     assert _keys(etcd.endpoint, f"/rdzv/{run_id}/") == []
 
 
+def test_the_close_is_written_once_whatever_the_number_of_members(etcd) -> None:
+    # Every member closes the run on its way out; each write of ctl/closed would reach every
+    # member's watch of ctl/ (N^2 events for a job's end). One put, however many close.
+    run_id = new_run_id("close")
+    client = EtcdClient(etcd.endpoint)
+    try:
+        with node_group("etcd", etcd.endpoint, run_id) as g:
+            nodes = [g.node(4, 4) for _ in range(4)]
+            g.join_all(nodes)
+            closed_key = f"/rdzv/{run_id}/ctl/closed"
+            start = client.range(closed_key).revision + 1
+            done = [g.pool.submit(node.shutdown) for node in nodes]
+            for future in done:
+                assert future.result(timeout=60)
+        # The last node out deleted the run: its history ends with that delete.
+        events: list = []
+        with client.watch(closed_key, start_revision=start) as watch:
+            while not any(e.type == "DELETE" for e in events):
+                batch = watch.get(10)
+                assert batch, f"no delete of {closed_key} after {events}"
+                events += batch
+        assert [e.type for e in events].count("PUT") == 1, events
+    finally:
+        client.close()
+
+
 def test_crashed_job_keys_expire(etcd) -> None:
     run_id = new_run_id("crash")
     procs = [NodeProcess("etcd", etcd.endpoint, run_id, 2, 2) for _ in range(2)]

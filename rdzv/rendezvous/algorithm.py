@@ -280,6 +280,15 @@ class Rendezvous:
         self._seen_closed |= feed.control.closed
         return self._seen_closed
 
+    def _seen_closed_by_members(self) -> bool:
+        """Whether this node's membership feed already shows the run closed (no request): the
+        first member out closes it, and the others need not write it again."""
+        membership = self._membership
+        if membership is None:
+            return False
+        membership.drain()
+        return membership.feed.control.closed
+
     def close(self) -> None:
         self.backend.close_run()
 
@@ -290,7 +299,7 @@ class Rendezvous:
             # Only a member closes the run on its way out. A node that never got into a round
             # (timed out, refused, misconfigured) must not end a run that others are running:
             # torch's launcher shuts every handler down, whatever the reason it stops.
-            if self._joined_before:
+            if self._joined_before and not self._seen_closed_by_members():
                 self.backend.close_run()
         finally:
             self.leave()

@@ -286,10 +286,14 @@ class EtcdBackend:
             )
 
     def close_run(self) -> None:
+        # Written once: every member closes on its way out, and every watcher of ctl/ would be
+        # sent each of N puts (N^2 events). A marker already there is left as it is; an absent
+        # or unreadable one is (re)written.
+        closed = self.keys.closed
         with etcd_errors(self.describe()):
-            self.run_lease.write_on(
-                lambda lease: self.client.put(self.keys.closed, b"1", lease=lease, idempotent=True)
-            )
+            self.run_lease.write_on(lambda lease: self.client.txn(
+                [Compare.value(closed) == b"1"], [], [Op.put(closed, b"1", lease=lease)], idempotent=True,
+            ))
 
     def withdraw(self) -> None:
         """Revoke our lease: our record and any claim vanish at once, watches keep running."""
