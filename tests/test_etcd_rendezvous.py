@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -122,6 +123,42 @@ def test_store_operations(etcd) -> None:
         assert scoped.add("c", 1) == 1
         client.delete(prefix, prefix=True)
     finally:
+        client.close()
+
+
+def test_store_counter_adders_do_not_contend_and_agree(etcd) -> None:
+    # N agents add to one counter at once (the exit barrier): each gets a distinct running
+    # total 1..N, and each add is one request, never retried for contention.
+    client = EtcdClient(etcd.endpoint)
+    prefix = f"/rdzv-store-test/{new_run_id()}/"
+    try:
+        store = EtcdStore(client, prefix, timeout=5)
+        adders = 32
+        client.range(prefix)  # connected before counting
+        requests = etcd.member.unary_requests()
+        with ThreadPoolExecutor(adders) as pool:
+            totals = list(pool.map(lambda _: store.add("barrier", 1), range(adders)))
+        assert sorted(totals) == list(range(1, adders + 1))
+        # One request per add: none read first, none retried because another adder came first.
+        assert etcd.member.unary_requests() - requests == adders
+        assert store.get("barrier") == str(adders).encode()
+        assert store.check(["barrier"]) and store.num_keys() == 1
+
+        # Other amounts, a set that starts the counter afresh, a compare on its value.
+        assert store.add("barrier", 5) == adders + 5 and store.add("barrier", -2) == adders + 3
+        store.set("barrier", "10")
+        assert store.get("barrier") == b"10" and store.add("barrier", 1) == 11
+        assert store.compare_set("barrier", "11", "20") == b"20" and store.add("barrier", 1) == 21
+        assert store.multi_get(["barrier"]) == [b"21"]
+
+        # A wait sees the counter's value, not the base its first add wrote.
+        threading.Timer(0.3, lambda: (store.add("late", 1), store.add("late", 1))).start()
+        store.wait(["late"])
+        assert store.get("late") in (b"1", b"2")
+        assert store.delete_key("barrier") and not store.check(["barrier"])
+        assert store.add("barrier", 1) == 1
+    finally:
+        client.delete(prefix, prefix=True)
         client.close()
 
 

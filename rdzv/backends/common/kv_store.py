@@ -1,7 +1,7 @@
 """The torch `Store` algorithms the etcd v3 and v2 stores share, over a narrow per-backend interface.
 
 `add` is a read and a write guarded by the version read, done again when another writer came in
-between. A blocking read (`get`, `multi_get`, `wait`) reads the keys once, then waits for
+between (etcd v2; etcd v3 replaces it with adds that do not contend, etcd_v3/counters.py). A blocking read (`get`, `multi_get`, `wait`) reads the keys once, then waits for
 writes of the missing ones until the deadline: never a polling loop. Each backend supplies its
 client calls (the hooks below), which of its errors become torch's `DistStoreError` and which
 are retried, and its wording of a timeout.
@@ -45,6 +45,9 @@ class VersionedStore(Store):
 
     # The backend client's errors: each becomes a DistStoreError, as TCPStore's errors are.
     _client_errors: tuple[type[Exception], ...] = ()
+    # Whether a key's value is more than its latest write (etcd v3's counters): keys a wait saw
+    # written are read once more for their value.
+    _read_after_watch = False
 
     def _fail(self, what: str, exc: Exception) -> DistStoreError:
         return DistStoreError(f"{self._label}: {what} failed: {exc}")
@@ -126,7 +129,8 @@ class VersionedStore(Store):
         if not missing:
             return found
         # Watched from just after the read: no write in between is missed.
-        with contextlib.closing(self._watch_keys(sorted(missing), cursor)) as changes:
+        watched = sorted(missing)
+        with contextlib.closing(self._watch_keys(watched, cursor)) as changes:
             while missing:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -135,5 +139,7 @@ class VersionedStore(Store):
                     if name in missing:
                         found[name] = value
                         missing.discard(name)
+        if self._read_after_watch:
+            found.update(self._read_keys(watched)[0])
         return found
 
