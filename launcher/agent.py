@@ -161,8 +161,9 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
 
         entrypoint = run_script_path
 
-    # Handlers that publish node details (ours, for `rdzv status`) read it; others ignore it.
-    configs = {"local_world_size": nproc, **s.rdzv_configs}
+    # Handlers that publish node details (ours, for `rdzv status`, and to tell whether every node
+    # runs the same workers) read these; others ignore them.
+    configs = {"local_world_size": nproc, "role": s.role, **s.rdzv_configs}
     if "segment" not in configs and not s.embedded:
         from launcher.nvlink import nvlink_segment
 

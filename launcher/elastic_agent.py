@@ -9,6 +9,9 @@
   TORCHELASTIC_RESTART_COUNT and round.
 * `_rendezvous` also runs `--health-check` first (launcher.health.gate): a node that fails it stays
   out of the round until it passes.
+* `_assign_worker_ranks`: when the sealed round says every member runs the same workers, torch's
+  own fast path (`TORCH_ELASTIC_WORKER_IDENTICAL`) assigns worker ranks from the node rank,
+  without the two store writes per node and rank 0's O(N) reads of its general path.
 * `_invoke_run`: on SIGTERM/SIGINT the node leaves its group before torch stops its workers
   (launcher.leave).
 * metrics (`--metrics-port`): a `launcher.metrics.recorder.Recorder` hears of failed workers, each
@@ -38,6 +41,7 @@ from launcher.metrics.recorder import FAILURE, NULL_RECORDER, Recorder
 from rdzv.rendezvous.round_store import RoundMemberGoneError
 
 ROUND_VAR = "RDZV_ROUND"
+WORKER_IDENTICAL_VAR = "TORCH_ELASTIC_WORKER_IDENTICAL"  # torch's switch to its rank fast path
 
 
 class RdzvAgent(ExitBarrierAgent):
@@ -116,3 +120,15 @@ class RdzvAgent(ExitBarrierAgent):
     def workers_succeeded(self) -> bool:
         """Whether this node's workers all finished successfully (even if a signal came later)."""
         return self._worker_group.state == WorkerState.SUCCEEDED
+
+    def _assign_worker_ranks(self, store: Any, group_rank: int, group_world_size: int, spec: Any) -> Any:
+        identical = getattr(spec.rdzv_handler, "identical_workers", 0)
+        if not identical or identical != spec.local_world_size or os.environ.get(WORKER_IDENTICAL_VAR) == "1":
+            return super()._assign_worker_ranks(store, group_rank, group_world_size, spec)
+        # torch reads the switch from the environment at this call; set for it alone (workers
+        # start later, from the environment as it was).
+        os.environ[WORKER_IDENTICAL_VAR] = "1"
+        try:
+            return super()._assign_worker_ranks(store, group_rank, group_world_size, spec)
+        finally:
+            os.environ.pop(WORKER_IDENTICAL_VAR, None)

@@ -87,6 +87,41 @@ def test_two_nodes(backend: Backend, tmp_path: Path) -> None:
     assert sorted(m.group(1) for m in formed if m) == ["0", "1"]
 
 
+@pytest.mark.parametrize("backend", ["etcd"], indirect=True)
+@pytest.mark.parametrize("nprocs", [(2, 2), (1, 2)], ids=["identical", "mixed"])
+def test_worker_ranks_without_the_store_when_every_node_runs_the_same(
+    backend: Backend, tmp_path: Path, nprocs: tuple[int, int]
+) -> None:
+    # Identical nodes: torch's fast path, from the node rank alone (no role info in the store).
+    # Different --nproc-per-node: torch's general path through the round's store, as before.
+    from rdzv.etcd import EtcdClient
+
+    script = write_script(tmp_path, "dump.py", ENV_DUMP)
+    run_id = _run_id()
+    client = EtcdClient(backend.endpoint)
+    watch = client.watch(f"/rdzv/{run_id}/store/", prefix=True)
+    try:
+        with launchers(tmp_path) as start:
+            nodes = [start([*backend.args(run_id, "2"), f"--nproc-per-node={n}", str(script), str(tmp_path)])
+                     for n in nprocs]
+            for node in nodes:
+                assert node.wait(90) == 0, node.describe()
+        written: list[str] = []
+        while (batch := watch.get(1)) is not None:
+            written += [e.kv.key.decode() for e in batch if e.type == "PUT"]
+    finally:
+        watch.cancel()
+        client.close()
+    world = sum(nprocs)
+    recs = records(tmp_path, 0)
+    assert sorted(recs) == list(range(world))
+    assert {r["WORLD_SIZE"] for r in recs.values()} == {str(world)}
+    assert all(r["ROLE_RANK"] == str(rank) for rank, r in recs.items())
+    assert {r["ROLE_WORLD_SIZE"] for r in recs.values()} == {str(world)}
+    role_infos = [k for k in written if "torchelastic/role_info/" in k]
+    assert (role_infos == []) == (nprocs[0] == nprocs[1]), written
+
+
 def _world(out: Path, size: int) -> bool:
     recs = records(out, 0)
     return all(recs.get(r, {}).get("WORLD_SIZE") == str(size) for r in range(size))

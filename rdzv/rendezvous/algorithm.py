@@ -165,6 +165,7 @@ class Rendezvous:
                 local_world_size=s.local_world_size,
                 failed=self._failed_round,
                 segment=self._segment,
+                role=s.role,
             )
             coordinator, cursor = self.backend.announce(info, control)
             if coordinator is None:  # control moved on (sealed, closed): look again

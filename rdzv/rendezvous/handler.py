@@ -33,6 +33,7 @@ class RdzvHandler(RendezvousHandler):
         self.rendezvous = Rendezvous(settings, backend)
         self._round: int | None = None
         self._restarts = 0
+        self._identical = 0
         self._last_warning = 0.0
 
     def get_backend(self) -> str:
@@ -50,6 +51,7 @@ class RdzvHandler(RendezvousHandler):
         assert rank is not None
         self.rendezvous.begin_membership(record)
         self._round, self._restarts = record.round, record.restarts
+        self._identical = record.identical
         log.info(
             "rendezvous %s: joined round %d as node rank %d of %d (master %s:%d)",
             self.settings.run_id, record.round, rank, record.world_size,
@@ -121,6 +123,12 @@ class RdzvHandler(RendezvousHandler):
         """Worker-failure restarts the job has used, as of the round this node last joined
         (the same number on every node of that round)."""
         return self._restarts
+
+    @property
+    def identical_workers(self) -> int:
+        """Workers per node when every member of the round this node last joined runs the same
+        number with the same role (0: not known to be so)."""
+        return self._identical
 
     def withdraw(self) -> None:
         """Leave the group at once without closing the run (a node being stopped): this

@@ -48,11 +48,14 @@ class NodeInfo:
     failed: int = 0
     # The node's segment (NVLink domain) label, or None (rdzv.rendezvous.segments).
     segment: str | None = None
+    # The role of the node's workers (torch's WorkerSpec.role) when its launcher says (rdzv-launch).
+    role: str | None = None
 
     def encode(self) -> bytes:
         doc = asdict(self)
-        if doc["segment"] is None:
-            del doc["segment"]  # unlabelled nodes write what older versions wrote
+        for optional in ("segment", "role"):
+            if doc[optional] is None:
+                del doc[optional]  # unset: what older versions wrote
         return json.dumps({"v": FORMAT, **doc}, separators=(",", ":")).encode()
 
     @classmethod
@@ -70,6 +73,7 @@ class NodeInfo:
             local_world_size=optional_int_field(doc, "local_world_size"),
             failed=int_field(doc, "failed") if "failed" in doc else 0,  # older records lack it
             segment=None if doc.get("segment") is None else str_field(doc, "segment"),
+            role=None if doc.get("role") is None else str_field(doc, "role"),
         )
 
 
@@ -129,6 +133,9 @@ class RoundRecord:
     # row were charged to it (rdzv.rendezvous.quarantine); written only when set.
     blame: str = ""
     strikes: int = 0
+    # Workers per node when every member announced the same count and the same role (0: not
+    # known to be so): torch's agent then assigns worker ranks without the store.
+    identical: int = 0
     # The cursor where the coordinator's view of the nodes ended (0: unknown), stored as
     # "since". Members watch from there, so a node that vanished between that view and the
     # seal is still seen as lost.
@@ -181,6 +188,7 @@ class RoundRecord:
             # The quarantine count (constant size), only when set: otherwise the record older
             # versions wrote.
             **({"blame": self.blame, "strikes": self.strikes} if self.strikes else {}),
+            **({"identical": self.identical} if self.identical else {}),
         }
 
     def encode(self) -> bytes:
@@ -218,6 +226,7 @@ class RoundRecord:
             view_cursor=int_field(doc, "since") if "since" in doc else 0,  # older records lack it
             blame=str_field(doc, "blame") if "blame" in doc else "",  # older records lack both
             strikes=int_field(doc, "strikes") if "strikes" in doc else 0,
+            identical=int_field(doc, "identical") if "identical" in doc else 0,  # older records lack it
             cursor=cursor,
         )
         if version == cls.HEADER:

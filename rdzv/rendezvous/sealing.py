@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from rdzv.rendezvous.decoding import MAX_ROUND_RECORD
 from rdzv.rendezvous.quarantine import carried_count, charged_host
 from rdzv.rendezvous.ranks import RankCandidate, assign_ranks
-from rdzv.rendezvous.records import NodeEntry, RoundRecord
+from rdzv.rendezvous.records import NodeEntry, NodeInfo, RoundRecord
 from rdzv.rendezvous.segments import SegmentCandidate, segment_order
 
 
@@ -54,6 +54,7 @@ def build_record(
     return RoundRecord.listing(
         ids,
         [by_id[i].host for i in ids],
+        identical=identical_workers([by_id[i] for i in ids]),
         round=target,
         master_addr=master.addr,
         master_port=master.port,
@@ -63,6 +64,15 @@ def build_record(
         blame=blame,
         strikes=strikes,
     )
+
+
+def identical_workers(members: Sequence[NodeInfo]) -> int:
+    """Workers per node when every member announced the same number and the same role, else
+    0 (not known: some node's launcher did not say, or they differ)."""
+    counts = {m.local_world_size for m in members}
+    roles = {m.role for m in members}
+    (count,) = counts if len(counts) == 1 else (None,)
+    return count if count and len(roles) == 1 and None not in roles else 0
 
 
 def oversize(record: RoundRecord) -> int | None:

@@ -54,8 +54,9 @@ KNOWN_KEYS: dict[str, str] = {
     "cacert": _TEXT, "ca_cert": _TEXT, "cert": _TEXT, "ssl_cert": _TEXT, "key": _TEXT,
     "ssl_cert_key": _TEXT, "protocol": _TEXT, "user": _TEXT, "username": _TEXT,
     "password_env": _TEXT, "password_file": _TEXT, "is_host": _BOOL,
-    # passed by launchers: rdzv-launch (shown by `rdzv status`)
-    "local_world_size": _COUNT,
+    # passed by launchers: rdzv-launch (shown by `rdzv status`; with `role`, they tell whether
+    # every node runs the same workers)
+    "local_world_size": _COUNT, "role": _TEXT,
     # segments and quarantine (rdzv.rendezvous.segments, rdzv.rendezvous.quarantine); `segment`
     # is this node's label (rdzv-launch passes --node-segment)
     "segment": _TEXT, "segment_size": _COUNT, "quarantine_after": _COUNT, "quarantine_ttl": _NUMBER,
@@ -253,6 +254,7 @@ class RendezvousSettings:
     prefix: str = DEFAULT_PREFIX
     rank_hint: int | None = None
     local_world_size: int | None = None  # shown by `rdzv status`; the launcher passes it
+    role: str | None = None  # the workers' role; the launcher passes it
     access: EtcdAccess = EtcdAccess()
     # --rdzv-conf as given (checked by check_config), read-only: a backend reads the keys only
     # it knows (etcd-v2's store_ttl, c10d's is_host) into typed values in its create_backend.
@@ -313,6 +315,7 @@ def parse_settings(
         prefix=prefix,
         rank_hint=_optional_count(params, "rank_hint"),
         local_world_size=_optional_count(params, "local_world_size"),
+        role=str(params.config.get("role") or "") or None,
         access=EtcdAccess(
             tls=url_tls or protocol == "https" or bool(cacert),
             cacert=str(cacert) if cacert else None,
