@@ -248,6 +248,7 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
         start_method=s.start_method,
         log_line_prefix_template=_with_hostname(s.log_line_prefix_template),
         shutdown_timeout=s.shutdown_timeout,
+        exit_barrier_timeout=s.exit_barrier_timeout,
         signals_to_handle=s.signals_to_handle,
         reporter=reporter,
         progress_interval=s.progress_interval,

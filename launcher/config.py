@@ -8,6 +8,7 @@ here, and the rendezvous is chosen from the parsed values (`rendezvous_choice`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
     if shutdown_timeout < 0:
         raise UsageProblem(f"--shutdown-timeout must be 0 or more, got {shutdown_timeout}")
+    exit_barrier_timeout = _exit_barrier_timeout(v.get("exit_barrier_timeout", 300.0))
     nproc = v["nproc_per_node"].strip()
     if nproc.isdigit():
         if int(nproc) < 1:
@@ -114,6 +116,7 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         local_addr=v["local_addr"],
         signals_to_handle=signals,
         shutdown_timeout=shutdown_timeout,
+        exit_barrier_timeout=exit_barrier_timeout,
         virtual_local_rank=v["virtual_local_rank"],
         numa_binding=v["numa_binding"],
         quiet=v["quiet"],
@@ -140,6 +143,13 @@ def _checked_rdzv_conf(conf: str, min_nodes: int, max_nodes: int) -> dict[str, A
     except ConfigError as exc:
         raise UsageProblem(f"--rdzv-conf: {exc}") from None
     return configs
+
+
+def _exit_barrier_timeout(seconds: float) -> float:
+    # click reads "nan" and "inf" as floats; neither is a wait anyone means.
+    if not 0 <= seconds < math.inf:
+        raise UsageProblem(f"--exit-barrier-timeout must be 0 or more seconds, got {seconds:g}")
+    return seconds
 
 
 def _node_segment(text: str | None) -> str | None:

@@ -1,14 +1,15 @@
 """torch's LocalElasticAgent (as launcher.torch_compat adapts it) with an exit barrier that says what it waits for and when to stop.
 
-After its workers succeed, torch's agent waits (300 s by default) until every node of the group
-has finished too, so that no node tears down what a slower peer still uses. torch waits in
-silence, and for the full timeout when a peer's workers failed: that peer never checks in. Here
-the barrier is the same (same store keys, so nodes started by torchrun meet it too), but it
-reports progress, and it ends as soon as the run is closed while the barrier is incomplete:
-nodes close the run on their way out, and a node whose workers succeeded only leaves after the
-barrier completed (or gave up on it), so a close before completion means a node left without
-finishing: its workers failed, or its rendezvous did. (A node stopped by a signal does not
-close the run; for it the wait lasts until the timeout, as in torch.)
+After its workers succeed, torch's agent waits (300 s by default; rdzv-launch's
+`--exit-barrier-timeout`) until every node of the group has finished too, so that no node tears
+down what a slower peer still uses. torch waits in silence, and for the full timeout when a
+peer's workers failed: that peer never checks in. Here the barrier is the same (same store keys,
+so nodes started by torchrun meet it too), but it reports progress, and it ends as soon as the
+run is closed while the barrier is incomplete: nodes close the run on their way out, and a node
+whose workers succeeded only leaves after the barrier completed (or gave up on it), so a close
+before completion means a node left without finishing: its workers failed, or its rendezvous
+did. (A node stopped by a signal does not close the run; for it the wait lasts until the
+timeout, as in torch.)
 """
 
 from __future__ import annotations

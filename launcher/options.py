@@ -116,6 +116,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--shutdown-timeout", "--shutdown_timeout"), "shutdown_timeout", "Fault tolerance",
         "Seconds between SIGTERM and SIGKILL when stopping workers.", type=int, metavar="SECONDS",
         shown_default="$TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30"),
+    Opt(("--exit-barrier-timeout", "--exit_barrier_timeout"), "exit_barrier_timeout", "Fault tolerance",
+        "Seconds a node whose workers succeeded waits for the other nodes to finish before it "
+        "leaves anyway (0: do not wait).", default=300.0, type=float, metavar="SECONDS", torchrun=False),
     Opt(("--health-check",), "health_check", "Fault tolerance",
         "Run CMD before every join; while it fails or hangs, this node stays out of the round and "
         "retries with backoff. builtin:gpu checks every visible accelerator.", metavar="CMD|builtin:gpu",

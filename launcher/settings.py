@@ -57,6 +57,7 @@ class LaunchSettings:
     quiet: bool
     log_format: str
     progress_interval: float  # seconds between progress lines while waiting for a round
+    exit_barrier_timeout: float = 300.0  # seconds; torch's agent's default
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     health_check: list[str] | None = None  # --health-check as a command (launcher.health.gate); None: off
     health_check_timeout: float = 120.0

@@ -5,6 +5,10 @@ an older release lacks something (torch 2.9 .. 2.15; docs/launcher.md lists the 
   signatures are read once (`features`).
 * `--shutdown-timeout` (torch's agent takes it from 2.12) and `--signals-to-handle` (read by
   torch from 2.10) are honoured on every release by `CompatAgent`.
+* `--exit-barrier-timeout`: every supported release's `LocalElasticAgent` takes
+  `exit_barrier_timeout` (default 300 s); `CompatAgent` passes it by name where the signature
+  has it and sets the attribute torch's agent keeps it in otherwise, so our exit barrier
+  (launcher.exit_barrier) and torch's log line read the same value.
 * `--virtual-local-rank` and `--duplicate-std{out,err}-filters` (torch 2.10) cannot be honoured
   by an older torch: `unhonoured_options` says so, one line per option.
 """
@@ -44,17 +48,20 @@ class Features:
     spec_fields: frozenset[str]  # WorkerSpec's fields
     agent_shutdown_timeout: bool  # LocalElasticAgent(shutdown_timeout=...) (2.12+)
     signals_from_env: bool  # torch reads TORCHELASTIC_SIGNALS_TO_HANDLE (2.10+)
+    agent_exit_barrier_timeout: bool = True  # LocalElasticAgent(exit_barrier_timeout=...) (2.9-2.15 all take it)
 
 
 @lru_cache(maxsize=1)
 def features() -> Features:
     version = installed_version() or "?"
     release = release_of(version) or (0, 0)
+    agent_args = inspect.signature(LocalElasticAgent.__init__).parameters
     return Features(
         version=version,
         spec_fields=frozenset(f.name for f in dataclasses.fields(WorkerSpec)),
-        agent_shutdown_timeout="shutdown_timeout" in inspect.signature(LocalElasticAgent.__init__).parameters,
+        agent_shutdown_timeout="shutdown_timeout" in agent_args,
         signals_from_env=release >= (2, 10),
+        agent_exit_barrier_timeout="exit_barrier_timeout" in agent_args,
     )
 
 
@@ -86,14 +93,27 @@ def unhonoured_options(s: LaunchSettings, f: Features) -> list[Notice]:
 
 
 class CompatAgent(LocalElasticAgent):
-    """torch's LocalElasticAgent, taking `shutdown_timeout` and `signals_to_handle` on every
-    release: passed to torch where it takes them, honoured here where it does not."""
+    """torch's LocalElasticAgent, taking `shutdown_timeout`, `signals_to_handle` and
+    `exit_barrier_timeout` on every release: passed to torch where it takes them, honoured here
+    where it does not."""
 
-    def __init__(self, *args: Any, shutdown_timeout: int, signals_to_handle: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        shutdown_timeout: int,
+        signals_to_handle: str,
+        exit_barrier_timeout: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
         f = features()
         if f.agent_shutdown_timeout:
             kwargs["shutdown_timeout"] = shutdown_timeout
+        if f.agent_exit_barrier_timeout:
+            kwargs["exit_barrier_timeout"] = exit_barrier_timeout
         super().__init__(*args, **kwargs)
+        # torch's agent keeps it here (SimpleElasticAgent, 2.9-2.15); our barrier reads it from
+        # here too, so a release without the argument would still wait as the option says.
+        self._exit_barrier_timeout = exit_barrier_timeout
         # torch < 2.12 stops the workers with a fixed 30 s between SIGTERM and SIGKILL.
         self._own_shutdown_timeout = None if f.agent_shutdown_timeout else shutdown_timeout
         self._run_over = False

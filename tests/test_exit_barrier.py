@@ -1,13 +1,18 @@
-"""The launcher's exit barrier over a real TCPStore: completes, gives up on a closed run, times out."""
+"""The launcher's exit barrier over a real TCPStore: completes, gives up on a closed run, times out;
+and --exit-barrier-timeout with two real rdzv-launch nodes on etcd."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from launcher_helpers import launchers, write_script
 from torch.distributed import TCPStore
 
 from launcher import exit_barrier
@@ -91,3 +96,39 @@ def test_timeout_is_bounded_and_said(store: TCPStore) -> None:
     assert wait_for_peers(store, 2, RunState(), 1.5, reporter, 5) is False
     assert _events(out)[-1]["event"] == "exit_barrier_timeout"
     assert "1 of 2 nodes finished within 1.5 s" in _events(out)[-1]["message"]
+
+
+# One worker per node: the node tagged "fast" finishes at once; the other sleeps until
+# <out>/stop exists (a peer whose workers run long).
+UNEVEN = """
+import os, sys, time
+out, tag = sys.argv[1], sys.argv[2]
+if tag != "fast":
+    while not os.path.exists(os.path.join(out, "stop")):
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_exit_barrier_timeout_option_ends_the_wait(etcd35, tmp_path: Path) -> None:
+    """Two rdzv-launch nodes: the one whose worker finished gives up the barrier after
+    --exit-barrier-timeout, says so in one line and exits 0 (its workers succeeded)."""
+    worker = write_script(tmp_path, "uneven.py", UNEVEN)
+    common = ["--nnodes=2", "--rdzv-backend=etcd", f"--rdzv-endpoint={etcd35.endpoint}",
+              f"--rdzv-id=barrier-{uuid.uuid4().hex[:8]}", "--rdzv-conf=lease_ttl=3,join_timeout=60",
+              "--local-addr=127.0.0.1"]
+    with launchers(tmp_path) as start:
+        fast = start([*common, "--exit-barrier-timeout", "3", str(worker), str(tmp_path), "fast"])
+        slow = start([*common, str(worker), str(tmp_path), "slow"])
+
+        def logs() -> str:
+            return f"=== fast\n{fast.describe()}\n=== slow\n{slow.describe()}"
+
+        try:
+            assert fast.wait(120) == 0, logs()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the finished node did not leave the barrier\n{logs()}") from None
+        lines = [line for line in fast.stderr.splitlines() if "not waiting longer" in line]
+        assert lines == ["rdzv-launch: warning: 1 of 2 nodes finished within 3 s; not waiting longer"], logs()
+        (tmp_path / "stop").touch()

@@ -10,6 +10,7 @@ import time
 import types
 from pathlib import Path
 
+import click
 import pytest
 from launcher_helpers import LAUNCH, LEGACY, clean_env, free_port
 
@@ -154,6 +155,11 @@ BAD_INPUT: list[tuple[list[str], dict[str, str], str]] = [
     (["--nnodes=2", "--node-rank=2"], {}, "--node-rank=2 is outside 0..1"),
     (["--bogus-flag"], {}, "No such option"),
     ([], {"PET_MAX_RESTARTS": "-3"}, "--max-restarts must be 0 or more"),
+    (["--exit-barrier-timeout=-1"], {}, "--exit-barrier-timeout must be 0 or more seconds, got -1"),
+    (["--exit_barrier_timeout=nan"], {}, "--exit-barrier-timeout must be 0 or more seconds, got nan"),
+    (["--exit-barrier-timeout=inf"], {}, "--exit-barrier-timeout must be 0 or more seconds, got inf"),
+    (["--exit-barrier-timeout", "soon"], {}, "'soon' is not a valid float"),
+    ([], {"PET_EXIT_BARRIER_TIMEOUT": "-5"}, "--exit-barrier-timeout must be 0 or more seconds, got -5"),
     ([], {"PET_STANDALONE": "maybe"}, "PET_STANDALONE='maybe' must be 0 or 1"),
     ([], {"PET_NNODES": "3:1"}, "MIN (3) is greater than MAX (1)"),
     # run ids: one rule for rdzv-launch, the library and the torchrun plugins
@@ -516,6 +522,12 @@ def test_log_line_prefix_template_wins_over_the_environment(monkeypatch: pytest.
         (["--max_re", "4"], "max_restarts", 4),
         (["--stand"], "standalone", True),
         (["--rdzv-i", "job"], "rdzv_id", "job"),
+        # --exit-barrier-timeout takes the --ex prefixes, which named nothing before; --ev and
+        # --en name what they named (torchrun's --ev: --event-log-handler).
+        (["--ex", "7"], "exit_barrier_timeout", 7.0),
+        (["--exit_barrier", "7"], "exit_barrier_timeout", 7.0),
+        (["--ev", "console"], "event_log_handler", "console"),
+        (["--en", "3"], "endpoint_check_timeout", 3.0),
     ],
 )
 def test_unique_prefixes_name_their_option(argv: list[str], dest: str, value: object) -> None:
@@ -530,6 +542,20 @@ def test_ambiguous_prefix_is_one_line_exit_2(launcher: list[str], tmp_path: Path
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ambiguous option: --rdzv could match --rdzv-backend, --rdzv-conf, --rdzv-endpoint, --rdzv-id" in lines[0], proc.stderr
+
+
+def test_e_stays_ambiguous() -> None:
+    with pytest.raises(click.UsageError, match="--e could match --endpoint-check-timeout, --event-log-handler, --exit-barrier-timeout"):
+        cli.parse(["--e", "1", "train.py"], "rdzv-launch")
+
+
+def test_exit_barrier_timeout_reaches_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert _settings(["--standalone"], tmp_path).exit_barrier_timeout == 300, "torch's default"
+    assert _settings(["--standalone", "--exit-barrier-timeout=0"], tmp_path).exit_barrier_timeout == 0
+    assert _settings(["--standalone", "--exit_barrier_timeout", "12.5"], tmp_path).exit_barrier_timeout == 12.5
+    monkeypatch.setenv("PET_EXIT_BARRIER_TIMEOUT", "40")
+    assert _settings(["--standalone"], tmp_path).exit_barrier_timeout == 40
+    assert _settings(["--standalone", "--exit-barrier-timeout=9"], tmp_path).exit_barrier_timeout == 9, "the command line wins"
 
 
 def test_legacy_prefixes_include_use_env() -> None:

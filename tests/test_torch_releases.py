@@ -137,6 +137,12 @@ def test_an_option_an_older_torch_lacks_is_one_warning_each() -> None:
     assert not torch_compat.unhonoured_options(_settings(), OLD)
 
 
+def test_this_torch_takes_the_exit_barrier_timeout() -> None:
+    """--exit-barrier-timeout goes to torch's agent by name: every supported release (CI: 2.9,
+    2.13, 2.15) must take it, or the option would only reach our barrier."""
+    assert torch_compat.features().agent_exit_barrier_timeout
+
+
 def test_worker_spec_gets_only_the_fields_this_torch_has() -> None:
     f = torch_compat.features()
     assert f.version == torch_support.installed_version()
