@@ -238,9 +238,12 @@ def launch(s: LaunchSettings, reporter: Reporter) -> None:
     )
     health = None
     if s.health_check is not None:
-        from launcher.health.gate import HealthGate
+        from launcher.health.gate import EVERY_JOIN, HealthGate
 
-        health = HealthGate(s.health_check, s.health_check_timeout, reporter, on_failure=recorder.health_check_failed)
+        health = HealthGate(
+            s.health_check, s.health_check_timeout, reporter,
+            every_join=s.health_check_when == EVERY_JOIN, on_failure=recorder.health_check_failed,
+        )
     agent = RdzvAgent(
         spec=spec,
         health=health,

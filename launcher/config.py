@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Any
 
 from launcher.entrypoint import resolve_entrypoint
-from launcher.health.gate import parse_health_check, parse_health_timeout
+from launcher.health.gate import FIRST_AND_FAILURE, parse_health_check, parse_health_timeout
 from launcher.parsers import (
     parse_filters,
     parse_nnodes,
@@ -126,6 +126,7 @@ def build_settings(v: Mapping[str, Any], given: set[str], pass_local_rank: bool)
         notices=notices,
         health_check=health_check,
         health_check_timeout=health_timeout,
+        health_check_when=v.get("health_check_when") or FIRST_AND_FAILURE,
         node_segment=node_segment,
     )
 

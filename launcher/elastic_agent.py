@@ -7,8 +7,10 @@
   one (rdzv.rendezvous.round_store); after each round the agent's remaining restarts come from the round's
   job-wide count, and workers get RDZV_ROUND, so every node's workers see the same
   TORCHELASTIC_RESTART_COUNT and round.
-* `_rendezvous` also runs `--health-check` first (launcher.health.gate): a node that fails it stays
-  out of the round until it passes.
+* `_rendezvous` also runs `--health-check` first where it is due (launcher.health.gate): at the
+  first join, and after this node's own failure, which `_monitor_workers` tells the gate of (its
+  workers failed and no departure explains it); a node that fails it stays out of the round
+  until it passes.
 * `_assign_worker_ranks`: when the sealed round says every member runs the same workers, torch's
   own fast path (`TORCH_ELASTIC_WORKER_IDENTICAL`) assigns worker ranks from the node rank,
   without the two store writes per node and rank 0's O(N) reads of its general path.
@@ -50,7 +52,7 @@ class RdzvAgent(ExitBarrierAgent):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._recorder = recorder  # launcher.metrics with --metrics-port, else a no-op
-        self._health = health  # --health-check, run before every join
+        self._health = health  # --health-check, run before a join where it is due
         recorder.watch_worker_group(lambda: self._worker_group.state.name)
         spec = self._worker_group.spec
         self._membership = membership_of(spec.rdzv_handler)
@@ -67,19 +69,22 @@ class RdzvAgent(ExitBarrierAgent):
         if result.state == WorkerState.FAILED:
             self._recorder.trouble(FAILURE)  # seen now; the next round says whose it was
         attribution = self._attribution
-        if attribution is None:
-            return result
-        if result.state == WorkerState.FAILED and attribution.decide(self._remaining_restarts):
-            # torch's loop then sees nodes waiting (the departure) and restarts uncounted.
+        if result.state == WorkerState.FAILED and attribution is not None and attribution.decide(self._remaining_restarts):
+            # torch's loop then sees nodes waiting (the departure) and restarts uncounted. Not
+            # this node's failure: the health check stays as it was.
             return RunResult(state=WorkerState.HEALTHY)
-        if result.state == WorkerState.HEALTHY:
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._health is not None:
+            # This node's own failure (a torch handler cannot tell departures apart: every
+            # failure counts as one): check the node again before it rejoins.
+            self._health.workers_failed()
+        if result.state == WorkerState.HEALTHY and attribution is not None:
             attribution.healthy()
         return result
 
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
         used = self._membership.restarts if self._membership is not None else None
         if self._health is not None:
-            self._health.pass_before_join(worker_group.spec.rdzv_handler)
+            self._health.before_join(worker_group.spec.rdzv_handler)
         while True:
             try:
                 super()._rendezvous(worker_group)

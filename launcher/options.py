@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from launcher.health.gate import WHEN as HEALTH_WHEN
+
 # Topics in the order `--help` shows them.
 TOPICS: tuple[str, ...] = (
     "Nodes and workers",
@@ -120,12 +122,17 @@ OPTIONS: tuple[Opt, ...] = (
         "Seconds a node whose workers succeeded waits for the other nodes to finish before it "
         "leaves anyway (0: do not wait).", default=300.0, type=float, metavar="SECONDS", torchrun=False),
     Opt(("--health-check",), "health_check", "Fault tolerance",
-        "Run CMD before every join; while it fails or hangs, this node stays out of the round and "
-        "retries with backoff. builtin:gpu checks every visible accelerator.", metavar="CMD|builtin:gpu",
-        shown_default="none", torchrun=False),
+        "Run CMD before this node joins (see --health-check-when); while it fails or hangs, this "
+        "node stays out of the round and retries with backoff. builtin:gpu checks every visible "
+        "accelerator.", metavar="CMD|builtin:gpu", shown_default="none", torchrun=False),
     Opt(("--health-check-timeout",), "health_check_timeout", "Fault tolerance",
         "Seconds a --health-check may take before it is killed and counts as failed.", default=120.0,
         type=float, metavar="SECONDS", torchrun=False),
+    Opt(("--health-check-when",), "health_check_when", "Fault tolerance",
+        "Which joins run --health-check: first-and-failure (the first, and the next after this "
+        "node's own workers failed; not a re-formation another node caused) or every-join.",
+        default=HEALTH_WHEN[0], type=click.Choice(HEALTH_WHEN),
+        metavar="|".join(HEALTH_WHEN), torchrun=False),
     # Logs and output
     Opt(("--log-dir", "--log_dir"), "log_dir", "Logs and output",
         "Base directory for worker logs and error files.", metavar="DIR",

@@ -61,5 +61,6 @@ class LaunchSettings:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     health_check: list[str] | None = None  # --health-check as a command (launcher.health.gate); None: off
     health_check_timeout: float = 120.0
+    health_check_when: str = "first-and-failure"  # or every-join (launcher.health.gate.WHEN)
     node_segment: str | None = None  # --node-segment; None: NVML's cluster UUID where it has one
     notices: list[Notice] = field(default_factory=list)  # to print once logging is set up

@@ -119,6 +119,63 @@ def test_the_gate_gives_up_when_the_run_closes() -> None:
         gate.pass_before_join(FakeHandler(closed_after=2))
 
 
+def _counting_check(tmp_path: Path) -> tuple[list[str], Path]:
+    """A passing check that appends one line to a file per run."""
+    runs = tmp_path / "runs"
+    return ["sh", "-c", f"echo run >> {runs}"], runs
+
+
+def _runs(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_the_check_runs_at_the_first_join_and_after_own_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check, runs = _counting_check(tmp_path)
+    gate = HealthGate(check, 30, Reporter("rdzv-launch", "text", False))
+    handler = FakeHandler()
+    assert gate.due
+    gate.before_join(handler)
+    gate.before_join(handler)  # a re-formation another node caused
+    gate.before_join(handler)
+    assert _runs(runs) == 1 and not gate.due
+    gate.workers_failed()
+    assert gate.due
+    gate.before_join(handler)
+    gate.before_join(handler)
+    assert _runs(runs) == 2
+    err = capsys.readouterr().err
+    assert "health check `sh -c" in err and "health check passed again after this node's workers failed" in err, err
+
+
+def test_every_join_runs_the_check_at_each_join(tmp_path: Path) -> None:
+    check, runs = _counting_check(tmp_path)
+    gate = HealthGate(check, 30, Reporter("rdzv-launch", "text", True), every_join=True)
+    for _ in range(3):
+        gate.before_join(FakeHandler())
+    assert _runs(runs) == 3 and gate.due
+
+
+def test_a_check_that_never_passed_stays_due(tmp_path: Path) -> None:
+    gate = HealthGate(["false"], 30, Reporter("rdzv-launch", "text", True), sleep=time.sleep)
+    with pytest.raises(LaunchFailed):
+        gate.before_join(FakeHandler(closed_after=1))
+    assert gate.due, "the run closed before it passed: the next join checks again"
+
+
+def test_health_check_when_is_an_option(tmp_path: Path) -> None:
+    from launcher import cli, config
+    from launcher.health.gate import WHEN
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    for args, expected in (([], "first-and-failure"), (["--health-check-when=every-join"], "every-join")):
+        values, given = cli.parse(["--standalone", *args, str(script)], "rdzv-launch")  # type: ignore[misc]
+        assert config.build_settings(values, given, False).health_check_when == expected
+    assert WHEN == ("first-and-failure", "every-join")
+    rc, _, err = run_launcher(["--health-check-when=sometimes", str(script)], tmp_path)
+    assert rc == 2 and err.count("\n") == 1 and "'sometimes' is not one of 'first-and-failure', 'every-join'" in err, err
+
+
 class FakeTorch:
     """torch with `count` accelerators that are really the CPU (the checks are device-agnostic)."""
 

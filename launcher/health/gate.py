@@ -1,4 +1,11 @@
-"""`--health-check`: a node proves itself before every join, or stays out of the round.
+"""`--health-check`: a node proves itself before it joins, or stays out of the round.
+
+When (`--health-check-when`): `first-and-failure` (the default) runs it at the node's first join
+and at the next join after the node's own failure (its workers failed and no peer's departure
+explains it, launcher.membership; or its check failed); a re-formation caused by another node
+(a departure, a newcomer, a peer's workers failing) skips it, so a check of 10-30 s
+(`builtin:gpu`) is not on the critical path of every re-formation. `every-join` runs it before
+every join, re-formations included.
 
 The check is a command (`--health-check CMD`, split like a shell would, or `builtin:gpu`,
 `launcher.health.gpu`) run in its own process group with a timeout: exit status 0 passes;
@@ -32,6 +39,10 @@ DEFAULT_TIMEOUT = 120.0  # seconds: a GPU check on 8 devices with an all-reduce 
 BACKOFF_FIRST = 2.0  # seconds before the first retry, doubled per failure up to BACKOFF_MAX
 BACKOFF_MAX = 60.0
 OUTPUT_SHOWN = 200  # characters of the check's last output line in the message
+# --health-check-when values; the first is the default.
+FIRST_AND_FAILURE = "first-and-failure"
+EVERY_JOIN = "every-join"
+WHEN = (FIRST_AND_FAILURE, EVERY_JOIN)
 
 
 def parse_health_check(text: str | None) -> list[str] | None:
@@ -116,7 +127,7 @@ def _signal_name(number: int) -> str:
 
 
 class HealthGate:
-    """Runs the check before each join (`launcher.elastic_agent`); returns once it passed."""
+    """Runs the check before a join where it is due (`launcher.elastic_agent`); returns once it passed."""
 
     def __init__(
         self,
@@ -124,6 +135,7 @@ class HealthGate:
         timeout: float,
         reporter: Reporter,
         *,
+        every_join: bool = False,
         on_failure: Callable[[], None] = lambda: None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -137,14 +149,32 @@ class HealthGate:
         self._clock = clock
         self._rng = rng or random.Random()
         self._passed_before = False
+        self._every_join = every_join
+        self._due = True  # the first join always checks
+        self._after_failure = False  # due because this node's workers failed
 
     def describe(self) -> str:
         return "builtin:gpu" if self.argv == BUILTINS["builtin:gpu"] else shlex.join(self.argv)
 
+    @property
+    def due(self) -> bool:
+        """Whether the next join runs the check."""
+        return self._every_join or self._due
+
+    def workers_failed(self) -> None:
+        """This node's own workers failed (no departure explains it): check before the next join."""
+        self._due = self._after_failure = True
+
+    def before_join(self, handler: Any) -> None:
+        """Run the check if it is due (`pass_before_join`); else return at once."""
+        if self.due:
+            self.pass_before_join(handler)
+
     def pass_before_join(self, handler: Any) -> None:
         """Block until the check passes. While it fails, this node is out of the group (its
         record taken out of a round it was in) and retries with backoff; if the run closes
-        meanwhile, LaunchFailed says the node never passed."""
+        meanwhile, LaunchFailed says the node never passed. Until it passed, the check stays due
+        (an interrupted wait checks again at the next join)."""
         failures = 0
         # Pauses in [cap/2, cap]: a group's failing nodes do not all come back together.
         backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX, floor=0.5, rng=self._rng)
@@ -159,7 +189,13 @@ class HealthGate:
                     # Once per process: what the check found (devices, times) is worth a line.
                     self._reporter.emit("health_check_passed", f"health check `{self.describe()}` passed in "
                                         f"{result.seconds:.1f} s{said}", "info", seconds=round(result.seconds, 3))
+                elif self._after_failure:
+                    # Says why this re-formation took the check's time, when it did.
+                    self._reporter.emit("health_check_passed", f"health check passed again after this node's "
+                                        f"workers failed ({result.seconds:.1f} s){said}; joining", "info",
+                                        seconds=round(result.seconds, 3))
                 self._passed_before = True
+                self._due = self._after_failure = False
                 return
             failures += 1
             self._on_failure()
