@@ -1,6 +1,8 @@
 """Real rdzv-launch nodes with --nnodes 2:3: a node whose health check fails (or hangs) never
-joins while the others train; a node whose workers fail K=2 rounds in a row is quarantined, a
-spare takes its rank, `rdzv status` names it, and `rdzv quarantine release` brings it back.
+joins while the others train; the check runs at the first join and after the node's own
+failure (or at every join with --health-check-when=every-join); a node whose workers fail K=2
+rounds in a row is quarantined, a spare takes its rank, `rdzv status` names it, and `rdzv
+quarantine release` brings it back.
 
 Workers report through files: <out>/<tag>-<round>.json holds what the worker of node <tag> saw.
 """
@@ -162,4 +164,73 @@ def test_quarantine_spare_takes_the_rank_and_release_brings_it_back(etcd35, tmp_
         wait_until(lambda: _in_round_of(tmp_path, {"a", "b", "bad"}, 3, after=third), 90, "the released node back", logs)
         (tmp_path / "stop").touch()
         for tag in ("a", "b", "bad"):
+            assert nodes[tag].wait(60) == 0, logs()
+
+
+# A passing health check that appends one line per run to <out>/checks-<tag>.
+COUNTING_CHECK = """#!/bin/sh
+echo run >> "$1/checks-$2"
+"""
+
+# One worker per node: records <tag>-<round>.json as WORKER does, then runs until <out>/stop
+# exists; if <out>/fail-once-<tag> appears it removes it and fails (its node's own failure).
+FAIL_ON_DEMAND = """
+import json, os, sys, time
+out, tag = sys.argv[1], sys.argv[2]
+record = {k: os.environ.get(k) for k in ("GROUP_RANK", "GROUP_WORLD_SIZE", "RDZV_ROUND", "TORCHELASTIC_RESTART_COUNT")}
+path = os.path.join(out, f"{tag}-{os.environ['RDZV_ROUND']}.json")
+with open(path + ".tmp", "w") as f:
+    json.dump(record, f)
+os.replace(path + ".tmp", path)
+once = os.path.join(out, f"fail-once-{tag}")
+while not os.path.exists(os.path.join(out, "stop")):
+    if os.path.exists(once):
+        os.remove(once)
+        sys.exit(5)
+    time.sleep(0.05)
+"""
+
+
+def _checks(out: Path, tag: str) -> int:
+    try:
+        return len((out / f"checks-{tag}").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("when", ["first-and-failure", "every-join"])
+def test_when_the_health_check_runs(when: str, etcd35, tmp_path: Path) -> None:
+    """Rounds: {a, b}; c joins (a newcomer); c is SIGKILLed (a departure); a's worker fails (a's
+    own failure). first-and-failure: a checks twice (first join, after its failure), b and c
+    once; every-join: a and b at each of their four joins."""
+    worker = write_script(tmp_path, "worker.py", FAIL_ON_DEMAND)
+    check = write_script(tmp_path, "check.sh", COUNTING_CHECK)
+    check.chmod(0o755)
+    run_id = f"when-{uuid.uuid4().hex[:8]}"
+
+    def args(tag: str) -> list[str]:
+        return ["--nnodes=2:3", "--rdzv-backend=etcd", f"--rdzv-endpoint={etcd35.endpoint}", f"--rdzv-id={run_id}",
+                "--rdzv-conf=lease_ttl=3,last_call_timeout=1,join_timeout=60", "--local-addr=127.0.0.1",
+                "--max-restarts=3", "--health-check", f"{check} {tmp_path} {tag}", f"--health-check-when={when}",
+                str(worker), str(tmp_path), tag]
+
+    with launchers(tmp_path) as start:
+        nodes = {"a": start(args("a")), "b": start(args("b"))}
+
+        def logs() -> str:
+            return "\n".join(f"=== {tag}\n{n.describe()}" for tag, n in nodes.items())
+
+        first = wait_until(lambda: _in_round_of(tmp_path, {"a", "b"}, 2), 90, "a and b in a round", logs)
+        nodes["c"] = start(args("c"))
+        joined = wait_until(lambda: _in_round_of(tmp_path, {"a", "b", "c"}, 3, after=first), 90, "c to join", logs)
+        nodes["c"].kill()
+        left = wait_until(lambda: _in_round_of(tmp_path, {"a", "b"}, 2, after=joined), 90, "a and b without c", logs)
+        (tmp_path / "fail-once-a").touch()
+        wait_until(lambda: _in_round_of(tmp_path, {"a", "b"}, 2, after=left), 90, "a and b after a's failure", logs)
+        assert "counted restart" in nodes["a"].stderr, logs()
+        counts = {tag: _checks(tmp_path, tag) for tag in ("a", "b", "c")}
+        expected = {"a": 2, "b": 1, "c": 1} if when == "first-and-failure" else {"a": 4, "b": 4, "c": 1}
+        assert counts == expected, logs()
+        (tmp_path / "stop").touch()
+        for tag in ("a", "b"):
             assert nodes[tag].wait(60) == 0, logs()
