@@ -63,10 +63,10 @@ def test_a_failing_command_says_why_in_its_last_line() -> None:
 
 def test_a_hanging_command_is_killed_at_the_timeout_with_its_children(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    # The check starts a child that would outlive it, then hangs.
-    hang = (f"import os, subprocess, time; c = subprocess.Popen(['sleep', '600']); "
-            f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(600)")
-    result = run_check([sys.executable, "-c", hang], 3)
+    # The check starts a child that would outlive it, then hangs. A shell script: it starts in
+    # milliseconds, where a Python one on a loaded machine could still be starting at the timeout.
+    hang = f"sleep 600 & echo $$ $! > {pids}; sleep 600"
+    result = run_check(["sh", "-c", hang], 3)
     assert not result.ok and result.why == "no answer within 3 s (killed)"
     for pid in map(int, pids.read_text().split()):
         assert not _running(pid), f"process {pid} of the check is still there"
