@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import inspect
 import os
 import sys
@@ -156,20 +157,23 @@ def _ops(handlers: list) -> tuple[int, int]:
     return writes, reads
 
 
-def _imports() -> None:
-    # A fresh process spends a second importing torch: not part of any phase.
+def _imports(job: Job) -> None:
+    # A fresh process spends a second importing torch and the backend's modules (rdzv loads
+    # them on the first handler's creation): not part of any phase.
     import torch.distributed.elastic.agent.server.api  # noqa: F401
     import torch.distributed.elastic.rendezvous.registry  # noqa: F401
     import torch.distributed.elastic.utils.store  # noqa: F401
 
     import launcher.exit_barrier  # noqa: F401
-    import rdzv.registry  # noqa: F401
+    import rdzv.registry
 
+    if job.kind.startswith("rdzv:"):
+        importlib.import_module(rdzv.registry.BACKENDS[REGISTERED[job.kind]].module)
     os.environ.pop("TORCH_ELASTIC_WORKER_IDENTICAL", None)  # torch's general path, not the fast one
 
 
 def lifecycle(job: Job, results: Any, stages: Stages, warnings: WarningCounter) -> None:  # noqa: ANN401
-    _imports()
+    _imports(job)
     results.put(Report("ready", job.n_local))
     how = job.conf.get("_bench_barrier", "launcher")
     handlers: list = []
@@ -209,7 +213,7 @@ def lifecycle(job: Job, results: Any, stages: Stages, warnings: WarningCounter) 
 
 def scaleup(job: Job, results: Any, stages: Stages, warnings: WarningCounter) -> None:  # noqa: ANN401
     """The pool's side of a scale-up: form N, then notice the newcomer and re-join."""
-    _imports()
+    _imports(job)
     out, done, _, errors = each([job] * job.n_local, make_handler, job.timeout)
     handlers = [h for h, d in zip(out, done, strict=True) if d]
     results.put(Report("created", len(handlers), errors=errors, warnings=warnings.take()))
@@ -235,7 +239,7 @@ def scaleup(job: Job, results: Any, stages: Stages, warnings: WarningCounter) ->
 
 def joiner(job: Job, results: Any, stages: Stages, warnings: WarningCounter) -> None:  # noqa: ANN401
     """The newcomer of a scale-up: at `grow`, a new node makes its handler and joins."""
-    _imports()
+    _imports(job)
     handlers: list = []
     try:
         stages.wait("grow")
