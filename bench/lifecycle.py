@@ -83,6 +83,8 @@ def _judge(p: Phase, reports: list[Report], released: float, cost: Cost | None, 
     sizes = {s for r in reports for s in r.world_sizes}
     if errors or p.done < p.expected:
         p.error = typical(errors) if errors else f"{p.done}/{p.expected} done"
+        if sizes:
+            p.error += f" (the others returned with world sizes {sorted(sizes)})"
     elif sizes_expected is not None and sizes != {sizes_expected}:
         p.error = f"world sizes {sorted(sizes)}, not {sizes_expected}"
 
