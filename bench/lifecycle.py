@@ -184,6 +184,8 @@ def run_scaleup(pool: NodePool, label: str, kind: str, n: int, endpoint: str, me
             _judge(grow, grown, released, Cost.between(before, after) if before and after else None, n + 1)
             noticed = [t for r in grown for t in r.noticed]
             grow.notice_s = max(noticed) - released if len(noticed) == n else None
+            rounds = max((r.ok for r in grown), default=1)  # the pool reports its rounds, the newcomer 0
+            grow.note = f"{rounds} re-formations: a round sealed without the newcomer" if rounds > 1 else ""
         pool.stages.open("done")
         pool.collect("closed", len(shares) + 1, 120)
     except Exception as exc:  # noqa: BLE001

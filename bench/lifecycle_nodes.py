@@ -15,7 +15,9 @@ scaleup (the pool: N nodes, min_nodes = N, max_nodes = N + 1) and joiner (one mo
     (job received)  pool: make the handlers; joiner: imports                -> "created" (pool)
     go              the pool's N nodes call next_rendezvous()               -> "formed" (pool)
     grow            the joiner makes its handler and calls next_rendezvous(); the N poll
-                    num_nodes_waiting() every monitor_interval and re-join  -> "grown" (all)
+                    num_nodes_waiting() every monitor_interval and re-join, again while a
+                    round seals without the newcomer (as torch's agent goes on watching)
+                                                                            -> "grown" (all)
     done            every handler is shut down                              -> "closed" (all)
 
 When `skip` is open (an earlier phase failed) a stage does nothing and reports no node, except
@@ -227,10 +229,19 @@ def scaleup(job: Job, results: Any, stages: Stages, warnings: WarningCounter) ->
         if stages.is_open("skip") or not survivors:
             results.put(Report("grown", 0, warnings=warnings.take()))
         else:
-            polling = replace(job, notice="poll")
-            new, finishes, noticed, errors = _reform(polling, survivors, time.monotonic() + job.timeout)
-            results.put(Report("grown", len(survivors), finishes=finishes, noticed=noticed, errors=errors,
-                               warnings=warnings.take(), world_sizes=[_world_size(i) for i in new if i is not None]))
+            # As torch's agent: keep watching num_nodes_waiting() after a re-join; a round sealed
+            # without the newcomer (it came after the last call) is followed by another.
+            polling, deadline, rounds = replace(job, notice="poll"), time.monotonic() + job.timeout, 0
+            first_noticed: list[float] = []
+            while True:
+                new, finishes, noticed, errors = _reform(polling, survivors, deadline)
+                rounds += 1
+                first_noticed = first_noticed or noticed
+                sizes = [_world_size(i) for i in new if i is not None]
+                if errors or set(sizes) == {job.max_nodes} or time.monotonic() >= deadline:
+                    break
+            results.put(Report("grown", len(survivors), finishes=finishes, noticed=first_noticed, errors=errors,
+                               warnings=warnings.take(), world_sizes=sizes, ok=rounds))
     finally:
         stages.wait("done")
         each(handlers, shutdown, 30.0)
