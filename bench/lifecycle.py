@@ -165,13 +165,14 @@ def run_scaleup(pool: NodePool, label: str, kind: str, n: int, endpoint: str, me
     newcomer = pool.single_node_process(job(1, "joiner"))
     form, grow = Phase(label, n, "scale-up: form N", n), Phase(label, n, "scale-up: +1 joins", n + 1)
     try:
-        pool.collect("created", len(shares), 3 * timeout + 300)
+        created = pool.collect("created", len(shares), 3 * timeout + 300)
         before = _scrape(metrics_url, etcd)
         released = time.time()
         pool.stages.open("go")
         formed = pool.collect("formed", len(shares), timeout + 120)
         after = _scrape(metrics_url, etcd)
-        _judge(form, formed, released, Cost.between(before, after) if before and after else None, n)
+        # Handler creation's errors count with the formation (the handlers are made before it).
+        _judge(form, created + formed, released, Cost.between(before, after) if before and after else None, n)
         if form.error is not None:
             grow.skipped = True
             pool.stages.open("skip")
