@@ -8,6 +8,14 @@ opened), gRPC messages received (every keep-alive and watch request on an open s
 bytes etcd sent to and received from clients, and calls that ended with a code other than OK
 (by code; Canceled, the normal end of a stream a client closes, is left out). Gauges: the
 database file's size and the part of it in use, the number of keys, the current revision.
+
+`activity` (bench/lifecycle.py): what the requests did, as etcd 3.4 counts it. v3 (mvcc): puts,
+delete-range calls (a lease's expiry or revocation deletes its keys one call each), txns,
+ranges, watch events sent to watchers; the lease counters (granted, revoked, renewed, expired:
+the leases that lapsed). v2 store: writes split into v2_puts and v2_deletes by action, reads,
+watch requests, expired keys (v2's lapsed TTLs). Gauges read as they stand: watch streams and
+watchers open (v3), v2 watchers. Cost.activity holds the counters' increments and the gauges'
+values after the phase.
 """
 
 from __future__ import annotations
@@ -34,6 +42,26 @@ _SUMMED = {
 # etcd 3.4 also has the older name of the database size; newer ones may drop it.
 _FALLBACK = {"etcd_debugging_mvcc_db_total_size_in_bytes": "db_size"}
 _NOT_ERRORS = {"OK", "Canceled"}
+_ACTIVITY = {
+    "etcd_mvcc_put_total": "puts",
+    "etcd_mvcc_delete_total": "deletes",
+    "etcd_mvcc_txn_total": "txns",
+    "etcd_mvcc_range_total": "ranges",
+    "etcd_debugging_mvcc_events_total": "watch_events",
+    "etcd_debugging_lease_granted_total": "leases_granted",
+    "etcd_debugging_lease_revoked_total": "leases_revoked",
+    "etcd_debugging_lease_renewed_total": "leases_renewed",
+    "etcd_debugging_server_lease_expired_total": "leases_expired",
+    "etcd_debugging_store_reads_total": "v2_reads",
+    "etcd_debugging_store_watch_requests_total": "v2_watch_requests",
+    "etcd_debugging_store_expires_total": "v2_expires",
+}
+_GAUGES = {
+    "etcd_debugging_mvcc_watch_stream_total": "watch_streams",
+    "etcd_debugging_mvcc_watcher_total": "watchers",
+    "etcd_debugging_store_watchers": "v2_watchers",
+}
+_V2_DELETES = {"delete", "compareAndDelete"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,7 @@ class Snapshot:
     keys: float = 0.0
     revision: float = 0.0
     failed_calls: Counter[str] = field(default_factory=Counter)  # gRPC code -> calls
+    activity: dict[str, float] = field(default_factory=dict)  # _ACTIVITY, _GAUGES, v2_puts, v2_deletes
 
 
 def scrape(url: str, timeout: float = 10.0) -> Snapshot:
@@ -60,8 +89,14 @@ def parse(text: str) -> Snapshot:
     values: dict[str, float] = {}
     fallback: dict[str, float] = {}
     failed: Counter[str] = Counter()
+    activity: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            name = _ACTIVITY.get(sample.name) or _GAUGES.get(sample.name)
+            if sample.name == "etcd_debugging_store_writes_total":
+                name = "v2_deletes" if sample.labels.get("action") in _V2_DELETES else "v2_puts"
+            if name:
+                activity[name] = activity.get(name, 0.0) + sample.value
             if sample.name in _SUMMED:
                 attr = _SUMMED[sample.name]
                 values[attr] = values.get(attr, 0.0) + sample.value
@@ -73,7 +108,7 @@ def parse(text: str) -> Snapshot:
                     failed[f"{code} {sample.labels.get('grpc_method', '?')}"] += int(sample.value)
     for attr, value in fallback.items():
         values.setdefault(attr, value)
-    return Snapshot(**values, failed_calls=failed)
+    return Snapshot(**values, failed_calls=failed, activity=activity)
 
 
 @dataclass(frozen=True)
@@ -90,9 +125,12 @@ class Cost:
     keys: float
     revisions: float
     failed_calls: Counter[str]
+    activity: dict[str, float] = field(default_factory=dict)  # counters' increments, gauges' values
 
     @classmethod
     def between(cls, before: Snapshot, after: Snapshot) -> Cost:
+        gauges = set(_GAUGES.values())
+        activity = {k: v if k in gauges else v - before.activity.get(k, 0.0) for k, v in after.activity.items()}
         return cls(
             commits=after.commits - before.commits,
             rpcs=after.rpcs - before.rpcs,
@@ -104,6 +142,7 @@ class Cost:
             keys=after.keys - before.keys,
             revisions=after.revision - before.revision,
             failed_calls=after.failed_calls - before.failed_calls,
+            activity=activity,
         )
 
     def per_node(self, nodes: int) -> PerNode:
@@ -118,6 +157,7 @@ class Cost:
             db_in_use_growth_kb=self.db_in_use_growth / 1024,
             keys=self.keys,
             revisions=self.revisions,
+            activity=dict(self.activity),
         )
 
 
@@ -134,9 +174,13 @@ class PerNode:
     db_in_use_growth_kb: float
     keys: float  # keys added (negative: removed), whole database
     revisions: float  # revisions added, whole database
+    activity: dict[str, float] = field(default_factory=dict)  # Cost.activity, whole database
 
     @classmethod
     def median(cls, items: list[PerNode]) -> PerNode | None:
         if not items:
             return None
-        return cls(**{f.name: statistics.median(getattr(i, f.name) for i in items) for f in fields(cls)})
+        numbers = {f.name: statistics.median(getattr(i, f.name) for i in items) for f in fields(cls) if f.name != "activity"}
+        names = {k for i in items for k in i.activity}
+        activity = {k: statistics.median(i.activity.get(k, 0.0) for i in items) for k in names}
+        return cls(**numbers, activity=activity)

@@ -55,6 +55,7 @@ class Job:
     notice: str = "poll"  # poll num_nodes_waiting() | told (call next_rendezvous() at the kill)
     monitor_interval: float = 0.1
     victim: bool = False  # the single-node process: blocks after its probe until SIGKILLed
+    script: str = "formation"  # or one of bench/lifecycle_nodes.py's SCRIPTS
 
     @property
     def timeout(self) -> float:
@@ -79,10 +80,11 @@ class Report:
 
 
 class Stages:
-    """One event per stage plus `skip` (no re-formation: the formation failed)."""
+    """One event per stage plus `skip` (no re-formation: the formation failed). Other scripts'
+    stages (bench/lifecycle_nodes.py) are added through `names`."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.events = {name: ctx.Event() for name in (*STAGES, "skip")}
+    def __init__(self, ctx: Any, names: tuple[str, ...] = ()) -> None:
+        self.events = {name: ctx.Event() for name in dict.fromkeys((*STAGES, *names, "skip"))}
 
     def reset(self) -> None:
         for event in self.events.values():
@@ -107,9 +109,9 @@ class NodePool:
     stages: Stages
 
     @classmethod
-    def start(cls, processes: int) -> NodePool:
+    def start(cls, processes: int, names: tuple[str, ...] = ()) -> NodePool:
         ctx = mp.get_context("spawn")
-        jobs, results, stages = ctx.Queue(), ctx.Queue(), Stages(ctx)
+        jobs, results, stages = ctx.Queue(), ctx.Queue(), Stages(ctx, names)
         procs = [ctx.Process(target=_worker, args=(jobs, results, stages), daemon=True) for _ in range(processes)]
         for p in procs:
             p.start()
@@ -154,7 +156,12 @@ def _run_job(job: Job, results: Any, stages: Stages) -> None:
     root = logging.getLogger()
     root.addHandler(warnings)
     try:
-        _stages(job, results, stages, warnings)
+        if job.script == "formation":
+            _stages(job, results, stages, warnings)
+        else:
+            from lifecycle_nodes import SCRIPTS  # bench/, on the path the spawn inherits
+
+            SCRIPTS[job.script](job, results, stages, warnings)
     finally:
         root.removeHandler(warnings)
 
