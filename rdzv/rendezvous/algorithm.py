@@ -300,7 +300,11 @@ class Rendezvous:
             # Only a member closes the run on its way out. A node that never got into a round
             # (timed out, refused, misconfigured) must not end a run that others are running:
             # torch's launcher shuts every handler down, whatever the reason it stops.
-            if self._joined_before and not self._seen_closed_by_members():
+            closed = self._seen_closed_by_members()
+            # The job is ending: the others' departures mean nothing now, so stop being sent
+            # them before our own close and leave set them off (each member would get N).
+            self._end_membership()
+            if self._joined_before and not closed:
                 self.backend.close_run()
         finally:
             self.leave()

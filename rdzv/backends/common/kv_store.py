@@ -116,14 +116,15 @@ class VersionedStore(Store):
         return [found[k] for k in keys]
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._wait_for(keys, timeout if timeout is not None else self.timeout)
+        self._wait_for(keys, timeout if timeout is not None else self.timeout, values=False)
 
-    def _wait_for(self, keys: list[str], timeout: timedelta) -> dict[str, bytes]:
+    def _wait_for(self, keys: list[str], timeout: timedelta, *, values: bool = True) -> dict[str, bytes]:
+        """The keys' values once all exist (`values` False: only that they do)."""
         seconds = timeout.total_seconds()
         deadline = time.monotonic() + seconds
-        return self._patiently("wait", lambda: self._wait_once(keys, seconds, deadline), deadline)
+        return self._patiently("wait", lambda: self._wait_once(keys, seconds, deadline, values), deadline)
 
-    def _wait_once(self, keys: list[str], seconds: float, deadline: float) -> dict[str, bytes]:
+    def _wait_once(self, keys: list[str], seconds: float, deadline: float, values: bool) -> dict[str, bytes]:
         found, cursor = self._read_keys(keys)
         missing = {k for k in keys if k not in found}
         if not missing:
@@ -139,7 +140,7 @@ class VersionedStore(Store):
                     if name in missing:
                         found[name] = value
                         missing.discard(name)
-        if self._read_after_watch:
+        if values and self._read_after_watch:
             found.update(self._read_keys(watched)[0])
         return found
 

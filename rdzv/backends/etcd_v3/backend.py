@@ -291,6 +291,11 @@ class EtcdBackend:
         # or unreadable one is (re)written.
         closed = self.keys.closed
         with etcd_errors(self.describe()):
+            # A read costs no raft commit: of N members closing together, only the first few
+            # write (the guard keeps a racing one from putting again).
+            kv = self.client.get(closed)
+            if kv is not None and kv.value == b"1":
+                return
             self.run_lease.write_on(lambda lease: self.client.txn(
                 [Compare.value(closed) == b"1"], [], [Op.put(closed, b"1", lease=lease)], idempotent=True,
             ))
