@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 # One worker per node: records what it saw as <tag>-<round>.json, then fails if its node's
 # tag is listed in <out>/failing, else stays up until <out>/stop exists.
-WORKER = """
+RECORD_ROUND = """
 import json, os, sys, time
 out, tag = sys.argv[1], sys.argv[2]
 record = {k: os.environ.get(k) for k in ("GROUP_RANK", "GROUP_WORLD_SIZE", "RDZV_ROUND", "TORCHELASTIC_RESTART_COUNT")}
@@ -34,6 +34,8 @@ path = os.path.join(out, f"{tag}-{os.environ['RDZV_ROUND']}.json")
 with open(path + ".tmp", "w") as f:
     json.dump(record, f)
 os.replace(path + ".tmp", path)
+"""
+WORKER = RECORD_ROUND + """
 failing = os.path.join(out, "failing")
 if os.path.exists(failing) and tag in open(failing).read().split():
     sys.exit(5)
@@ -174,14 +176,7 @@ echo run >> "$1/checks-$2"
 
 # One worker per node: records <tag>-<round>.json as WORKER does, then runs until <out>/stop
 # exists; if <out>/fail-once-<tag> appears it removes it and fails (its node's own failure).
-FAIL_ON_DEMAND = """
-import json, os, sys, time
-out, tag = sys.argv[1], sys.argv[2]
-record = {k: os.environ.get(k) for k in ("GROUP_RANK", "GROUP_WORLD_SIZE", "RDZV_ROUND", "TORCHELASTIC_RESTART_COUNT")}
-path = os.path.join(out, f"{tag}-{os.environ['RDZV_ROUND']}.json")
-with open(path + ".tmp", "w") as f:
-    json.dump(record, f)
-os.replace(path + ".tmp", path)
+FAIL_ON_DEMAND = RECORD_ROUND + """
 once = os.path.join(out, f"fail-once-{tag}")
 while not os.path.exists(os.path.join(out, "stop")):
     if os.path.exists(once):
