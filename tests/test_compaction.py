@@ -122,6 +122,41 @@ def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, c
             b.kill()
 
 
+def test_a_departure_seen_by_a_failed_start_over_is_still_reported(etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start-over that finds a member gone but cannot open its new watch must not forget the
+    departure: the next start-over reports it (it used to count the member as gone already)."""
+    run_id = new_run_id("restart")
+    with node_group("etcd", etcd.endpoint, run_id) as g:
+        a = g.node(2, 3)
+        future = g.join(a)
+        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
+        try:
+            b.wait_rounds(1)
+            future.result(timeout=60)
+            assert a.num_nodes_waiting() == 0
+            feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
+            client: Any = a.backend.client  # type: ignore[attr-defined]
+            # As the watch hub answers a server's cancel: the watch is routed no more events.
+            client.watch_hub._drop(feed._watch._watch, EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
+            b.kill()  # unseen: the departures watch has failed
+            wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
+            opened = client.watch
+            refusals = []
+
+            def refuse_once(*args: object, **kwargs: object) -> object:
+                if not refusals:
+                    refusals.append(args)
+                    raise EtcdConnectionError("etcd 127.0.0.1:1: connection refused")
+                return opened(*args, **kwargs)
+
+            monkeypatch.setattr(client, "watch", refuse_once)
+            assert a.num_nodes_waiting() == 0  # the start-over could not watch again
+            assert refusals
+            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, from the next start-over")
+        finally:
+            b.kill()
+
+
 def test_retract_swallows_etcd_failures(etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """retract runs on the way to a timeout error: an etcd failure must not replace that error."""
     with node_group("etcd", etcd.endpoint) as g:

@@ -116,8 +116,14 @@ class EtcdRoundFeed:
             revision = result.revision
             live = {kv.key.decode(errors="replace")[len(start) :] for kv in result.kvs}
             gone = departed(self._roster.ids(), live | self._gone)
+
+        def catch_up() -> list[NodeChange]:
+            # Only once the new watch is open: a start-over that fails there must find these
+            # members again next time (counted as gone already, they would never be reported).
             self._gone.update(gone)
-        return self._watch.restart(revision, why, lambda: [NodeChange(i, None) for i in gone])
+            return [NodeChange(i, None) for i in gone]
+
+        return self._watch.restart(revision, why, catch_up)
 
     def close(self) -> None:
         self._watch.cancel()
