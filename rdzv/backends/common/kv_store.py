@@ -1,8 +1,9 @@
 """The torch `Store` algorithms the etcd v3 and v2 stores share, over a narrow per-backend interface.
 
 `add` is a read and a write guarded by the version read, done again when another writer came in
-between (etcd v2; etcd v3 replaces it with adds that do not contend, etcd_v3/counters.py). A blocking read (`get`, `multi_get`, `wait`) reads the keys once, then waits for
-writes of the missing ones until the deadline: never a polling loop. Each backend supplies its
+between (etcd v2; etcd v3 replaces it with adds that do not contend, etcd_v3/counters.py). A
+blocking read (`get`, `multi_get`, `wait`) reads the keys once, then waits for writes of the
+missing ones until the deadline: never a polling loop. Each backend supplies its
 client calls (the hooks below), which of its errors become torch's `DistStoreError` and which
 are retried, and its wording of a timeout.
 """

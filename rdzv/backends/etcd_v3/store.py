@@ -1,9 +1,9 @@
 """A `torch.distributed.Store` over etcd v3, scoped to one key prefix (one rendezvous round).
 
 torch's agent runs on it unchanged: rank assignment (set, multi_get, multi_set, get) and the
-exit barrier (add, set, wait). `add` is contention-free (rdzv/backends/etcd_v3/counters.py): one
-request per add, however many nodes add at once. Blocking reads wait on a watch of exactly the missing keys, never
-by polling, and every wait is bounded by the store's timeout. A request that finds etcd
+exit barrier (add, set, wait). `add` does not contend (etcd_v3/counters.py): one request per add,
+however many nodes add at once. Blocking reads wait on a watch of exactly the missing keys,
+never by polling, and every wait is bounded by the store's timeout. A request that finds etcd
 unreachable (stalled, restarting, without quorum) is tried again within that same timeout: the
 agent would have waited that long for a slow peer anyway. `add` is the exception: a lost answer
 leaves unknown whether it counted, so it is not repeated.
