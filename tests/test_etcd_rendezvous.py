@@ -63,6 +63,33 @@ def test_the_close_is_written_once_whatever_the_number_of_members(etcd) -> None:
         client.close()
 
 
+def test_finishing_members_send_the_others_no_departures(etcd) -> None:
+    # At a clean end every member revokes its lease; members watch the deletes of the round's
+    # live keys, so each would be sent every other's (N^2 for a job's end). A finished member
+    # moves its live key to the run lease first: the keys go once, with the run.
+    run_id = new_run_id("finish")
+    client = EtcdClient(etcd.endpoint)
+    try:
+        with node_group("etcd", etcd.endpoint, run_id) as g:
+            nodes = [g.node(4, 4) for _ in range(4)]
+            rounds = {info.store is not None for info in g.join_all(nodes)}
+            assert rounds == {True}
+            live = f"/rdzv/{run_id}/round/"
+            start = client.range(live).revision + 1
+            for future in [g.pool.submit(node.shutdown) for node in nodes]:
+                assert future.result(timeout=60)
+        with client.watch(live, prefix=True, start_revision=start, filters=("noput",)) as watch:
+            deletes: list = []
+            while not deletes or client.range(f"/rdzv/{run_id}/", prefix=True, count_only=True).count:
+                batch = watch.get(5)
+                assert batch is not None or deletes, "the run's keys were never removed"
+                deletes += [e for e in batch or [] if b"/live/" in e.kv.key]
+        assert len(deletes) == 4, deletes
+        assert len({e.kv.mod_revision for e in deletes}) == 1, "a live key went before the run"
+    finally:
+        client.close()
+
+
 def test_crashed_job_keys_expire(etcd) -> None:
     run_id = new_run_id("crash")
     procs = [NodeProcess("etcd", etcd.endpoint, run_id, 2, 2) for _ in range(2)]

@@ -181,8 +181,10 @@ class Backend(Protocol):
         `leave()` does it too."""
         ...
 
-    def leave(self) -> None:
-        """End this node's liveness; the last node out removes the run's keys."""
+    def leave(self, finished_round: int = 0) -> None:
+        """End this node's liveness; the last node out removes the run's keys.
+        `finished_round`: the round this node finished in a run it saw closed (0: none). Its
+        going is then no departure, and the round's members need not be told of it."""
         ...
 
     def notice_time(self) -> float:

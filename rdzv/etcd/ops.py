@@ -83,8 +83,9 @@ def range_request(
     )
 
 
-def put_request(key: Bytesish, value: Bytesish, lease: int = 0) -> pb.PutRequest:
-    return pb.PutRequest(key=to_bytes(key), value=to_bytes(value), lease=lease)
+def put_request(key: Bytesish, value: Bytesish, lease: int = 0, ignore_value: bool = False) -> pb.PutRequest:
+    """`ignore_value`: keep the key's value, change only its lease (the key must exist)."""
+    return pb.PutRequest(key=to_bytes(key), value=to_bytes(value), lease=lease, ignore_value=ignore_value)
 
 
 def delete_request(
@@ -181,8 +182,8 @@ class Op:
         self.pb = message
 
     @staticmethod
-    def put(key: Bytesish, value: Bytesish, lease: int = 0) -> Op:
-        return Op(pb.RequestOp(request_put=put_request(key, value, lease)))
+    def put(key: Bytesish, value: Bytesish, lease: int = 0, *, ignore_value: bool = False) -> Op:
+        return Op(pb.RequestOp(request_put=put_request(key, value, lease, ignore_value)))
 
     @staticmethod
     def get(

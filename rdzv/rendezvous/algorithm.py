@@ -79,6 +79,7 @@ class Rendezvous:
         self._last_round = 0  # the latest round this node was a member of
         self._withdrawn = False
         self._seen_closed = False  # the run was seen closed from outside the group
+        self._finished = False  # shut down as a member of the run, closed
         # The round in which our workers failed with no member gone, until the next join
         # reports it (the coordinator charges the job's restart budget for it).
         self._failed_round = 0
@@ -306,6 +307,7 @@ class Rendezvous:
             self._end_membership()
             if self._joined_before and not closed:
                 self.backend.close_run()
+            self._finished = self._joined_before  # closed: our going is no departure
         finally:
             self.leave()
         return True
@@ -319,7 +321,7 @@ class Rendezvous:
         if self._closed_feed is not None:
             self._closed_feed.close()
             self._closed_feed = None
-        self.backend.leave()
+        self.backend.leave(finished_round=self._last_round if self._finished else 0)
 
     # ----------------------------------------------------------------- waiting (non-coordinator)
     def _await_seal(

@@ -353,8 +353,9 @@ class C10dBackend:
         self._tombstone(node_id)
         self.liveness.stop(self.conn, self.keys)
 
-    def leave(self) -> None:
-        """Stop beating, remove our record; the last node out starts a new generation."""
+    def leave(self, finished_round: int = 0) -> None:
+        """Stop beating, remove our record; the last node out starts a new generation. (Members
+        follow the node records here: they are told either way, `finished_round` or not.)"""
         try:
             leave_run(self.withdraw, self._nodes_left, lambda: self.conn.add(self.keys.gen_counter, 1),
                       self.connections.drop_spares)

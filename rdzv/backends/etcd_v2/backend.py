@@ -331,8 +331,9 @@ class EtcdV2Backend:
             with contextlib.suppress(EtcdV2Error, etcd.EtcdException):
                 self.client.delete(key)
 
-    def leave(self) -> None:
-        """Stop refreshing, delete our keys; if no node is left, remove the run's keys."""
+    def leave(self, finished_round: int = 0) -> None:
+        """Stop refreshing, delete our keys; if no node is left, remove the run's keys. (Members
+        follow the node records here: they are told either way, `finished_round` or not.)"""
         leave_run(self.withdraw, lambda: self.count_nodes() > 0, self._remove_run, self.client.close)
 
     def _remove_run(self) -> None:

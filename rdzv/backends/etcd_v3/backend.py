@@ -19,6 +19,7 @@ from rdzv.backends.api import ALL_CAPABILITIES, ROSTER_APART, departures_from_no
 from rdzv.backends.common.etcd_expiry import seen_gone_within
 from rdzv.backends.common.last_out import leave_run
 from rdzv.backends.common.run_keepers import keeps_run
+from rdzv.backends.etcd_v3.client import connect
 from rdzv.backends.etcd_v3.errors import etcd_errors
 from rdzv.backends.etcd_v3.feed import EtcdChangeFeed
 from rdzv.backends.etcd_v3.quarantine import EtcdV3QuarantineBoard
@@ -308,9 +309,25 @@ class EtcdBackend:
             with etcd_errors(self.describe()):
                 session.close()
 
-    def leave(self) -> None:
+    def leave(self, finished_round: int = 0) -> None:
         """Revoke our lease; if no node is left, remove the run's keys and its lease."""
-        leave_run(self.withdraw, self._nodes_left, self._remove_run, self._release)
+        def withdraw() -> None:
+            self._detach_live_key(finished_round)
+            self.withdraw()
+
+        leave_run(withdraw, self._nodes_left, self._remove_run, self._release)
+
+    def _detach_live_key(self, round_no: int) -> None:
+        """Our live key of a finished round onto the run lease: revoking our lease then deletes
+        no key members watch (N finishing nodes would send each member N deletes)."""
+        if not round_no or self._node_id is None:
+            return
+        live = self.keys.live(round_no) + self._node_id
+        with contextlib.suppress(EtcdError):  # best effort: members would only be told of us
+            self.run_lease.write_on(lambda lease: self.client.txn(
+                [Compare.create_revision(live) > 0], [Op.put(live, b"", lease=lease, ignore_value=True)], [],
+                idempotent=True,
+            ))
 
     def _remove_run(self) -> None:
         with etcd_errors(self.describe()):
@@ -376,23 +393,6 @@ class EtcdBackend:
 
     def quarantine_board(self) -> EtcdV3QuarantineBoard:
         return EtcdV3QuarantineBoard(self.client, self.keys, lambda: etcd_errors(self.describe()))
-
-
-def connect(settings: RendezvousSettings) -> EtcdClient:
-    """A (process-shared) client, checked now so a bad endpoint fails fast and clearly."""
-    access = settings.access
-    client = EtcdClient.shared(
-        list(settings.endpoints), timeout=settings.read_timeout,
-        connect_timeout=min(settings.read_timeout, 5.0), ca_cert=access.cacert, cert=access.cert,
-        key=access.key, tls=access.tls, user=access.user, password=access.password,
-    )
-    try:
-        with etcd_errors(f"etcd {','.join(settings.endpoints)}"):
-            client.check()
-    except BaseException:
-        client.close()
-        raise
-    return client
 
 
 def create_backend(settings: RendezvousSettings) -> EtcdBackend:
