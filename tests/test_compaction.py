@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from etcd_harness import EtcdServer
-from rdzv_testlib import NodeProcess, new_run_id, node_group
+from rdzv_testlib import NodeGroup, NodeProcess, new_run_id, node_group
 from waiting import wait_until
 
 from rdzv.etcd import EtcdClient, EtcdConnectionError, EtcdError
@@ -69,31 +71,43 @@ def test_coordinator_waiting_for_nodes_survives_compaction(etcd: EtcdServer, cap
         assert sorted(i.rank for i in infos) == [0, 1]
 
 
+def server_cancel() -> EtcdError:
+    """What a server's cancel of a watch becomes (no reason we can provoke on a healthy etcd)."""
+    return EtcdError("etcd watch on '/x' cancelled: cancelled by server")
+
+
+@contextmanager
+def _member_and_peer(endpoint: str, run_id: str) -> Iterator[tuple[NodeGroup, Any, NodeProcess]]:
+    """A round of two: `a` in this process (a group of 2 to 3), `b` in its own (killable)."""
+    with node_group("etcd", endpoint, run_id) as g:
+        a = g.node(2, 3)
+        future = g.join(a)
+        b = NodeProcess("etcd", endpoint, run_id, 2, 3)
+        try:
+            b.wait_rounds(1)
+            future.result(timeout=60)
+            yield g, a, b
+        finally:
+            b.kill()
+
+
 def test_membership_watch_survives_compaction(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
     """A member whose membership watch starts after a compaction (the agent polls it first only
     once workers are up) still sees the member that died meanwhile, and later newcomers."""
     caplog.set_level(logging.INFO, logger="rdzv")
     run_id = new_run_id("compact")
-    with node_group("etcd", etcd.endpoint, run_id) as g:
-        a = g.node(2, 3)
-        future = g.join(a)
-        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
-        try:
-            b.wait_rounds(1)
-            future.result(timeout=60)
-            b.kill()  # no goodbye: its record goes when its lease (2 s) expires
-            wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
-            _compact(etcd.endpoint)
-            # The watch opens from a compacted revision; etcd cancels it just after creating it.
-            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, seen after the resync")
-            assert _resynced(caplog)
-            late = g.node(2, 3)
-            late_future = g.join(late)
-            wait_until(lambda: a.num_nodes_waiting() == 2, 20, "the newcomer, through the new watch")
-            infos = [g.join(a).result(timeout=60), late_future.result(timeout=60)]
-            assert sorted(i.rank for i in infos) == [0, 1] and {i.world_size for i in infos} == {2}
-        finally:
-            b.kill()
+    with _member_and_peer(etcd.endpoint, run_id) as (g, a, b):
+        b.kill()  # no goodbye: its record goes when its lease (2 s) expires
+        wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
+        _compact(etcd.endpoint)
+        # The watch opens from a compacted revision; etcd cancels it just after creating it.
+        wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, seen after the resync")
+        assert _resynced(caplog)
+        late = g.node(2, 3)
+        late_future = g.join(late)
+        wait_until(lambda: a.num_nodes_waiting() == 2, 20, "the newcomer, through the new watch")
+        infos = [g.join(a).result(timeout=60), late_future.result(timeout=60)]
+        assert sorted(i.rank for i in infos) == [0, 1] and {i.world_size for i in infos} == {2}
 
 
 def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
@@ -101,60 +115,44 @@ def test_membership_watch_cancelled_by_etcd_is_watched_again(etcd: EtcdServer, c
     fresh read instead of going blind, so a later departure is still seen."""
     caplog.set_level(logging.INFO, logger="rdzv")
     run_id = new_run_id("cancel")
-    with node_group("etcd", etcd.endpoint, run_id) as g:
-        a = g.node(2, 3)
-        future = g.join(a)
-        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
-        try:
-            b.wait_rounds(1)
-            future.result(timeout=60)
-            assert a.num_nodes_waiting() == 0
-            # What the watch hub does with a server's cancel response (no reason we can provoke
-            # on a healthy etcd without compaction): the watch fails with the reason. The feed's
-            # watch is a RestartingWatch around the etcd watch.
-            feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
-            feed._watch._watch._fail(EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
-            assert a.num_nodes_waiting() == 0  # resynchronised: nothing changed meanwhile
-            assert _resynced(caplog, "etcd cancelled the departures watch")
-            b.kill()
-            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, through the new watch")
-        finally:
-            b.kill()
+    with _member_and_peer(etcd.endpoint, run_id) as (g, a, b):
+        assert a.num_nodes_waiting() == 0
+        # What the watch hub does with a server's cancel response (no reason we can provoke
+        # on a healthy etcd without compaction): the watch fails with the reason. The feed's
+        # watch is a RestartingWatch around the etcd watch.
+        feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
+        feed._watch._watch._fail(server_cancel())
+        assert a.num_nodes_waiting() == 0  # resynchronised: nothing changed meanwhile
+        assert _resynced(caplog, "etcd cancelled the departures watch")
+        b.kill()
+        wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, through the new watch")
 
 
 def test_a_departure_seen_by_a_failed_start_over_is_still_reported(etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A start-over that finds a member gone but cannot open its new watch must not forget the
     departure: the next start-over reports it (it used to count the member as gone already)."""
     run_id = new_run_id("restart")
-    with node_group("etcd", etcd.endpoint, run_id) as g:
-        a = g.node(2, 3)
-        future = g.join(a)
-        b = NodeProcess("etcd", etcd.endpoint, run_id, 2, 3)
-        try:
-            b.wait_rounds(1)
-            future.result(timeout=60)
-            assert a.num_nodes_waiting() == 0
-            feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
-            client: Any = a.backend.client  # type: ignore[attr-defined]
-            # As the watch hub answers a server's cancel: the watch is routed no more events.
-            client.watch_hub._drop(feed._watch._watch, EtcdError("etcd watch on '/x' cancelled: cancelled by server"))
-            b.kill()  # unseen: the departures watch has failed
-            wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
-            opened = client.watch
-            refusals = []
+    with _member_and_peer(etcd.endpoint, run_id) as (g, a, b):
+        assert a.num_nodes_waiting() == 0
+        feed: Any = a.rendezvous._membership.feed  # type: ignore[attr-defined]
+        client: Any = a.backend.client  # type: ignore[attr-defined]
+        # As the watch hub answers a server's cancel: the watch is routed no more events.
+        client.watch_hub._drop(feed._watch._watch, server_cancel())
+        b.kill()  # unseen: the departures watch has failed
+        wait_until(lambda: len(_node_keys(etcd.endpoint, run_id)) == 1, 20, "b's record to expire")
+        opened = client.watch
+        refusals = []
 
-            def refuse_once(*args: object, **kwargs: object) -> object:
-                if not refusals:
-                    refusals.append(args)
-                    raise EtcdConnectionError("etcd 127.0.0.1:1: connection refused")
-                return opened(*args, **kwargs)
+        def refuse_once(*args: object, **kwargs: object) -> object:
+            if not refusals:
+                refusals.append(args)
+                raise EtcdConnectionError("etcd 127.0.0.1:1: connection refused")
+            return opened(*args, **kwargs)
 
-            monkeypatch.setattr(client, "watch", refuse_once)
-            assert a.num_nodes_waiting() == 0  # the start-over could not watch again
-            assert refusals
-            wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, from the next start-over")
-        finally:
-            b.kill()
+        monkeypatch.setattr(client, "watch", refuse_once)
+        assert a.num_nodes_waiting() == 0  # the start-over could not watch again
+        assert refusals
+        wait_until(lambda: a.num_nodes_waiting() == 1, 20, "the lost member, from the next start-over")
 
 
 def test_retract_swallows_etcd_failures(etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
