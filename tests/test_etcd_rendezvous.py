@@ -37,20 +37,26 @@ def test_no_keys_left_after_a_clean_end(etcd) -> None:
     assert _keys(etcd.endpoint, f"/rdzv/{run_id}/") == []
 
 
+def _four_finish_together(endpoint: str, run_id: str, client: EtcdClient) -> int:
+    """Four members form a round, then all shut down at once (a job's end); returns the revision
+    from which to watch what their end wrote."""
+    with node_group("etcd", endpoint, run_id) as g:
+        nodes = [g.node(4, 4) for _ in range(4)]
+        g.join_all(nodes)
+        start = client.range(f"/rdzv/{run_id}/").revision + 1
+        for future in [g.pool.submit(node.shutdown) for node in nodes]:
+            assert future.result(timeout=60)
+    return start
+
+
 def test_the_close_is_written_once_whatever_the_number_of_members(etcd) -> None:
     # Every member closes the run on its way out; each write of ctl/closed would reach every
     # member's watch of ctl/ (N^2 events for a job's end). One put, however many close.
     run_id = new_run_id("close")
     client = EtcdClient(etcd.endpoint)
     try:
-        with node_group("etcd", etcd.endpoint, run_id) as g:
-            nodes = [g.node(4, 4) for _ in range(4)]
-            g.join_all(nodes)
-            closed_key = f"/rdzv/{run_id}/ctl/closed"
-            start = client.range(closed_key).revision + 1
-            done = [g.pool.submit(node.shutdown) for node in nodes]
-            for future in done:
-                assert future.result(timeout=60)
+        closed_key = f"/rdzv/{run_id}/ctl/closed"
+        start = _four_finish_together(etcd.endpoint, run_id, client)
         # The last node out deleted the run: its history ends with that delete.
         events: list = []
         with client.watch(closed_key, start_revision=start) as watch:
@@ -70,14 +76,8 @@ def test_finishing_members_send_the_others_no_departures(etcd) -> None:
     run_id = new_run_id("finish")
     client = EtcdClient(etcd.endpoint)
     try:
-        with node_group("etcd", etcd.endpoint, run_id) as g:
-            nodes = [g.node(4, 4) for _ in range(4)]
-            rounds = {info.store is not None for info in g.join_all(nodes)}
-            assert rounds == {True}
-            live = f"/rdzv/{run_id}/round/"
-            start = client.range(live).revision + 1
-            for future in [g.pool.submit(node.shutdown) for node in nodes]:
-                assert future.result(timeout=60)
+        live = f"/rdzv/{run_id}/round/"
+        start = _four_finish_together(etcd.endpoint, run_id, client)
         with client.watch(live, prefix=True, start_revision=start, filters=("noput",)) as watch:
             deletes: list = []
             while not deletes or client.range(f"/rdzv/{run_id}/", prefix=True, count_only=True).count:
