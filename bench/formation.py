@@ -180,6 +180,11 @@ def _abandon(pool: NodePool, victim, processes: int) -> None:  # noqa: ANN001
         pool.stages.open(name)
     if victim is not None and victim.is_alive():
         victim.kill()
+    wait_closed(pool, processes)
+
+
+def wait_closed(pool: NodePool, processes: int) -> None:
+    """Wait (at most 300 s) until `processes` pool processes reported their run closed."""
     closed, deadline = 0, time.monotonic() + 300
     while closed < processes and time.monotonic() < deadline:
         try:

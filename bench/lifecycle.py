@@ -93,12 +93,7 @@ def _drain(pool: NodePool, closing: int, stages: tuple[str, ...]) -> None:
     """A run gone wrong: open every stage and wait (bounded) for every process to close."""
     for name in ("skip", *stages):
         pool.stages.open(name)
-    closed, deadline = 0, time.monotonic() + 300
-    while closed < closing and time.monotonic() < deadline:
-        try:
-            closed += pool.results.get(timeout=max(deadline - time.monotonic(), 0.1)).stage == "closed"
-        except Exception:  # noqa: BLE001 - queue.Empty: give up on the pool
-            break
+    formation.wait_closed(pool, closing)
 
 
 def run_lifecycle(pool: NodePool, label: str, kind: str, n: int, endpoint: str, metrics_url: str,
