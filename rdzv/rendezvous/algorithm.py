@@ -270,9 +270,7 @@ class Rendezvous:
 
     def _is_closed(self) -> bool:
         if self._membership is not None:
-            # Drain through the membership so node changes read here still count as lost/new.
-            self._membership.drain()
-            return self._membership.feed.control.closed
+            return self._seen_closed_by_members()
         feed = self._closed_watch()
         # Once seen closed, closed for this process: the last node out removes the marker with
         # the run's keys, and a node outside the group (a failed health check) must not miss
@@ -283,8 +281,8 @@ class Rendezvous:
         return self._seen_closed
 
     def _seen_closed_by_members(self) -> bool:
-        """Whether this node's membership feed already shows the run closed (no request): the
-        first member out closes it, and the others need not write it again."""
+        """Whether this node's membership feed shows the run closed (no request). Drained
+        through the membership, so node changes read here still count as lost or new."""
         membership = self._membership
         if membership is None:
             return False
